@@ -1,0 +1,66 @@
+"""``flexgen predict | bench | plugins | policy``.
+
+Each subcommand lives in its own module and is imported only when used, so ``flexgen plugins``
+stays fast and a broken optional piece cannot break the others. Every user mistake surfaces as
+a :class:`~flexgen.errors.FlexGenError`: one line on stderr, exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from flexgen.errors import FlexGenError
+
+#: subcommand -> (module:function taking argv and returning an exit code, help line)
+COMMANDS = {
+    "predict": ("flexgen.predict.run:predict_command", "generate for every prompt of a config; resumable"),
+    "bench": ("flexgen.bench:bench_command", "measure throughput on synthetic weights beside its roofline"),
+    "plugins": ("flexgen.cli:plugins_command", "list registered plugins per kind, with their distributions"),
+    "policy": ("flexgen.optimizer:policy_command", "choose a policy for a model and workload with the cost model"),
+}
+
+
+def plugins_command(argv: list[str]) -> int:
+    """Print every registered plugin; a plugin that fails to import gets a one-line warning."""
+    from flexgen import registry
+
+    parser = argparse.ArgumentParser(prog="flexgen plugins", description=COMMANDS["plugins"][1])
+    parser.add_argument("--no-check", action="store_true", help="list without importing the plugins")
+    args = parser.parse_args(argv)
+    rows = [(info, None) for info in registry.list_plugins()] if args.no_check else registry.check_all()
+    for kind, group in registry.GROUPS.items():
+        print(f"{kind} ({group}):")
+        for info, error in rows:
+            if info.kind == kind:
+                status = f"  [broken: {error}]" if error else ""
+                print(f"  {info.name:<12} {info.distribution:<28} {info.target}{status}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: flexgen {" + ",".join(COMMANDS) + "} ...\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"flexgen: error: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    target, _ = COMMANDS[argv[0]]
+    module_name, function_name = target.split(":")
+    try:
+        command = getattr(importlib.import_module(module_name), function_name)
+        return int(command(argv[1:]) or 0)
+    except FlexGenError as exc:
+        print(f"flexgen {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flexgen {argv[0]}: interrupted; finished outputs are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Compressor: how a tensor is packed while at rest and in transit.
+
+A compressed tensor is a dict of named parts (e.g. packed integers, scales, offsets), each an
+ordinary tensor that any StorageBackend can hold and move. Decompression happens on the
+compute device, just before use.
+
+Cache compressors receive slices of shape (n, B, H, D) and must return parts whose leading
+three axes are (n, B, H), so the engine can write each new token's parts in place into a
+preallocated cache (grouping along the last axis does this).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from math import prod
+from typing import Any
+
+import torch
+
+PartSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class Compressor(ABC):
+    """Packs tensors into named parts and unpacks them."""
+
+    def __init__(self, **options: Any) -> None:
+        if options:
+            raise TypeError(f"unknown options {sorted(options)}")
+
+    @abstractmethod
+    def part_specs(self, shape: tuple[int, ...], dtype: torch.dtype) -> PartSpecs:
+        """Shape and dtype of every part of a compressed tensor of ``shape`` and ``dtype``."""
+
+    @abstractmethod
+    def compress(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pack ``x`` into parts on ``x``'s device, shaped as :meth:`part_specs` says."""
+
+    @abstractmethod
+    def decompress(self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Unpack parts into a tensor of ``shape`` and ``dtype`` on the parts' device."""
+
+    def nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Bytes a compressed tensor of ``shape`` occupies."""
+        return sum(prod(s) * torch.empty((), dtype=d).element_size() for s, d in self.part_specs(shape, dtype).values())

@@ -1,0 +1,154 @@
+"""Plugin discovery through Python entry points.
+
+Every plugin, built-in or third-party, is found the same way: an entry point in one of the
+groups below, named by the short name a config uses. flexgen's own ``pyproject.toml``
+registers the built-ins, so there is no second, private path.
+
+A plugin's module is imported only when it is selected (or when ``flexgen plugins`` checks
+them all), so a broken third-party package costs a one-line warning, not every run. The
+environment variable ``FLEXGEN_PLUGINS`` is an allow-list: a comma-separated list of
+distribution names (or ``kind:name`` pairs) whose plugins may load; flexgen's own built-ins
+are always allowed. Unset means every installed plugin is allowed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+from flexgen.errors import PluginError
+
+log = logging.getLogger(__name__)
+
+#: plugin kind -> entry-point group
+GROUPS: dict[str, str] = {
+    "storage": "flexgen.storage",
+    "attention": "flexgen.attention",
+    "compressor": "flexgen.compressors",
+    "scheduler": "flexgen.schedulers",
+}
+
+BUILTIN_DISTRIBUTION = "flexgen"
+ALLOW_ENV = "FLEXGEN_PLUGINS"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One registered plugin, as ``flexgen plugins`` lists it."""
+
+    kind: str
+    name: str
+    distribution: str
+    target: str  # "module:Class"
+
+
+def _distribution_of(ep: EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return dist.metadata["Name"] if dist is not None else "?"
+
+
+def _allowed(kind: str, name: str, distribution: str) -> bool:
+    allow = os.environ.get(ALLOW_ENV)
+    if not allow or distribution == BUILTIN_DISTRIBUTION:
+        return True
+    wanted = {item.strip() for item in allow.split(",") if item.strip()}
+    return distribution in wanted or f"{kind}:{name}" in wanted
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in GROUPS:
+        raise PluginError(f"unknown plugin kind {kind!r}; kinds: {', '.join(GROUPS)}")
+    return GROUPS[kind]
+
+
+def available(kind: str) -> dict[str, EntryPoint]:
+    """Entry points of one kind that the allow-list admits, by name."""
+    group = _check_kind(kind)
+    found: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=group):
+        if _allowed(kind, ep.name, _distribution_of(ep)):
+            found.setdefault(ep.name, ep)
+    return found
+
+
+def list_plugins() -> list[PluginInfo]:
+    """Every allowed plugin of every kind, sorted by kind then name."""
+    return [
+        PluginInfo(kind, name, _distribution_of(ep), ep.value)
+        for kind in GROUPS
+        for name, ep in sorted(available(kind).items())
+    ]
+
+
+@cache
+def _load_entry_point(group: str, name: str, value: str) -> type:
+    # Cached per process: every worker process loads each plugin once.
+    ep = EntryPoint(name=name, value=value, group=group)
+    return ep.load()
+
+
+def load(kind: str, name: str) -> type:
+    """The class registered under ``name`` for ``kind``; a clear error when there is none."""
+    eps = available(kind)
+    if name not in eps:
+        names = ", ".join(sorted(eps)) or "(none)"
+        raise PluginError(f"unknown {kind} plugin {name!r}; available: {names}")
+    ep = eps[name]
+    try:
+        cls = _load_entry_point(ep.group, ep.name, ep.value)
+    except Exception as exc:  # a third-party import can fail in any way
+        raise PluginError(
+            f"{kind} plugin {name!r} from {_distribution_of(ep)} failed to import: {type(exc).__name__}: {exc}"
+        ) from exc
+    log.debug("loaded %s plugin %r from %s", kind, name, ep.value)
+    return cls
+
+
+def check_all() -> list[tuple[PluginInfo, str | None]]:
+    """Try to import every allowed plugin; pair each with its import error (or None).
+
+    Used by ``flexgen plugins``: a plugin that fails is reported with a one-line warning and
+    the rest still load.
+    """
+    results = []
+    for info in list_plugins():
+        try:
+            load(info.kind, info.name)
+            results.append((info, None))
+        except PluginError as exc:
+            log.warning("%s", exc)
+            results.append((info, str(exc)))
+    return results
+
+
+def parse_spec(spec: Any, where: str) -> tuple[str, dict[str, Any]]:
+    """Split a config value ``name`` or ``{name: ..., **options}`` into (name, options)."""
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, Mapping):
+        options = dict(spec)
+        name = options.pop("name", None)
+        if not isinstance(name, str):
+            raise PluginError(f"{where}: a plugin given as a mapping needs a 'name' key, got {dict(spec)!r}")
+        return name, options
+    raise PluginError(f"{where}: expected a plugin name or {{name: ..., options}}, got {spec!r}")
+
+
+def create(kind: str, spec: Any, where: str | None = None, **context: Any) -> Any:
+    """Instantiate the plugin a config names: ``create("attention", {"name": "cpu"})``.
+
+    ``context`` holds arguments the engine supplies (e.g. the compute device for storage);
+    the spec's options are passed as keyword arguments after them.
+    """
+    where = where or f"plugins.{kind}"
+    name, options = parse_spec(spec, where)
+    cls = load(kind, name)
+    try:
+        return cls(**context, **options)
+    except TypeError as exc:
+        raise PluginError(f"{where}: bad options for {kind} plugin {name!r}: {exc}") from exc

@@ -1,0 +1,69 @@
+"""StorageBackend: one memory tier (gpu, cpu or disk) that holds named tensors.
+
+The engine stores weights, KV caches and activations in tiers chosen by the policy, and moves
+them to the compute device through the backend that holds them. A backend knows how to keep a
+tensor and how to move it; it knows nothing of layers, batches or the model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+
+class StorageBackend(ABC):
+    """A place where tensors live between uses.
+
+    Keys are slash-separated names chosen by the engine (``"weights/<id>/layers.0.fc1.weight"``,
+    ``"cache/<run>/3/1/k.data"``); they are unique within one backend instance.
+    """
+
+    #: True when tensors survive the process (the disk tier), so converted weights are reused.
+    persistent: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        compute_device: torch.device | str = "cpu",
+        offload_dir: str | Path | None = None,
+        pin_memory: bool = True,
+        **options: Any,
+    ) -> None:
+        self.compute_device = torch.device(compute_device)
+        self.offload_dir = Path(offload_dir) if offload_dir is not None else None
+        self.pin_memory = pin_memory
+        if options:
+            raise TypeError(f"unknown options {sorted(options)}")
+
+    @abstractmethod
+    def put(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Keep a copy of ``tensor`` under ``key``; return the resident tensor."""
+
+    @abstractmethod
+    def empty(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Allocate a zero-filled resident tensor under ``key``, to be written in place."""
+
+    @abstractmethod
+    def get(self, key: str) -> torch.Tensor | None:
+        """The resident tensor stored under ``key`` (by a past process too, if persistent), or None."""
+
+    @abstractmethod
+    def free(self, key: str) -> None:
+        """Forget ``key`` and release its memory (persistent files are kept)."""
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes this tier holds now."""
+
+    def fetch(self, resident: torch.Tensor, device: torch.device, non_blocking: bool = False) -> torch.Tensor:
+        """``resident`` (or a slice of it) on ``device`` for compute; a view when already there."""
+        return resident.to(device, non_blocking=non_blocking)
+
+    def write(self, resident: torch.Tensor, value: torch.Tensor, non_blocking: bool = False) -> None:
+        """Copy ``value`` into ``resident`` (or a slice of it) in place."""
+        resident.copy_(value, non_blocking=non_blocking)
+
+    def close(self) -> None:
+        """Release everything that is not persistent."""
