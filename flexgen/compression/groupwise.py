@@ -1,0 +1,200 @@
+"""Group-wise asymmetric min-max quantization to 4 or 8 bits (FlexGen's weight/cache compression).
+
+Along one axis of the tensor (``axis``, the last by default) consecutive runs of
+``group_size`` values form a *group*. Each group is stored as unsigned integer codes plus its
+minimum and its step (``scale``), both in float16:
+
+    code = round((x - min) / scale)  in 0 .. 2**bits - 1,   x ≈ code * scale + min
+
+Min-max per group keeps the error proportional to the local range, so outliers in one group do
+not cost precision elsewhere (Sheng et al., 2023, section 5; FlexGen uses 4 bits, group 64 for
+both weights and the KV cache).
+
+Parts of a tensor of shape ``S`` with ``L = S[axis]`` values along the grouped axis and
+``G = ceil(L / group_size)`` groups (every other axis is kept as it is, in place):
+
+- ``data``: uint8 codes, ``S`` with ``S[axis] = L`` (int8) or ``ceil(L / 2)`` (int4: two codes
+  per byte, the even position in the low nibble);
+- ``scale`` and ``min``: float16, ``S`` with ``S[axis] = G``.
+
+Why this layout:
+
+- The grouped axis is never padded in storage. When ``L`` is not a multiple of ``group_size``
+  the last group is partial; the padding needed to vectorise the arithmetic exists only while
+  computing. So a head dimension smaller than the group costs no wasted bytes.
+- With the default ``axis=-1`` every part keeps all leading axes of the input: the parts of an
+  ``(n, B, H, D)`` slice of a KV cache are ``(n, B, H, ...)``. The engine can therefore write one
+  token's parts in place into a preallocated cache and decompress any prefix (or any slice
+  along the leading axes) with the matching ``shape``.
+
+Values are computed in float32 whatever the input dtype, and the result is cast once at the
+end, so the quantize→dequantize round trip is deterministic and device-independent up to
+float32 rounding. Inputs must be finite and within float16's range (|x| < 65504), which holds
+for OPT weights and activations; NaN or inf values produce undefined codes.
+
+On CUDA the decompression is a handful of elementwise torch kernels over the weight; a fused
+kernel would read the packed bytes once, but is not written yet (the torch path here is the
+reference any such kernel must match).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from flexgen.compression.base import Compressor, PartSpecs
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class GroupwiseQuantizer(Compressor):
+    """Group-wise asymmetric min-max quantization with ``bits`` bits per value (4 or 8).
+
+    Options:
+        group_size: values per group along ``axis`` (int >= 1, default 64).
+        axis: the grouped axis (int, negative counts from the end, default -1). Use -1 for
+            KV caches; any axis is fine for weights.
+    """
+
+    bits: int = 8
+
+    def __init__(self, group_size: int = 64, axis: int = -1, **options: Any) -> None:
+        super().__init__(**options)
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise TypeError(f"group_size must be an int, got {type(group_size).__name__} {group_size!r}")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"axis must be an int, got {type(axis).__name__} {axis!r}")
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {self.bits}")
+        self.group_size = group_size
+        self.axis = axis
+        self.max_code = (1 << self.bits) - 1
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(group_size={self.group_size}, axis={self.axis})"
+
+    # -- shapes -----------------------------------------------------------------------------
+
+    def _resolve_axis(self, shape: tuple[int, ...]) -> int:
+        """The grouped axis as a non-negative index into ``shape``; ValueError when out of range."""
+        ndim = len(shape)
+        if not -ndim <= self.axis < ndim:
+            raise ValueError(f"axis={self.axis} is out of range for a tensor of shape {tuple(shape)}")
+        return self.axis % ndim
+
+    def _packed_length(self, length: int) -> int:
+        """Bytes of codes for ``length`` values along the grouped axis."""
+        return (length + 1) // 2 if self.bits == 4 else length
+
+    def part_specs(self, shape: tuple[int, ...], dtype: torch.dtype) -> PartSpecs:
+        shape = tuple(int(s) for s in shape)
+        if dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{type(self).__name__} quantizes floating-point tensors, got {dtype}")
+        axis = self._resolve_axis(shape)
+        length = shape[axis]
+        groups = -(-length // self.group_size)
+
+        def with_axis(n: int) -> tuple[int, ...]:
+            return shape[:axis] + (n,) + shape[axis + 1 :]
+
+        return {
+            "data": (with_axis(self._packed_length(length)), torch.uint8),
+            "scale": (with_axis(groups), torch.float16),
+            "min": (with_axis(groups), torch.float16),
+        }
+
+    # -- compress ---------------------------------------------------------------------------
+
+    def compress(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        specs = self.part_specs(tuple(x.shape), x.dtype)
+        axis = self._resolve_axis(tuple(x.shape))
+        length = x.shape[axis]
+        g = self.group_size
+        groups = -(-length // g)
+        lead = x.movedim(axis, -1).shape[:-1]
+        if length == 0 or x.numel() == 0:
+            return {name: torch.zeros(s, dtype=d, device=x.device) for name, (s, d) in specs.items()}
+
+        v = x.movedim(axis, -1).float()
+        pad = groups * g - length
+        if pad:
+            # Repeat the last value so the padding never widens the last group's range.
+            v = torch.cat([v, v[..., -1:].expand(*lead, pad)], dim=-1)
+        v = v.reshape(*lead, groups, g)
+
+        # Min and step are rounded to float16 first and the codes computed from the rounded
+        # values, so dequantization uses exactly the numbers the codes were made for.
+        lo = v.amin(dim=-1).to(torch.float16)
+        hi = v.amax(dim=-1)
+        scale = ((hi - lo.float()) / self.max_code).to(torch.float16)
+        lo32, scale32 = lo.float().unsqueeze(-1), scale.float().unsqueeze(-1)
+        # A constant group has scale 0: every code is 0 and decodes to the minimum.
+        safe = torch.where(scale32 > 0, scale32, torch.ones_like(scale32))
+        codes = torch.round((v - lo32) / safe).clamp_(0, self.max_code).to(torch.uint8)
+        codes = codes.reshape(*lead, groups * g)[..., :length]
+
+        if self.bits == 4:
+            if length % 2:
+                codes = F.pad(codes, (0, 1))
+            pairs = codes.reshape(*lead, -1, 2)
+            codes = pairs[..., 0] | (pairs[..., 1] << 4)
+
+        parts = {"data": codes, "scale": scale, "min": lo}
+        return {name: t.movedim(-1, axis).contiguous() for name, t in parts.items()}
+
+    # -- decompress -------------------------------------------------------------------------
+
+    def decompress(self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        shape = tuple(int(s) for s in shape)
+        specs = self.part_specs(shape, dtype)
+        for name, (s, d) in specs.items():
+            if name not in parts:
+                raise ValueError(f"{type(self).__name__}.decompress: missing part {name!r}")
+            part = parts[name]
+            if tuple(part.shape) != s or part.dtype != d:
+                raise ValueError(
+                    f"{type(self).__name__}.decompress: part {name!r} is {tuple(part.shape)} {part.dtype}, "
+                    f"expected {s} {d} for a tensor of shape {shape}"
+                )
+        axis = self._resolve_axis(shape)
+        length = shape[axis]
+        g = self.group_size
+        groups = -(-length // g)
+        data = parts["data"].movedim(axis, -1)
+        device = data.device
+        if length == 0 or data.numel() == 0:
+            return torch.zeros(shape, dtype=dtype, device=device)
+        lead = data.shape[:-1]
+
+        if self.bits == 4:
+            codes = torch.stack([data & 0x0F, data >> 4], dim=-1).reshape(*lead, -1)
+            codes = codes[..., :length]
+        else:
+            codes = data
+        pad = groups * g - length
+        if pad:
+            codes = F.pad(codes, (0, pad))
+        codes = codes.reshape(*lead, groups, g).float()
+        scale = parts["scale"].movedim(axis, -1).float().unsqueeze(-1)
+        lo = parts["min"].movedim(axis, -1).float().unsqueeze(-1)
+        out = torch.addcmul(lo, codes, scale).reshape(*lead, groups * g)
+        if pad:
+            out = out[..., :length]
+        return out.movedim(-1, axis).to(dtype).contiguous()
+
+
+class Int4Compressor(GroupwiseQuantizer):
+    """4-bit group-wise quantization, two codes per byte (about 0.28× float16 with group 64)."""
+
+    bits = 4
+
+
+class Int8Compressor(GroupwiseQuantizer):
+    """8-bit group-wise quantization (about 0.53× float16 with group 64)."""
+
+    bits = 8
