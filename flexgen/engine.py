@@ -1,0 +1,682 @@
+"""The engine: runs the zig-zag block schedule over weights, caches and activations in tiers.
+
+One ``generate`` call cuts the prompts into *blocks* of ``num_gpu_batches × gpu_batch_size``
+sequences. For each block, each step (the prefill, then one token at a time) is a list of
+tasks (model layer j, GPU batch k) in the order the Scheduler gives. While task t computes,
+an I/O thread fetches what task t+1 needs that is not already where it is used: the weights of
+its layer (once per layer and step under zig-zag), the cache prefix of its (layer, batch) when
+attention runs away from the cache's home, and the hidden states of its batch when they live
+in another tier. On CUDA those copies run on their own stream and compute waits on an event.
+
+The engine talks to storage, compression, attention and the model only through their
+interfaces; it knows which tier holds what, and when to move it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexgen import registry
+from flexgen.errors import FlexGenError, PluginError, PolicyError, PromptError
+from flexgen.models import opt
+from flexgen.models.checkpoint import WeightSource, open_source
+from flexgen.policy import TIERS, Policy, split_by_percent
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+DEFAULT_PLUGINS: dict[str, Any] = {
+    "storage": {"gpu": "gpu", "cpu": "cpu", "disk": "disk"},
+    "attention": "gpu",
+    "weight_compressor": "none",
+    "cache_compressor": "none",
+    "scheduler": "zigzag",
+}
+
+LINKS = ("disk->cpu", "cpu->gpu", "gpu->cpu", "cpu->disk")
+
+
+def default_offload_dir() -> Path:
+    """Where disk-tier tensors live unless the user says otherwise."""
+    cache = os.environ.get("FLEXGEN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "flexgen")
+    return Path(cache) / "offload"
+
+
+@dataclass
+class EngineStats:
+    """What the engine did: time per phase, tokens, bytes per link, peak bytes per tier."""
+
+    prefill_time_s: float = 0.0
+    decode_time_s: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    bytes_moved: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LINKS, 0))
+    peak_memory: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TIERS, 0))
+    compression: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("weights_raw_bytes", "weights_stored_bytes", "cache_raw_bytes", "cache_stored_bytes"), 0
+        )
+    )
+
+    @property
+    def total_time_s(self) -> float:
+        return self.prefill_time_s + self.decode_time_s
+
+    def _rate(self, tokens: int, seconds: float) -> float:
+        return tokens / seconds if seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the metrics JSON. Throughput is FlexGen's: new tokens / (prefill + decode)."""
+        return {
+            "prefill_time_s": self.prefill_time_s,
+            "decode_time_s": self.decode_time_s,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prefill_throughput": self._rate(self.prompt_tokens, self.prefill_time_s),
+            "decode_throughput": self._rate(self.generated_tokens, self.decode_time_s),
+            "total_throughput": self._rate(self.generated_tokens, self.total_time_s),
+            "bytes_moved": dict(self.bytes_moved),
+            "peak_memory": dict(self.peak_memory),
+            "compression": dict(self.compression),
+        }
+
+    def reset(self) -> None:
+        """Zero the counters of time, tokens and traffic (placement figures stay)."""
+        self.prefill_time_s = self.decode_time_s = 0.0
+        self.prompt_tokens = self.generated_tokens = 0
+        self.bytes_moved = dict.fromkeys(LINKS, 0)
+
+
+@dataclass
+class PlacedWeight:
+    """One weight tensor at home in a tier, possibly compressed into parts."""
+
+    spec: opt.WeightSpec
+    tier: str
+    parts: dict[str, torch.Tensor]
+    compressed: bool
+
+
+@dataclass
+class CacheUnit:
+    """The KV cache of one (decoder layer, GPU batch): parts of k and v, shaped (T, B, H, ...)."""
+
+    tier: str
+    k: dict[str, torch.Tensor]
+    v: dict[str, torch.Tensor]
+    keys: list[str]
+
+
+@dataclass
+class GPUBatch:
+    """The state of one GPU batch of a block between tasks."""
+
+    prompt_ids: torch.Tensor  # (B, n) left-padded, on the compute device
+    valid: torch.Tensor  # (B, T) bool: real tokens so far and to come
+    next_ids: torch.Tensor | None = None  # (B, 1) the tokens to embed in this step
+    hidden: torch.Tensor | None = None  # resident in the batch's activation tier
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+
+class _Inline:
+    """An executor that runs work at once: the engine without overlap."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+
+class Engine:
+    """Generates with an OPT model whose tensors are spread over tiers by a Policy."""
+
+    def __init__(
+        self,
+        source: WeightSource,
+        policy: Policy,
+        plugins: Mapping[str, Any],
+        device: torch.device,
+        offload_dir: Path,
+        dtype: torch.dtype,
+    ) -> None:
+        self.spec = source.spec
+        self.policy = policy
+        self.device = device
+        self.dtype = dtype
+        self.offload_dir = offload_dir
+        self.plugins = {**DEFAULT_PLUGINS, **{k: v for k, v in plugins.items() if v is not None}}
+        unknown = sorted(set(self.plugins) - set(DEFAULT_PLUGINS))
+        if unknown:
+            raise PluginError(f"unknown plugins key {unknown[0]!r}; keys: {', '.join(DEFAULT_PLUGINS)}")
+        self.stats = EngineStats()
+        self._stats_lock = threading.Lock()  # the I/O thread counts bytes too
+
+        storage_specs = {**DEFAULT_PLUGINS["storage"], **dict(self.plugins["storage"])}
+        self.storage = {
+            tier: registry.create(
+                "storage", storage_specs[tier], where=f"plugins.storage.{tier}",
+                compute_device=device, offload_dir=offload_dir, pin_memory=policy.pin_weights,
+            )
+            for tier in TIERS
+        }
+        self.attention = registry.create("attention", self.plugins["attention"], where="plugins.attention")
+        self.weight_compressor = registry.create(
+            "compressor", self.plugins["weight_compressor"], where="plugins.weight_compressor"
+        )
+        self.cache_compressor = registry.create(
+            "compressor", self.plugins["cache_compressor"], where="plugins.cache_compressor"
+        )
+        self.scheduler = registry.create("scheduler", self.plugins["scheduler"], where="plugins.scheduler")
+        self.attention_device = self.attention.device(device)
+        self._check_cache_compressor()
+
+        self._cuda = device.type == "cuda"
+        self._load_stream = torch.cuda.Stream(device) if self._cuda and policy.overlap else None
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexgen-io") if policy.overlap else _Inline()
+        self._run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+        self.layers: list[list[PlacedWeight]] = []
+        self._resident: dict[int, dict[str, torch.Tensor]] = {}  # layers needing no load at all
+        self._place_weights(source)
+
+    # ------------------------------------------------------------------ placement
+
+    def _check_cache_compressor(self) -> None:
+        shape = (3, 2, self.spec.num_heads, self.spec.head_dim)
+        for name, (part_shape, _) in self.cache_compressor.part_specs(shape, self.dtype).items():
+            if tuple(part_shape[:3]) != shape[:3]:
+                raise PluginError(
+                    f"plugins.cache_compressor: part {name!r} does not keep the (token, batch, head) axes; "
+                    "a cache compressor must group along the last axis"
+                )
+
+    def _tier_location(self, tier: str) -> torch.device:
+        """The device whose memory a tier's tensors can be used from without a copy."""
+        return self.device if tier == "gpu" else torch.device("cpu")
+
+    def _place_weights(self, source: WeightSource) -> None:
+        """Put every weight in its tier, layer by layer, converting disk-tier tensors once."""
+        compressor_id = repr(registry.parse_spec(self.plugins["weight_compressor"], "plugins.weight_compressor"))
+        folder = f"weights/{source.fingerprint()}-{str(self.dtype).removeprefix('torch.')}-{_short_hash(compressor_id)}"
+        percents = self.policy.percents("weights")
+        for index in range(self.spec.num_model_layers):
+            specs = opt.layer_weights(self.spec, index)
+            sizes = [_numel(w.shape) for w in specs]
+            placed = []
+            for weight, tier in zip(specs, split_by_percent(sizes, percents)):
+                placed.append(self._place_one(source, weight, tier, f"{folder}/{weight.name}"))
+            self.layers.append(placed)
+            if all(p.tier == "gpu" and not p.compressed for p in placed):
+                self._resident[index] = {p.spec.local: p.parts["data"] for p in placed}
+        self._note_memory()
+
+    def _place_one(self, source: WeightSource, weight: opt.WeightSpec, tier: str, key: str) -> PlacedWeight:
+        backend = self.storage[tier]
+        compressed = len(weight.shape) >= 2 and not _is_identity(self.weight_compressor)
+        compressor = self.weight_compressor if compressed else registry.load("compressor", "none")()
+        part_names = list(compressor.part_specs(weight.shape, self.dtype))
+        parts: dict[str, torch.Tensor] = {}
+        if backend.persistent:  # reuse what an earlier run converted
+            for name in part_names:
+                found = backend.get(f"{key}.{name}")
+                if found is not None:
+                    parts[name] = found
+        if len(parts) != len(part_names):
+            tensor = source.get(weight).to(self.dtype)
+            packed = compressor.compress(tensor)
+            del tensor
+            parts = {name: backend.put(f"{key}.{name}", packed[name]) for name in part_names}
+            del packed
+        self.stats.compression["weights_raw_bytes"] += _numel(weight.shape) * _itemsize(self.dtype)
+        self.stats.compression["weights_stored_bytes"] += sum(_nbytes(p) for p in parts.values())
+        return PlacedWeight(weight, tier, parts, compressed)
+
+    def _note_memory(self) -> None:
+        for tier, backend in self.storage.items():
+            self.stats.peak_memory[tier] = max(self.stats.peak_memory[tier], backend.nbytes())
+        if self._cuda:
+            self.stats.peak_memory["gpu"] = max(
+                self.stats.peak_memory["gpu"], torch.cuda.max_memory_allocated(self.device)
+            )
+
+    # ------------------------------------------------------------------ movement
+
+    def _count(self, link: str, nbytes: int) -> None:
+        with self._stats_lock:
+            self.stats.bytes_moved[link] += nbytes
+
+    def _count_read(self, tier: str, dest: torch.device, nbytes: int) -> None:
+        """Account the links a copy from ``tier`` to ``dest`` crosses."""
+        if tier == "disk":
+            self._count("disk->cpu", nbytes)
+        if dest.type == "cuda" and tier != "gpu":
+            self._count("cpu->gpu", nbytes)
+        if dest.type == "cpu" and tier == "gpu" and self._cuda:
+            self._count("gpu->cpu", nbytes)
+
+    def _count_write(self, tier: str, value: torch.Tensor) -> None:
+        """Account the links a copy of ``value`` into ``tier`` crosses."""
+        if tier != "gpu" and value.device.type == "cuda":
+            self._count("gpu->cpu", _nbytes(value))
+        if tier == "disk":
+            self._count("cpu->disk", _nbytes(value))
+
+    def _fetch(self, tier: str, resident: torch.Tensor, dest: torch.device) -> torch.Tensor:
+        if resident.device != dest or tier == "disk":
+            self._count_read(tier, dest, _nbytes(resident))
+        return self.storage[tier].fetch(resident, dest, non_blocking=self._load_stream is not None)
+
+    def _write(self, tier: str, resident: torch.Tensor, value: torch.Tensor) -> None:
+        self._count_write(tier, value)
+        self.storage[tier].write(resident, value)
+
+    def _on_load_stream(self, fn, *args):
+        """Run a fetch on the copy stream (CUDA) and return (result, event) for compute to wait on."""
+        if self._load_stream is None:
+            return fn(*args), None
+        with torch.cuda.stream(self._load_stream):
+            result = fn(*args)
+            event = torch.cuda.Event()
+            event.record(self._load_stream)
+        return result, event
+
+    def _wait(self, future: Future):
+        result, event = future.result()
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+            _record_stream(result, torch.cuda.current_stream(self.device))
+        return result
+
+    def _load_layer(self, index: int) -> dict[str, torch.Tensor]:
+        """The weights of a model layer on the compute device, decompressed."""
+        weights = {}
+        for placed in self.layers[index]:
+            parts = {name: self._fetch(placed.tier, t, self.device) for name, t in placed.parts.items()}
+            if placed.compressed:
+                weights[placed.spec.local] = self.weight_compressor.decompress(parts, placed.spec.shape, self.dtype)
+            else:
+                weights[placed.spec.local] = parts["data"]
+        return weights
+
+    def _submit_layer(self, index: int) -> Future:
+        if index in self._resident:
+            future: Future = Future()
+            future.set_result((self._resident[index], None))
+            return future
+        return self._io.submit(self._on_load_stream, self._load_layer, index)
+
+    # ------------------------------------------------------------------ cache
+
+    def _allocate_cache(self, length: int) -> list[list[CacheUnit]]:
+        """Preallocate the KV cache of a block: one unit per (decoder layer, GPU batch)."""
+        L, K, B = self.spec.num_layers, self.policy.num_gpu_batches, self.policy.gpu_batch_size
+        shape = (length, B, self.spec.num_heads, self.spec.head_dim)
+        specs = self.cache_compressor.part_specs(shape, self.dtype)
+        tiers = split_by_percent([1] * (L * K), self.policy.percents("cache"))
+        units = []
+        for layer in range(L):
+            row = []
+            for batch in range(K):
+                tier = tiers[layer * K + batch]
+                keys, kv = [], {}
+                for which in ("k", "v"):
+                    kv[which] = {}
+                    for name, (part_shape, part_dtype) in specs.items():
+                        key = f"cache/{self._run_id}/{layer}/{batch}/{which}.{name}"
+                        kv[which][name] = self.storage[tier].empty(key, part_shape, part_dtype)
+                        keys.append(key)
+                row.append(CacheUnit(tier, kv["k"], kv["v"], keys))
+                self.stats.compression["cache_stored_bytes"] += 2 * self.cache_compressor.nbytes(shape, self.dtype)
+                self.stats.compression["cache_raw_bytes"] += 2 * _numel(shape) * _itemsize(self.dtype)
+            units.append(row)
+        self._note_memory()
+        return units
+
+    def _free_cache(self, units: list[list[CacheUnit]]) -> None:
+        for row in units:
+            for unit in row:
+                for key in unit.keys:
+                    self.storage[unit.tier].free(key)
+
+    def _cache_resident_where_attended(self, unit: CacheUnit) -> bool:
+        return self._tier_location(unit.tier) == self.attention_device
+
+    def _read_cache(self, unit: CacheUnit, length: int, dest: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [0, length) on ``dest``, decompressed, as (B, H, t, D)."""
+        n, b = length, self.policy.gpu_batch_size
+        shape = (n, b, self.spec.num_heads, self.spec.head_dim)
+        out = []
+        for parts in (unit.k, unit.v):
+            moved = {name: self._fetch(unit.tier, t[:n], dest) for name, t in parts.items()}
+            out.append(self.cache_compressor.decompress(moved, shape, self.dtype).permute(1, 2, 0, 3))
+        return out[0], out[1]
+
+    def _write_cache(self, unit: CacheUnit, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Compress and write new keys/values (B, H, n, D) at positions [start, start + n)."""
+        for parts, new in ((unit.k, k), (unit.v, v)):
+            packed = self.cache_compressor.compress(new.permute(2, 0, 1, 3).contiguous())
+            for name, value in packed.items():
+                self._write(unit.tier, parts[name][start:start + value.shape[0]], value)
+
+    # ------------------------------------------------------------------ generate
+
+    def generate(
+        self,
+        input_ids: Sequence[Sequence[int]],
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop: int | Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> list[list[int]]:
+        """New tokens for every prompt, in order; a sequence ends after a ``stop`` token."""
+        prompts = self._check_prompts(input_ids, max_new_tokens)
+        if do_sample and not temperature > 0:
+            raise PromptError(f"generation.temperature must be > 0 when sampling, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise PromptError(f"generation.top_p must be in (0, 1], got {top_p}")
+        stops = [] if stop is None else [stop] if isinstance(stop, int) else list(stop)
+        sampling = _Sampling(do_sample, temperature, top_p, stops)
+        outputs: list[list[int]] = []
+        block_size = self.policy.block_size
+        with torch.inference_mode():
+            for number, start in enumerate(range(0, len(prompts), block_size)):
+                real = prompts[start:start + block_size]
+                padded = real + [real[0]] * (block_size - len(real))  # outputs of padding are dropped
+                generator = None
+                if do_sample:
+                    generator = torch.Generator(self.device).manual_seed((seed or 0) * 1_000_003 + number)
+                tokens = self._generate_block(padded, max_new_tokens, sampling, generator, len(real))
+                outputs.extend(tokens[: len(real)])
+        return outputs
+
+    def _check_prompts(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise PromptError(f"generation.max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if isinstance(input_ids, torch.Tensor):
+            input_ids = input_ids.tolist()
+        prompts = []
+        vocab, limit = self.spec.vocab_size, self.spec.max_positions
+        for i, ids in enumerate(input_ids):
+            ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+            if not ids:
+                raise PromptError(f"prompt {i} is empty")
+            bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+            if bad is not None:
+                raise PromptError(f"prompt {i}: token id {bad!r} is outside the vocabulary [0, {vocab})")
+            if len(ids) + max_new_tokens > limit:
+                raise PromptError(
+                    f"prompt {i}: {len(ids)} tokens + max_new_tokens {max_new_tokens} exceed the model's "
+                    f"{limit} positions"
+                )
+            prompts.append(ids)
+        return prompts
+
+    def _generate_block(
+        self, prompts: list[list[int]], max_new_tokens: int, sampling: "_Sampling",
+        generator: torch.Generator | None, num_real: int,
+    ) -> list[list[int]]:
+        B, K = self.policy.gpu_batch_size, self.policy.num_gpu_batches
+        prompt_len = max(map(len, prompts))
+        total = prompt_len + max_new_tokens
+        batches = []
+        for k in range(K):
+            rows = prompts[k * B:(k + 1) * B]
+            ids = torch.full((B, prompt_len), self.spec.pad_token_id, dtype=torch.long)
+            valid = torch.zeros((B, total), dtype=torch.bool)
+            for r, row in enumerate(rows):
+                ids[r, prompt_len - len(row):] = torch.tensor(row)
+                valid[r, prompt_len - len(row):] = True
+            batches.append(GPUBatch(ids.to(self.device), valid.to(self.device)))
+        act_tiers = split_by_percent([1] * K, self.policy.percents("act"))
+        cache = self._allocate_cache(total)
+        done = torch.zeros(B * K, dtype=torch.bool, device=self.device)
+        try:
+            self._sync()
+            started = time.perf_counter()
+            for step in range(max_new_tokens):
+                self._run_step(step, prompt_len, batches, act_tiers, cache, sampling, generator)
+                new = torch.cat([b.outputs[-1] for b in batches])
+                if sampling.stops:
+                    done |= torch.isin(new, torch.tensor(sampling.stops, device=self.device))
+                if step == 0:
+                    self._sync()
+                    prefill_end = time.perf_counter()
+                    self.stats.prefill_time_s += prefill_end - started
+                if sampling.stops and bool(done[:num_real].all()):
+                    break
+            self._sync()
+            self.stats.decode_time_s += time.perf_counter() - prefill_end
+        finally:
+            self._note_memory()
+            self._free_cache(cache)
+            for k, batch in enumerate(batches):
+                self.storage[act_tiers[k]].free(self._act_key(k))
+        tokens = torch.cat([torch.cat(b.outputs, dim=1) for b in batches]).tolist()
+        results = [_cut_at_stop(row, sampling.stops) for row in tokens]
+        self.stats.prompt_tokens += sum(len(p) for p in prompts[:num_real])
+        self.stats.generated_tokens += sum(len(r) for r in results[:num_real])
+        return results
+
+    def _act_key(self, batch: int) -> str:
+        return f"act/{self._run_id}/{batch}"
+
+    def _run_step(self, step, prompt_len, batches, act_tiers, cache, sampling, generator) -> None:
+        """One step (prefill when ``step == 0``) of a block, in the scheduler's order."""
+        tasks = self.scheduler.order(self.spec.num_model_layers, len(batches))
+        # Tokens in the cache before this step: the prompt, then one more per decode step.
+        length = prompt_len if step == 0 else prompt_len + step - 1
+        pending = self._prefetch(tasks[0], None, step, length, batches, act_tiers, cache)
+        for t, task in enumerate(tasks):
+            weights_f, hidden_f, cache_f = pending
+            following = tasks[t + 1] if t + 1 < len(tasks) else None
+            if following is not None:
+                # Issue the next task's I/O before computing this one, so the two overlap.
+                pending = self._prefetch(following, task, step, length, batches, act_tiers, cache, weights_f)
+            batch = batches[task.batch]
+            weights = self._wait(weights_f)
+            x = self._wait(hidden_f) if hidden_f is not None else batch.hidden
+            cached = self._wait(cache_f) if cache_f is not None else None
+            out = self._compute(task, step, length, weights, x, cached, batch, cache, sampling, generator)
+            if task.layer == self.spec.num_model_layers - 1:
+                batch.hidden = None
+            elif following is not None and following.batch == task.batch:
+                batch.hidden = out  # consumed by the very next task: keep it where it is
+            else:
+                tier = act_tiers[task.batch]
+                self._count_write(tier, out)
+                batch.hidden = self.storage[tier].put(self._act_key(task.batch), out)
+
+    def _prefetch(self, task, previous, step, length, batches, act_tiers, cache, previous_weights=None):
+        """Start loading what ``task`` needs; returns futures (weights, hidden or None, cache or None)."""
+        if previous is not None and previous.layer == task.layer:
+            weights = previous_weights
+        else:
+            weights = self._submit_layer(task.layer)
+        hidden = None
+        batch = batches[task.batch]
+        if task.layer > 0 and (previous is None or previous.batch != task.batch):
+            tier = act_tiers[task.batch]
+            resident = batch.hidden
+            if tier == "gpu":
+                hidden = None
+            else:
+                hidden = self._io.submit(self._on_load_stream, self._fetch, tier, resident, self.device)
+        cache_future = None
+        kind, layer = opt.layer_kind(self.spec, task.layer)
+        if kind == "attn" and step > 0 and not self._cache_resident_where_attended(cache[layer][task.batch]):
+            unit = cache[layer][task.batch]
+            cache_future = self._io.submit(self._on_load_stream, self._read_cache, unit, length, self.attention_device)
+        return weights, hidden, cache_future
+
+    def _compute(self, task, step, length, weights, x, cached, batch, cache, sampling, generator) -> torch.Tensor | None:
+        spec = self.spec
+        kind, layer = opt.layer_kind(spec, task.layer)
+        prefill = step == 0
+        if kind == "embed":
+            ids = batch.prompt_ids if prefill else batch.next_ids
+            n = ids.shape[1]
+            valid = batch.valid[:, : length + (0 if prefill else 1)]
+            positions = opt.positions_from_mask(valid)[:, -n:]
+            return opt.embed(spec, weights, ids, positions)
+        if kind == "mlp":
+            return opt.mlp(spec, weights, x)
+        if kind == "head":
+            logits = opt.head(spec, weights, x)
+            token = sampling.pick(logits, generator)
+            batch.outputs.append(token)
+            batch.next_ids = token
+            return None
+        q, k, v = opt.attention_in(spec, weights, x)
+        unit = cache[layer][task.batch]
+        if prefill:
+            valid = batch.valid[:, :length]
+            attn = self.attention.prefill(q, k, v, valid)
+            self._write_cache(unit, 0, k, v)
+        else:
+            attn = self._decode_attention(unit, length, q, k, v, cached, batch.valid[:, : length + 1])
+        return opt.attention_out(spec, weights, x, attn)
+
+    def _decode_attention(self, unit, length, q, k_new, v_new, cached, valid) -> torch.Tensor:
+        """Attention of the new token; the cache is read where it lives when attention runs there."""
+        dest = self.attention_device
+        if self._cache_resident_where_attended(unit):
+            self._write_cache(unit, length, k_new, v_new)
+            k, v = self._read_cache(unit, length + 1, dest)
+        else:
+            # The prefix was prefetched to the attention device; append the new token to it.
+            k_old, v_old = cached
+            self._write_cache(unit, length, k_new, v_new)
+            k = torch.cat([k_old, k_new.to(dest)], dim=2)
+            v = torch.cat([v_old, v_new.to(dest)], dim=2)
+        out = self.attention.decode(q.to(dest), k, v, valid.to(dest))
+        return out.to(self.device)
+
+    def _sync(self) -> None:
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        """Release caches, buffers and scratch files; converted disk weights stay for reuse."""
+        self._io.shutdown(wait=True)
+        for backend in self.storage.values():
+            backend.close()
+        self.layers.clear()
+        self._resident.clear()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class _Sampling:
+    do_sample: bool
+    temperature: float
+    top_p: float
+    stops: list[int]
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Next token ids (B, 1): greedy, or sampled with temperature and nucleus (top-p)."""
+        logits = logits.float()
+        if not self.do_sample:
+            return logits.argmax(dim=-1, keepdim=True)
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        if self.top_p < 1:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > self.top_p
+            sorted_probs[outside] = 0
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        return torch.multinomial(probs, 1, generator=generator)
+
+
+def _cut_at_stop(tokens: list[int], stops: list[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in stops:
+            return tokens[: i + 1]
+    return tokens
+
+
+def _is_identity(compressor) -> bool:
+    return type(compressor).__name__ == "NoCompression"
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _short_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _record_stream(result, stream) -> None:
+    """Tell the caching allocator that tensors made on the copy stream are used on ``stream``."""
+    if isinstance(result, torch.Tensor):
+        if result.is_cuda:
+            result.record_stream(stream)
+    elif isinstance(result, dict):
+        for value in result.values():
+            _record_stream(value, stream)
+    elif isinstance(result, (tuple, list)):
+        for value in result:
+            _record_stream(value, stream)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` means CUDA when present, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FlexGenError(f"device {str(device)!r} asked for, but CUDA is not available here")
+    return device
+
+
+def load_engine(
+    model: str | Path,
+    policy: Policy | None = None,
+    plugins: Mapping[str, Any] | None = None,
+    device: str | torch.device = "auto",
+    offload_dir: str | Path | None = None,
+    dtype: str = "float16",
+    seed: int = 0,
+) -> Engine:
+    """Build an engine for an HF OPT checkpoint directory or a synthetic OPT size name."""
+    if dtype not in DTYPES:
+        raise FlexGenError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if policy is None:
+        policy = Policy()
+    if not isinstance(policy, Policy):
+        raise PolicyError(f"policy must be a flexgen.Policy, got {type(policy).__name__}")
+    torch_dtype = DTYPES[dtype]
+    source = open_source(model, dtype=torch_dtype, seed=seed)
+    folder = Path(offload_dir) if offload_dir is not None else default_offload_dir()
+    return Engine(source, policy, dict(plugins or {}), resolve_device(device), folder, torch_dtype)
