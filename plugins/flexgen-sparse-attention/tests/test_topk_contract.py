@@ -1,0 +1,70 @@
+"""flexgen's attention contract suite, run against the top-k backend.
+
+The suite checks exact attention against a float64 reference. ``ratio: 1.0`` is exact, so it
+runs the whole suite unchanged, on both of its devices. A sparse ratio is an approximation by
+design: it runs the suite too, with the decode reference replaced by the float64 top-k rule
+(everything else — shapes, dtypes, devices, masked values ignored, dense prefill, cache
+untouched — is the same obligation).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip(
+    "flexgen_sparse_attention",
+    reason="flexgen-sparse-attention is not installed (pip install ./plugins/flexgen-sparse-attention)",
+)
+
+from flexgen import registry  # noqa: E402
+from flexgen.attention.base import AttentionBackend  # noqa: E402
+from flexgen.testing._random import fresh_generator  # noqa: E402
+from flexgen.testing.attention import DTYPES, AttentionBackendContract, random_valid  # noqa: E402
+from flexgen_sparse_attention.topk import expected_keep  # noqa: E402
+
+
+def topk_reference(q, k, v, valid, ratio: float) -> torch.Tensor:
+    """float64 top-k attention, one (sequence, head) at a time: the documented rule."""
+    b, h, _, d = q.shape
+    out = torch.zeros(b, h, 1, d, dtype=torch.float64)
+    for i in range(b):
+        pos = valid[i].nonzero().flatten()
+        keep = expected_keep(ratio, len(pos))
+        for j in range(h):
+            scores = k[i, j, pos].double() @ q[i, j, 0].double()
+            top = scores.topk(keep).indices
+            out[i, j, 0] = torch.softmax(scores[top], dim=0) @ v[i, j, pos[top]].double()
+    return out
+
+
+class TestTopKRatioOneContract(AttentionBackendContract):
+    """``ratio: 1.0`` is dense attention: the unmodified suite, decode on both devices."""
+
+    @pytest.fixture(params=["compute", "cpu"])
+    def attention(self, request: pytest.FixtureRequest) -> AttentionBackend:
+        return registry.create("attention", {"name": "topk", "ratio": 1.0, "device": request.param})
+
+
+class TestTopKSparseContract(AttentionBackendContract):
+    """Sparse ratios: the suite, with decode held to the top-k reference."""
+
+    @pytest.fixture(params=[0.1, 0.3, 0.6])
+    def attention(self, request: pytest.FixtureRequest) -> AttentionBackend:
+        return registry.create("attention", {"name": "topk", "ratio": request.param})
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("b,h,t,d", [(3, 4, 7, 16), (2, 2, 1, 8), (4, 3, 40, 64)])
+    def test_decode_matches_reference(self, attention: AttentionBackend, dtype, b, h, t, d) -> None:
+        gen, seed = fresh_generator()
+        device = attention.device(torch.device(self.compute_device))
+        q, k, v = self._inputs((b, h, 1, d), (b, h, t, d), torch.float32, device, gen)
+        valid = random_valid(b, t, gen).to(device)
+        # Low-precision rounding can swap two near-equal scores at the cut-off, which changes
+        # which rows are kept; the reference therefore ranks the same rounded inputs.
+        q, k, v = (x.to(dtype) for x in (q, k, v))
+        k_before, v_before = k.clone(), v.clone()
+        out = attention.decode(q, k, v, valid)
+        expected = topk_reference(q.cpu(), k.cpu(), v.cpu(), valid.cpu(), attention.ratio)
+        self._check(out, expected, q, dtype, seed)
+        assert torch.equal(k, k_before) and torch.equal(v, v_before), "decode modified the cache"
