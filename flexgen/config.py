@@ -1,0 +1,453 @@
+"""The schema of ``configs/*.yaml``, and how a config file plus command-line overrides become one
+validated :class:`FlexGenConfig`.
+
+The schema is a set of dataclasses read by omegaconf (its "structured configs"), so a config file
+and its ``key=value`` overrides are checked against one definition: an unknown key, a value of the
+wrong type, or a value out of range is a :class:`~flexgen.errors.ConfigError` whose one-line
+message names the key (and, for an unknown key, the closest known one). omegaconf's own
+exceptions never reach the user.
+
+Decisions written down here because the rest of the code relies on them:
+
+* **Layers.** Schema defaults, then the config file, then each command-line override, merged in
+  that order; the last one to set a key wins.
+* **Relative paths.** Input paths written *in a config file* (``model.path``, ``model.tokenizer``,
+  ``data.prompts``) are relative to that file's folder, so a config and its prompts travel
+  together. Output paths (``output.path``, ``output.offload_dir``) and every path given on the
+  command line are relative to the current directory. ``~`` is expanded everywhere.
+* **``policy: auto``.** ``policy`` is either a mapping of policy keys or the string ``auto``;
+  ``auto`` is stored as ``policy.auto = true`` and means the cost model
+  (:func:`flexgen.optimizer.auto_policy`) chooses every policy key, and the attention backend and
+  compressors it names replace those of ``plugins``. Setting ``policy.<key>`` as well is an
+  error, since it would be silently ignored.
+* **``builtin:quickstart``** as ``model.path`` names the small synthetic OPT checkpoint built
+  locally by :mod:`flexgen.predict.quickstart` (no download).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from flexgen.errors import ConfigError, FlexGenError
+from flexgen.policy import Policy
+
+DTYPES = ("float32", "float16", "bfloat16")
+PLUGIN_KEYS = ("storage", "attention", "weight_compressor", "cache_compressor", "scheduler")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+BUILTIN_PREFIX = "builtin:"
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class ModelConfig:
+    """Which OPT model to run. Exactly one of ``path`` and ``synthetic``."""
+
+    path: Optional[str] = None  # HF OPT checkpoint dir, or builtin:quickstart
+    synthetic: Optional[str] = None  # an OPT size (opt-125m ... opt-175b): seeded random weights
+    dtype: str = "float16"  # float32 | float16 | bfloat16
+    tokenizer: Optional[str] = None  # defaults to model.path; needed only for text prompts
+    seed: int = 0  # seed of synthetic weights
+
+
+@dataclass
+class PolicyConfig:
+    """Mirrors :class:`flexgen.policy.Policy`; ``auto`` is set by ``policy: auto``."""
+
+    gpu_batch_size: int = 4
+    num_gpu_batches: int = 1
+    weights_gpu: float = 100
+    weights_cpu: float = 0
+    cache_gpu: float = 100
+    cache_cpu: float = 0
+    act_gpu: float = 100
+    act_cpu: float = 0
+    overlap: bool = True
+    pin_weights: bool = True
+    auto: bool = False
+
+
+@dataclass
+class PluginsConfig:
+    """Each value: a registered plugin name, or a mapping ``{name: ..., <its options>}``."""
+
+    storage: Any = field(default_factory=lambda: {"gpu": "gpu", "cpu": "cpu", "disk": "disk"})
+    attention: Any = "gpu"
+    weight_compressor: Any = "none"
+    cache_compressor: Any = "none"
+    scheduler: Any = "zigzag"
+
+
+@dataclass
+class DataConfig:
+    """Prompts: a file, or ``num_prompts`` synthetic prompts of ``prompt_len`` tokens."""
+
+    prompts: Optional[str] = None  # .jsonl ({"id", "text"} or {"id", "input_ids"}) or .txt
+    num_prompts: Optional[int] = None
+    prompt_len: Optional[int] = None
+    seed: int = 0  # seed of synthetic prompts
+
+
+@dataclass
+class GenerationConfig:
+    """Arguments of ``Engine.generate``."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: Any = None  # None | token id | list of token ids
+    seed: Optional[int] = 0  # block k is sampled with seed + k, so a resumed run repeats it
+
+
+@dataclass
+class TrainerConfig:
+    """Passed to ``lightning.Trainer``; the engine's compute device follows ``accelerator``."""
+
+    accelerator: str = "auto"  # auto | cpu | gpu | cuda
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class OutputConfig:
+    """Where results go. Metrics go to ``<path>.metrics.json``."""
+
+    path: str = "outputs/predictions.jsonl"
+    offload_dir: Optional[str] = None  # disk-tier folder; the engine's default when null
+
+
+@dataclass
+class FlexGenConfig:
+    """The whole config; see README.md ("Config reference") for every key."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    # -- views used by the predict run -------------------------------------------------
+
+    def to_policy(self) -> Policy:
+        """The :class:`Policy` of this config (not meaningful when ``policy.auto``)."""
+        values = {f.name: getattr(self.policy, f.name) for f in fields(Policy)}
+        for name in ("weights_gpu", "weights_cpu", "cache_gpu", "cache_cpu", "act_gpu", "act_cpu"):
+            if float(values[name]).is_integer():
+                values[name] = int(values[name])
+        return Policy(**values)
+
+    def plugins_dict(self) -> dict[str, Any]:
+        """The ``plugins`` argument of ``load_engine``: plain dicts and strings."""
+        return {key: _plain(getattr(self.plugins, key)) for key in PLUGIN_KEYS}
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``Engine.generate`` (the per-block seed is added by the caller)."""
+        g = self.generation
+        return {
+            "max_new_tokens": g.max_new_tokens,
+            "do_sample": g.do_sample,
+            "temperature": g.temperature,
+            "top_p": g.top_p,
+            "stop": _plain(g.stop),
+            "seed": g.seed,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return OmegaConf.to_container(OmegaConf.structured(self), resolve=True)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+# --------------------------------------------------------------------------- loading
+
+_INPUT_PATHS = (("model", "path"), ("model", "tokenizer"), ("data", "prompts"))
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> FlexGenConfig:
+    """Read a config file (optional) and apply ``key=value`` overrides; validate the result.
+
+    Raises :class:`ConfigError` (one line naming the key or file) for every user mistake.
+    """
+    schema = OmegaConf.structured(FlexGenConfig)
+    layers: list[tuple[DictConfig, str]] = []
+    if path is not None:
+        layers.append((_read_file(Path(path)), f"in {path}"))
+    for item in overrides:
+        layers.append((_parse_override(item), "on the command line"))
+
+    merged = schema
+    auto_from: str | None = None
+    for layer, where in layers:
+        auto_from = _normalise_policy(layer, where, auto_from)
+        _check_sections(layer, where)
+        merged = _merge(merged, layer, where)
+    cfg: FlexGenConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def _read_file(path: Path) -> DictConfig:
+    import yaml  # omegaconf's own dependency
+
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read it ({exc.strerror or exc})") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config file {path}{where}: {problem}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections (model, policy, ...), got {type(raw).__name__}")
+    try:
+        layer = OmegaConf.create(raw)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config file {path}: {_first_line(exc)}") from exc
+    _resolve_input_paths(layer, path.resolve().parent)
+    return layer
+
+
+def _resolve_input_paths(layer: DictConfig, base: Path) -> None:
+    """Make the input paths written in a config file relative to the file's folder."""
+    for section, key in _INPUT_PATHS:
+        node = layer.get(section)
+        if not isinstance(node, DictConfig):
+            continue
+        value = node.get(key)
+        if isinstance(value, str) and value and not value.startswith(BUILTIN_PREFIX):
+            expanded = Path(os.path.expanduser(value))
+            if not expanded.is_absolute():
+                expanded = base / expanded
+            node[key] = str(expanded)
+
+
+def _parse_override(item: str) -> DictConfig:
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"override {item!r} must be key=value, e.g. policy.gpu_batch_size=8")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"override {item!r}: {_first_line(exc)}") from exc
+
+
+def _normalise_policy(layer: DictConfig, where: str, auto_from: str | None) -> str | None:
+    """Turn ``policy: auto`` into ``policy.auto: true``; refuse policy keys mixed with auto."""
+    if "policy" not in layer:
+        return auto_from
+    value = layer["policy"] if not OmegaConf.is_missing(layer, "policy") else None
+    if isinstance(value, str):
+        if value.strip().lower() != "auto":
+            raise ConfigError(f"policy ({where}) must be a mapping of policy keys or 'auto', got {value!r}")
+        layer["policy"] = {"auto": True}
+        return where
+    if isinstance(value, DictConfig):
+        keys = [str(k) for k in value.keys() if k != "auto"]
+        if value.get("auto") is False:
+            return None
+        if value.get("auto") is True:
+            return where
+        if keys and auto_from is not None:
+            raise ConfigError(
+                f"policy.{keys[0]} ({where}) conflicts with policy: auto ({auto_from}), which chooses every "
+                "policy key; drop one of them"
+            )
+    return auto_from
+
+
+def _check_sections(layer: DictConfig, where: str) -> None:
+    """Catch a section given as a scalar (``policy: 3``), which omegaconf reports without a key."""
+    raw = OmegaConf.to_container(layer, resolve=False)
+    for key, value in raw.items():
+        key = str(key)
+        if key not in _SECTION_TYPES:
+            raise ConfigError(_unknown_key_message(key, where))
+        if value is not None and not isinstance(value, dict) and not _is_interpolation(value):
+            raise ConfigError(f"config key {key!r} ({where}) must be a mapping of {key} keys, got {value!r}")
+
+
+def _is_interpolation(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("${")
+
+
+def _merge(base: DictConfig, layer: DictConfig, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+    except ConfigKeyError as exc:
+        raise ConfigError(_unknown_key_message(str(exc.full_key or exc.key), where)) from exc
+    except OmegaConfBaseException as exc:
+        key = exc.full_key or "?"
+        raise ConfigError(f"config key {key!r} ({where}): {_type_problem(exc)}") from exc
+
+
+_SECTION_TYPES = {
+    "model": ModelConfig,
+    "policy": PolicyConfig,
+    "plugins": PluginsConfig,
+    "data": DataConfig,
+    "generation": GenerationConfig,
+    "trainer": TrainerConfig,
+    "output": OutputConfig,
+}
+
+
+def _known_keys(full_key: str) -> list[str]:
+    """The full names of the schema keys beside ``full_key`` (for "did you mean")."""
+    parts = full_key.split(".")
+    if len(parts) == 1:
+        return list(_SECTION_TYPES)
+    section = _SECTION_TYPES.get(parts[0])
+    if section is None or len(parts) > 2:
+        return []
+    return [f"{parts[0]}.{f.name}" for f in fields(section)]
+
+
+def _unknown_key_message(full_key: str, where: str) -> str:
+    known = _known_keys(full_key)
+    close = difflib.get_close_matches(full_key, known, n=1, cutoff=0.6)
+    if not close:  # compare the last part alone ("policy.gpu_batchsize" ~ "gpu_batch_size")
+        last = full_key.split(".")[-1]
+        names = {k.split(".")[-1]: k for k in known}
+        close = [names[m] for m in difflib.get_close_matches(last, list(names), n=1, cutoff=0.6)]
+    hint = f"; did you mean {close[0]!r}?" if close else (f"; known keys: {', '.join(known)}" if known else "")
+    return f"unknown config key {full_key!r} ({where}){hint}"
+
+
+def _type_problem(exc: OmegaConfBaseException) -> str:
+    message = _first_line(exc)
+    # omegaconf: "Value 'abc' of type 'str' could not be converted to Integer"
+    return message.replace("could not be converted to Integer", "is not an integer").replace(
+        "could not be converted to Float", "is not a number"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = getattr(exc, "msg", None) or str(exc)
+    return str(text).strip().splitlines()[0] if str(text).strip() else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(cfg: FlexGenConfig) -> None:
+    """Range and consistency checks the types alone cannot express; ConfigError naming the key."""
+    m = cfg.model
+    if (m.path is None) == (m.synthetic is None):
+        raise ConfigError(
+            "set exactly one of model.path (an HF OPT checkpoint folder, or builtin:quickstart) and "
+            f"model.synthetic (an OPT size), got model.path={m.path!r} model.synthetic={m.synthetic!r}"
+        )
+    if m.path is not None and m.path.startswith(BUILTIN_PREFIX):
+        from flexgen.predict.quickstart import BUILTINS
+
+        name = m.path[len(BUILTIN_PREFIX):]
+        if name not in BUILTINS:
+            raise ConfigError(f"model.path: unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}")
+    if m.synthetic is not None:
+        from flexgen.models.opt import OPT_SIZES
+
+        if m.synthetic.lower().removeprefix("facebook/") not in OPT_SIZES:
+            close = difflib.get_close_matches(m.synthetic.lower(), list(OPT_SIZES), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; sizes: {', '.join(OPT_SIZES)}"
+            raise ConfigError(f"model.synthetic: unknown OPT size {m.synthetic!r}{hint}")
+    if m.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {m.dtype!r}")
+
+    if not cfg.policy.auto:
+        try:
+            cfg.to_policy()
+        except FlexGenError as exc:  # PolicyError already names policy.<key>
+            raise ConfigError(str(exc)) from exc
+
+    for key in PLUGIN_KEYS:
+        _check_plugin_value(f"plugins.{key}", _plain(getattr(cfg.plugins, key)), storage=key == "storage")
+
+    d = cfg.data
+    if d.prompts is None:
+        if d.num_prompts is None or d.prompt_len is None:
+            raise ConfigError("set data.prompts (a .jsonl or .txt file), or both data.num_prompts and data.prompt_len")
+    for key in ("num_prompts", "prompt_len"):
+        value = getattr(d, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"data.{key} must be >= 1, got {value}")
+
+    g = cfg.generation
+    if g.max_new_tokens < 1:
+        raise ConfigError(f"generation.max_new_tokens must be >= 1, got {g.max_new_tokens}")
+    if not g.temperature > 0:
+        raise ConfigError(f"generation.temperature must be > 0, got {g.temperature}")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"generation.top_p must be in (0, 1], got {g.top_p}")
+    stop = _plain(g.stop)
+    stops = stop if isinstance(stop, list) else [] if stop is None else [stop]
+    for token in stops:
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ConfigError(f"generation.stop must be null, a token id or a list of token ids, got {stop!r}")
+
+    t = cfg.trainer
+    if t.accelerator not in ACCELERATORS:
+        raise ConfigError(f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}, got {t.accelerator!r}")
+    if t.num_nodes < 1:
+        raise ConfigError(f"trainer.num_nodes must be >= 1, got {t.num_nodes}")
+    devices = _plain(t.devices)
+    if not (devices in ("auto", 1) or devices == [0] or (isinstance(devices, list) and len(devices) == 1)) or t.num_nodes != 1:
+        raise ConfigError(
+            "flexgen predict runs one engine in one process: trainer.devices must be 1 (or one device "
+            f"index in a list) and trainer.num_nodes 1, got devices={devices!r} num_nodes={t.num_nodes}"
+        )
+    if not cfg.output.path:
+        raise ConfigError("output.path must name a .jsonl file")
+
+
+def _check_plugin_value(where: str, value: Any, storage: bool = False) -> None:
+    if storage:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must map tiers (gpu, cpu, disk) to storage plugins, got {value!r}")
+        for tier, spec in value.items():
+            if tier not in ("gpu", "cpu", "disk"):
+                close = difflib.get_close_matches(str(tier), ["gpu", "cpu", "disk"], n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else "; tiers: gpu, cpu, disk"
+                raise ConfigError(f"unknown tier {where}.{tier}{hint}")
+            _check_plugin_value(f"{where}.{tier}", spec)
+        return
+    if isinstance(value, str) and value:
+        return
+    if isinstance(value, Mapping) and isinstance(value.get("name"), str):
+        return
+    raise ConfigError(f"{where} must be a plugin name or {{name: ..., <options>}}, got {value!r}")
+
+
+def resolve_output_path(cfg: FlexGenConfig) -> Path:
+    """``output.path`` as an absolute path (relative to the current directory)."""
+    return Path(os.path.expanduser(cfg.output.path)).absolute()
+
+
+def to_yaml(cfg: FlexGenConfig) -> str:
+    """The resolved config as YAML (``flexgen predict --print-config``)."""
+    data = cfg.to_dict()
+    if data["policy"].pop("auto"):
+        data["policy"] = "auto"
+    return OmegaConf.to_yaml(OmegaConf.create(data))

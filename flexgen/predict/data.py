@@ -1,0 +1,214 @@
+"""Prompts: reading them, checking them, and cutting them into blocks for the engine.
+
+Prompt files:
+
+* ``.jsonl`` (or ``.json`` with one object per line): ``{"id": ..., "text": "..."}`` or
+  ``{"id": ..., "input_ids": [...]}``. ``input_ids`` win when both are given. Without ``"id"``,
+  the prompt's id is its line number (from 1). Ids are strings or integers, unique per file.
+  Blank lines are skipped.
+* ``.txt``: one text prompt per non-blank line; the id is the line number (from 1).
+* no file: ``data.num_prompts`` synthetic prompts of ``data.prompt_len`` random token ids
+  (seeded), with ids 0, 1, ...
+
+Text is tokenised with the model's tokenizer exactly as ``tokenizer(text)["input_ids"]`` does
+(OPT's prepends ``</s>``). Every problem is a :class:`~flexgen.errors.PromptError` naming the
+file and line, found before the engine is loaded.
+
+Blocks: prompts are sorted by token length (stably, so ties keep file order) and cut into blocks
+of ``policy.block_size`` (``num_gpu_batches x gpu_batch_size``). Similar lengths in one block
+means little padding. Blocks are cut over *all* prompts, and only then are prompts already in
+the output dropped, so a resumed run gives the remaining prompts the same block-mates they had
+in the first run (which keeps sampled outputs reproducible too).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from flexgen.errors import ConfigError, PromptError
+
+PromptId = Any  # str | int
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: its id, its token ids, and where it came from (for error messages)."""
+
+    id: PromptId
+    input_ids: tuple[int, ...]
+    source: str  # "prompts.jsonl line 3" or "synthetic prompt 0"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_prompts(path: str | Path, tokenizer: Any = None) -> list[Prompt]:
+    """Read a ``.jsonl`` or ``.txt`` prompt file; token ids are checked later by :func:`check_prompts`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"data.prompts: file {path} not found")
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".txt"):
+        raise ConfigError(f"data.prompts: {path} must be a .jsonl or .txt file")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"data.prompts: cannot read {path} ({exc.strerror or exc})") from exc
+    rows = _read_txt(path, raw) if suffix == ".txt" else _read_jsonl(path, raw)
+    return _tokenize(path, rows, tokenizer)
+
+
+def _lines(path: Path, raw: bytes) -> Iterable[tuple[int, str]]:
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as exc:
+            raise PromptError(f"{path} line {number}: not valid UTF-8 ({exc.reason})") from exc
+        if text.strip():
+            yield number, text
+
+
+def _read_txt(path: Path, raw: bytes) -> list[tuple[int, PromptId, Optional[str], Optional[list]]]:
+    return [(number, number, text, None) for number, text in _lines(path, raw)]
+
+
+def _read_jsonl(path: Path, raw: bytes) -> list[tuple[int, PromptId, Optional[str], Optional[list]]]:
+    rows = []
+    seen: dict[PromptId, int] = {}
+    for number, text in _lines(path, raw):
+        where = f"{path} line {number}"
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PromptError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+        if not isinstance(obj, dict):
+            raise PromptError(f"{where}: expected a JSON object with 'text' or 'input_ids', got {type(obj).__name__}")
+        pid = obj.get("id", number)
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+            raise PromptError(f"{where}: 'id' must be a string or an integer, got {pid!r}")
+        if pid in seen:
+            raise PromptError(f"{where}: duplicate id {pid!r} (first on line {seen[pid]})")
+        seen[pid] = number
+        ids, prompt_text = obj.get("input_ids"), obj.get("text")
+        if ids is not None:
+            if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise PromptError(f"{where}: 'input_ids' must be a non-empty list of integers")
+            rows.append((number, pid, None, ids))
+        elif prompt_text is not None:
+            if not isinstance(prompt_text, str) or not prompt_text:
+                raise PromptError(f"{where}: 'text' must be a non-empty string")
+            rows.append((number, pid, prompt_text, None))
+        else:
+            raise PromptError(f"{where}: a prompt needs 'text' or 'input_ids'")
+    return rows
+
+
+def _tokenize(path: Path, rows, tokenizer: Any) -> list[Prompt]:
+    prompts = []
+    for number, pid, text, ids in rows:
+        where = f"{path} line {number}"
+        if ids is None:
+            if tokenizer is None:
+                raise PromptError(
+                    f"{where}: a text prompt needs a tokenizer; set model.tokenizer, or give input_ids instead"
+                )
+            ids = list(tokenizer(text)["input_ids"])
+            if not ids:
+                raise PromptError(f"{where}: the text tokenises to no tokens")
+        prompts.append(Prompt(pid, tuple(int(t) for t in ids), where))
+    if not prompts:
+        raise PromptError(f"{path}: no prompts in the file")
+    return prompts
+
+
+def synthetic_prompts(num_prompts: int, prompt_len: int, vocab_size: int, seed: int = 0) -> list[Prompt]:
+    """Seeded random prompts (benchmarks); ids 0..num_prompts-1; ids avoid OPT's special tokens 0-3."""
+    rng = random.Random(seed)
+    low = 4 if vocab_size > 4 else 0
+    return [
+        Prompt(i, tuple(rng.randrange(low, vocab_size) for _ in range(prompt_len)), f"synthetic prompt {i}")
+        for i in range(num_prompts)
+    ]
+
+
+def check_prompts(prompts: Sequence[Prompt], vocab_size: int, max_positions: int, max_new_tokens: int) -> None:
+    """Token ids inside the vocabulary, and prompt + new tokens within the model's positions."""
+    for p in prompts:
+        bad = next((t for t in p.input_ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise PromptError(f"{p.source}: token id {bad} is outside the model's vocabulary (0..{vocab_size - 1})")
+        if len(p.input_ids) + max_new_tokens > max_positions:
+            raise PromptError(
+                f"{p.source}: {len(p.input_ids)} prompt tokens + generation.max_new_tokens {max_new_tokens} "
+                f"exceed the model's {max_positions} positions"
+            )
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def make_blocks(prompts: Sequence[Prompt], block_size: int) -> list[list[Prompt]]:
+    """Sort by length (stable) and cut into blocks of ``block_size``; the last may be short."""
+    if block_size < 1:
+        raise ValueError("block_size must be >= 1")
+    ordered = sorted(prompts, key=lambda p: len(p.input_ids))
+    return [ordered[i : i + block_size] for i in range(0, len(ordered), block_size)]
+
+
+def block_batch(index: int, block: Sequence[Prompt]) -> dict[str, Any]:
+    """What ``predict_step`` receives: plain lists, so Lightning has no tensor to move."""
+    return {"block": index, "ids": [p.id for p in block], "input_ids": [list(p.input_ids) for p in block]}
+
+
+class _Blocks(Dataset):
+    def __init__(self, batches: list[dict[str, Any]]):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.batches[index]
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Serves one block of prompts per predict step, skipping prompts already done.
+
+    ``block`` in each batch is the block's index over all prompts (not over the remaining ones),
+    so it stays the same when a run is resumed; the module derives the sampling seed from it.
+    """
+
+    def __init__(self, prompts: Sequence[Prompt], block_size: int, done_ids: Iterable[PromptId] = ()):
+        super().__init__()
+        self.prompts = list(prompts)
+        self.block_size = block_size
+        self.done_ids = set(done_ids)
+        self.batches: list[dict[str, Any]] = []
+        for index, block in enumerate(make_blocks(self.prompts, block_size)):
+            todo = [p for p in block if p.id not in self.done_ids]
+            if todo:
+                self.batches.append(block_batch(index, todo))
+
+    @property
+    def num_todo(self) -> int:
+        return sum(len(b["ids"]) for b in self.batches)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.prompts) - self.num_todo
+
+    def predict_dataloader(self) -> DataLoader:
+        # batch_size=None: each dataset item is already a whole block.
+        return DataLoader(_Blocks(self.batches), batch_size=None, shuffle=False, collate_fn=_as_is, num_workers=0)

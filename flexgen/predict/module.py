@@ -1,0 +1,43 @@
+"""The LightningModule of a predict run: one ``predict_step`` = one block through the engine.
+
+The engine is held as a plain attribute, never as a submodule: Lightning moves a module's
+parameters and buffers to its device, casts them for precision plugins and wraps the module for
+strategies, and none of that may touch the engine's weights. Where each tensor lives is the
+policy's decision, carried out by the engine's storage backends. So this module has no
+parameters at all, and the engine (even if some engine were an ``nn.Module``) is stored past
+``nn.Module.__setattr__``, where Lightning cannot see it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+
+
+class FlexGenPredictModule(L.LightningModule):
+    """Runs ``engine.generate`` on each block and returns the block's output lines."""
+
+    def __init__(self, engine: Any, generation: dict[str, Any], tokenizer: Any = None):
+        super().__init__()
+        object.__setattr__(self, "engine", engine)  # not registered as a submodule, on purpose
+        self.generation = dict(generation)
+        self.tokenizer = tokenizer
+        self.prompts_done = 0
+        self.tokens_generated = 0
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> list[dict[str, Any]]:
+        kwargs = dict(self.generation)
+        if kwargs.get("seed") is not None:
+            # Keyed to the block's index over all prompts, so a resumed run samples the same.
+            kwargs["seed"] = int(kwargs["seed"]) + int(batch["block"])
+        outputs = self.engine.generate(batch["input_ids"], **kwargs)
+        lines = []
+        for pid, input_ids, output_ids in zip(batch["ids"], batch["input_ids"], outputs, strict=True):
+            line: dict[str, Any] = {"id": pid, "input_ids": list(input_ids), "output_ids": [int(t) for t in output_ids]}
+            if self.tokenizer is not None:
+                line["text"] = self.tokenizer.decode(line["output_ids"], skip_special_tokens=True)
+            lines.append(line)
+            self.tokens_generated += len(line["output_ids"])
+        self.prompts_done += len(lines)
+        return lines

@@ -1,0 +1,390 @@
+"""``flexgen predict --config FILE [key=value ...]``: a config-driven, resumable predict run.
+
+The order of work is chosen so that every user mistake is found before anything slow happens
+and before the output file is touched:
+
+1. config file + overrides -> validated :class:`~flexgen.config.FlexGenConfig`;
+2. the model's shape (``config.json`` or a named OPT size) and its tokenizer;
+3. the prompts: read, tokenised, checked against the vocabulary and the model's positions;
+4. the policy (from the config, or from the cost model for ``policy: auto``);
+5. the output folder is checked writable, and the existing output scanned (read-only) for ids
+   already done; if none are left, the run ends here without loading the model;
+6. the engine is loaded, a torn tail of the output (an interrupted run's) is cut off, and
+   Lightning's predict loop runs one block per step, appending each block's lines durably;
+7. ``<output.path>.metrics.json`` is written atomically and a summary printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flexgen.config import BUILTIN_PREFIX, PLUGIN_KEYS, FlexGenConfig, load_config, resolve_output_path, to_yaml
+from flexgen.errors import CheckpointError, ConfigError
+from flexgen.policy import Policy
+from flexgen.predict.data import Prompt, PromptDataModule, check_prompts, read_prompts, synthetic_prompts
+
+log = logging.getLogger(__name__)
+
+#: (model, policy=, plugins=, device=, offload_dir=, dtype=, seed=) -> engine; load_engine's signature
+EngineFactory = Callable[..., Any]
+
+
+# --------------------------------------------------------------------------- command line
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports mistakes as a ConfigError (one line, exit 2) instead of usage + exit."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def predict_command(argv: list[str]) -> int:
+    """Entry point of ``flexgen predict``; returns the exit status."""
+    parser = _Parser(
+        prog="flexgen predict",
+        description="Generate for every prompt of a config. Rerun the same command to resume.",
+        epilog="example: flexgen predict --config configs/quickstart.yaml generation.max_new_tokens=16",
+    )
+    parser.add_argument("--config", required=True, help="YAML config (see configs/ and README.md)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. policy.gpu_batch_size=8")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    _setup_logging()
+    summary = run_predict(cfg)
+    print(format_summary(summary))
+    return 0
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("flexgen")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("flexgen: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None) -> dict[str, Any]:
+    """Run (or resume) the predict job a config describes; return the summary dict.
+
+    ``engine_factory`` replaces :func:`flexgen.engine.load_engine` (tests pass a fake engine).
+    """
+    started = time.perf_counter()
+    model, model_dir, spec = resolve_model(cfg)
+    tokenizer = load_tokenizer(cfg, model_dir)
+    prompts = load_prompts(cfg, tokenizer, spec)
+    policy, plugins, policy_info = resolve_policy(cfg, spec, prompts)
+
+    out_path = resolve_output_path(cfg)
+    metrics_path = Path(f"{out_path}.metrics.json")
+    from flexgen.predict.writer import check_writable, repair_output, scan_output
+
+    check_writable(out_path)
+    state = scan_output(out_path)
+    datamodule = PromptDataModule(prompts, policy.block_size, state.done_ids)
+    summary: dict[str, Any] = {
+        "output": str(out_path),
+        "metrics": str(metrics_path),
+        "prompts_total": len(prompts),
+        "prompts_skipped": datamodule.num_skipped,
+        "prompts_generated": 0,
+        "tokens_generated": 0,
+        "policy": policy.to_dict(),
+        "policy_source": policy_info["source"],
+    }
+    if datamodule.num_todo == 0:
+        repair_output(out_path, state)
+        summary.update(complete=True, wall_time_s=time.perf_counter() - started, stats=None)
+        return summary
+
+    device, accelerator, devices = resolve_device(cfg)
+    factory = engine_factory or _load_engine
+    engine = factory(
+        model, policy=policy, plugins=plugins, device=device, offload_dir=_offload_dir(cfg),
+        dtype=cfg.model.dtype, seed=cfg.model.seed,
+    )
+    try:
+        repair_output(out_path, state)
+        module, writer = _predict(cfg, engine, tokenizer, datamodule, out_path, accelerator, devices)
+        stats = engine.stats.to_dict() if getattr(engine, "stats", None) is not None else {}
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
+
+    summary.update(
+        complete=True,
+        prompts_generated=writer.lines_written,
+        tokens_generated=module.tokens_generated,
+        wall_time_s=time.perf_counter() - started,
+        stats=stats,
+    )
+    metrics = {
+        **stats,
+        "wall_time_s": summary["wall_time_s"],
+        "prompts": {k: summary[k] for k in ("prompts_total", "prompts_skipped", "prompts_generated")},
+        "policy": policy.to_dict(),
+        "policy_source": policy_info["source"],
+        "predicted_throughput": policy_info.get("predicted_throughput"),
+        "plugins": plugins,
+        "device": device,
+        "model": {"source": model, "spec": spec.to_dict()},
+        "config": cfg.to_dict(),
+    }
+    write_json_atomic(metrics_path, metrics)
+    return summary
+
+
+def _predict(cfg, engine, tokenizer, datamodule, out_path, accelerator, devices):
+    """Build the Trainer and run Lightning's predict loop; returns (module, writer)."""
+    import lightning as L
+
+    from flexgen.predict.callbacks import ThroughputProgressBar
+    from flexgen.predict.module import FlexGenPredictModule
+    from flexgen.predict.writer import JsonlPredictionWriter
+
+    module = FlexGenPredictModule(engine, cfg.generation_kwargs(), tokenizer)
+    writer = JsonlPredictionWriter(out_path)
+    callbacks: list[Any] = [writer]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(ThroughputProgressBar(total_prompts=datamodule.num_todo))
+    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.WARNING)  # drop "GPU available: ..." banners; keep warnings
+    try:
+        with warnings.catch_warnings():
+            # Lightning's notes that do not apply here: blocks are tiny lists served in-process,
+            # and the writer needs no batch indices.
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
+            warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
+            try:
+                trainer = L.Trainer(
+                    accelerator=accelerator, devices=devices, strategy=cfg.trainer.strategy,
+                    num_nodes=cfg.trainer.num_nodes, logger=False, enable_checkpointing=False,
+                    enable_model_summary=False, enable_progress_bar=cfg.trainer.enable_progress_bar,
+                    callbacks=callbacks, use_distributed_sampler=False, inference_mode=True,
+                    default_root_dir=str(out_path.parent),
+                )
+            except (ValueError, TypeError, RuntimeError) as exc:  # Lightning's MisconfigurationException is a ValueError
+                raise ConfigError(f"trainer: {str(exc).strip().splitlines()[0]}") from exc
+            trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    finally:
+        writer.close()
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+    return module, writer
+
+
+def _load_engine(model, **kwargs):
+    try:
+        from flexgen.engine import load_engine
+    except ImportError as exc:
+        raise ConfigError(f"the engine (flexgen.engine) cannot be imported in this build: {exc}") from exc
+    return load_engine(model, **kwargs)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def resolve_model(cfg: FlexGenConfig) -> tuple[str, Path | None, Any]:
+    """(what to pass load_engine, the checkpoint folder or None, the OPTSpec), checked cheaply."""
+    from flexgen.models.opt import OPTSpec, spec_for_size
+
+    if cfg.model.synthetic is not None:
+        try:
+            return cfg.model.synthetic, None, spec_for_size(cfg.model.synthetic)
+        except CheckpointError as exc:
+            raise ConfigError(f"model.synthetic: {exc}") from exc
+    path = cfg.model.path
+    if path.startswith(BUILTIN_PREFIX):
+        from flexgen.predict.quickstart import resolve_builtin
+
+        folder = resolve_builtin(path[len(BUILTIN_PREFIX):])
+    else:
+        folder = Path(os.path.expanduser(path)).absolute()
+    if not folder.exists():
+        raise CheckpointError(f"model.path: {folder} does not exist")
+    if not folder.is_dir():
+        raise CheckpointError(f"model.path: {folder} is not a folder; an HF OPT checkpoint is a folder with config.json")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"model.path: {folder} has no config.json, so it is not an HF OPT checkpoint")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"model.path: cannot read {config_file} as JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"model.path: {config_file} is not a JSON object")
+    try:
+        spec = OPTSpec.from_hf_config(raw, name=str(folder))
+    except CheckpointError as exc:
+        raise CheckpointError(f"model.path: {exc}") from exc
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise CheckpointError(f"model.path: {folder} has no weight files (*.safetensors or *.bin)")
+    return str(folder), folder, spec
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def load_tokenizer(cfg: FlexGenConfig, model_dir: Path | None) -> Any:
+    """``model.tokenizer`` (required to load when given), else the checkpoint's own, else None."""
+    explicit = cfg.model.tokenizer
+    source = explicit
+    if source is None:
+        if model_dir is None or not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
+            return None
+        source = str(model_dir)
+    else:
+        source = os.path.expanduser(source)
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:  # transformers raises OSError, ValueError, ... for a bad folder
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if explicit is not None:
+            raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {source} ({message})") from exc
+        log.warning("no usable tokenizer in %s (%s); text prompts and output text are unavailable", source, message)
+        return None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def load_prompts(cfg: FlexGenConfig, tokenizer: Any, spec: Any) -> list[Prompt]:
+    """The prompts of ``data.*``, checked against the model."""
+    d = cfg.data
+    if d.prompts is not None:
+        prompts = read_prompts(os.path.expanduser(d.prompts), tokenizer)
+    else:
+        prompts = synthetic_prompts(d.num_prompts, d.prompt_len, spec.vocab_size, d.seed)
+    check_prompts(prompts, spec.vocab_size, spec.max_positions, cfg.generation.max_new_tokens)
+    return prompts
+
+
+def resolve_policy(cfg: FlexGenConfig, spec: Any, prompts: list[Prompt]) -> tuple[Policy, dict[str, Any], dict[str, Any]]:
+    """(policy, plugins, info): the config's, or the cost model's choice for ``policy: auto``.
+
+    With ``auto``, the attention backend and compressors the optimizer names replace the
+    config's ``plugins`` entries of the same keys; storage and scheduler stay as configured.
+    """
+    plugins = cfg.plugins_dict()
+    if not cfg.policy.auto:
+        return cfg.to_policy(), plugins, {"source": "config"}
+    try:
+        from flexgen.optimizer import auto_policy
+    except ImportError as exc:
+        raise ConfigError(
+            f"policy: auto needs the cost-model optimizer (flexgen.optimizer), which cannot be imported ({exc}); "
+            "set the policy keys instead"
+        ) from exc
+    prompt_len = max(len(p.input_ids) for p in prompts)
+    choice = auto_policy(spec, prompt_len=prompt_len, gen_len=cfg.generation.max_new_tokens)
+    for key, value in dict(getattr(choice, "plugins", None) or {}).items():
+        if key in PLUGIN_KEYS:
+            plugins[key] = value
+        else:
+            log.warning("policy: auto chose plugin %r=%r, which is not a plugins key; ignored", key, value)
+    info = {"source": "auto", "predicted_throughput": getattr(choice, "predicted_throughput", None)}
+    log.info("policy: auto chose %s (predicted %.1f tok/s)", choice.policy, info["predicted_throughput"] or 0.0)
+    return choice.policy, plugins, info
+
+
+def resolve_device(cfg: FlexGenConfig) -> tuple[str, str, Any]:
+    """(engine device, Lightning accelerator, Lightning devices) from ``trainer.*``."""
+    import torch
+
+    t = cfg.trainer
+    accelerator = t.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={t.accelerator} but no CUDA device is available; use trainer.accelerator=cpu")
+        devices = t.devices
+        index = int(devices[0]) if isinstance(devices, (list, tuple)) else 0
+        return f"cuda:{index}", "gpu", [index]
+    return "cpu", "cpu", 1
+
+
+def _offload_dir(cfg: FlexGenConfig) -> str | None:
+    if cfg.output.offload_dir is None:
+        return None
+    return str(Path(os.path.expanduser(cfg.output.offload_dir)).absolute())
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary sibling, fsync, rename over ``path``: never a half file."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(obj, f, indent=2, default=str)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise ConfigError(f"output.path: cannot write {path} ({exc.strerror or exc})") from exc
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The few lines printed at the end of a run."""
+    lines = []
+    skipped = summary["prompts_skipped"]
+    if summary["prompts_generated"] == 0 and skipped == summary["prompts_total"]:
+        lines.append(f"flexgen predict: all {skipped} prompts are already in the output; nothing to do")
+    else:
+        lines.append(
+            f"flexgen predict: {summary['prompts_generated']} prompts generated ({skipped} already done), "
+            f"{summary['tokens_generated']} new tokens in {summary['wall_time_s']:.1f} s"
+        )
+    stats = summary.get("stats") or {}
+    if stats:
+        lines.append(
+            "  throughput: {:.1f} tok/s total (prefill {:.1f}, decode {:.1f}); engine time {:.2f} s prefill + {:.2f} s decode".format(
+                stats.get("total_throughput", 0.0), stats.get("prefill_throughput", 0.0),
+                stats.get("decode_throughput", 0.0), stats.get("prefill_time_s", 0.0), stats.get("decode_time_s", 0.0),
+            )
+        )
+    p = summary["policy"]
+    lines.append(
+        f"  policy ({summary['policy_source']}): block {p['num_gpu_batches']} x {p['gpu_batch_size']}; "
+        f"gpu/cpu/disk % weights {_tiers(p, 'weights')}, cache {_tiers(p, 'cache')}, activations {_tiers(p, 'act')}"
+    )
+    lines.append(f"  output:  {summary['output']}")
+    if stats:
+        lines.append(f"  metrics: {summary['metrics']}")
+    return "\n".join(lines)
+
+
+def _tiers(p: dict[str, Any], kind: str) -> str:
+    gpu, cpu = p[f"{kind}_gpu"], p[f"{kind}_cpu"]
+    return f"{gpu:g}/{cpu:g}/{100 - gpu - cpu:g}"
