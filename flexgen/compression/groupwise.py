@@ -133,8 +133,9 @@ class GroupwiseQuantizer(Compressor):
         hi = v.amax(dim=-1)
         scale = ((hi - lo.float()) / self.max_code).to(torch.float16)
         lo32, scale32 = lo.float().unsqueeze(-1), scale.float().unsqueeze(-1)
-        # A constant group has scale 0: every code is 0 and decodes to the minimum.
-        safe = torch.where(scale32 > 0, scale32, torch.ones_like(scale32))
+        # A constant group has scale 0: dividing by the smallest normal float instead gives
+        # codes of 0 (or clamped ones), and every code decodes to the minimum either way.
+        safe = scale32.clamp_min(torch.finfo(torch.float32).tiny)
         codes = torch.round((v - lo32) / safe).clamp_(0, self.max_code).to(torch.uint8)
         codes = codes.reshape(*lead, groups * g)[..., :length]
 

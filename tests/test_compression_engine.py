@@ -1,0 +1,230 @@
+"""Compression inside the engine: weights equal HF on quantized weights, caches run everywhere.
+
+- Compressed weights are lossy, but deterministically so: HF transformers' ``OPTForCausalLM``
+  run on the same weights passed through quantize→dequantize must give the same greedy tokens
+  (float32, CPU), whichever tier holds the compressed weights.
+- A compressed KV cache changes what attention sees, so its outputs are only compared with the
+  uncompressed run as a printed agreement figure (``pytest -s`` shows it); the first token comes
+  from the prefill, which attends over fresh (uncompressed) keys and values, so it must match.
+- Compressed CPU-tier weights must occupy about their compressed size in host memory.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    from flexgen import Policy
+    from flexgen.engine import load_engine
+except ImportError as exc:  # the engine lands separately; say why these tests do not run
+    pytest.skip(f"flexgen.engine cannot be imported ({exc})", allow_module_level=True)
+
+from flexgen import registry
+
+CONFIG = dict(
+    vocab_size=320, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+    max_position_embeddings=64,
+)
+PROMPTS = [[2, 15, 16, 17, 18, 19], [2, 40, 41], [2, 7, 8, 9, 10, 11, 12, 13, 14], [2, 99], [2, 50, 51, 52, 53]]
+NEW_TOKENS = 8
+PAD = 1
+
+#: weight tier -> (weights_gpu, weights_cpu); disk is the rest
+WEIGHT_TIERS = {"gpu": (100, 0), "cpu": (0, 100), "disk": (0, 0), "mix": (30, 30)}
+#: cache tier -> (cache_gpu, cache_cpu)
+CACHE_TIERS = {"gpu": (100, 0), "cpu": (0, 100), "disk": (0, 0)}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """A tiny random OPT written by HF's ``save_pretrained``, and the HF model itself."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    path = tmp_path_factory.mktemp("ckpt-compression")
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(**CONFIG)).eval()
+    # Wider than OPT's N(0, 0.02): logits with clear winners, so greedy tokens are not near-ties.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 1.0 if "embed" in name else 0.25)
+    model.save_pretrained(path)
+    return path, model
+
+
+def quantized_copy(model: torch.nn.Module, compressor_name: str) -> torch.nn.Module:
+    """The HF model with every weight of ndim >= 2 replaced by decompress(compress(weight)).
+
+    That is exactly what the engine stores: token and position embeddings, every linear
+    weight, and lm_head (tied to embed_tokens, so it follows); 1-D biases and layer norms stay.
+    """
+    compressor = registry.create("compressor", compressor_name)
+    quantized = copy.deepcopy(model)
+    assert quantized.lm_head.weight is quantized.model.decoder.embed_tokens.weight, "expected tied lm_head"
+    with torch.no_grad():
+        for _, param in quantized.named_parameters():
+            if param.dim() >= 2:
+                parts = compressor.compress(param.data)
+                param.copy_(compressor.decompress(parts, tuple(param.shape), param.dtype))
+    return quantized
+
+
+def hf_greedy(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """HF's greedy ``generate`` with left padding, new tokens only."""
+    longest = max(map(len, prompts))
+    ids = torch.full((len(prompts), longest), PAD)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p)
+        mask[i, longest - len(p):] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=PAD)
+    return out[:, longest:].tolist()
+
+
+def policy(weights: str = "gpu", cache: str = "gpu") -> Policy:
+    return Policy(
+        gpu_batch_size=2, num_gpu_batches=2,
+        weights_gpu=WEIGHT_TIERS[weights][0], weights_cpu=WEIGHT_TIERS[weights][1],
+        cache_gpu=CACHE_TIERS[cache][0], cache_cpu=CACHE_TIERS[cache][1],
+    )
+
+
+def run(path: Path, offload: Path, pol: Policy, plugins: dict, prompts=PROMPTS) -> list[list[int]]:
+    with load_engine(path, policy=pol, plugins=plugins, device="cpu", dtype="float32", offload_dir=offload) as engine:
+        return engine.generate(prompts, max_new_tokens=NEW_TOKENS)
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Fraction of generated tokens equal position by position."""
+    pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+    return sum(x == y for x, y in pairs) / len(pairs)
+
+
+@pytest.fixture(scope="module")
+def uncompressed(checkpoint, tmp_path_factory) -> list[list[int]]:
+    path, model = checkpoint
+    out = run(path, tmp_path_factory.mktemp("offload-none"), policy(), {})
+    assert out == hf_greedy(model, PROMPTS, NEW_TOKENS)  # the baseline itself is HF's
+    return out
+
+
+# ------------------------------------------------------------------ compressed weights
+
+
+@pytest.fixture(scope="module")
+def quantized_reference(checkpoint):
+    """HF greedy tokens on quantize→dequantize weights, per compressor spec (computed once)."""
+    _, model = checkpoint
+    found: dict[str, list[list[int]]] = {}
+
+    def reference(spec) -> list[list[int]]:
+        key = repr(spec)
+        if key not in found:
+            found[key] = hf_greedy(quantized_copy(model, spec), PROMPTS, NEW_TOKENS)
+        return found[key]
+
+    return reference
+
+
+# every weight tier for both formats; the mixed placement once
+WEIGHT_RUNS = [(name, tier) for name in ("int4", "int8") for tier in ("gpu", "cpu", "disk")] + [("int4", "mix")]
+
+
+@pytest.mark.parametrize("name,weights", WEIGHT_RUNS)
+def test_compressed_weights_equal_hf_on_quantized_weights(checkpoint, quantized_reference, name, weights, tmp_path):
+    path, _ = checkpoint
+    out = run(path, tmp_path, policy(weights=weights), {"weight_compressor": name})
+    assert out == quantized_reference(name)
+
+
+def test_compressed_weights_are_reused_from_disk(checkpoint, quantized_reference, tmp_path):
+    """A second engine on the same offload dir reads the converted parts; same tokens."""
+    path, _ = checkpoint
+    expected = quantized_reference("int4")
+    first = run(path, tmp_path, policy(weights="disk"), {"weight_compressor": "int4"})
+    second = run(path, tmp_path, policy(weights="disk"), {"weight_compressor": "int4"})
+    assert first == second == expected
+
+
+def test_weight_compressor_options_reach_the_engine(checkpoint, quantized_reference, tmp_path):
+    """``{name: int4, group_size: 32}`` is a different format from the default group of 64."""
+    path, _ = checkpoint
+    spec = {"name": "int4", "group_size": 32}
+    assert run(path, tmp_path, policy(weights="cpu"), {"weight_compressor": spec}) == quantized_reference(spec)
+
+
+# ------------------------------------------------------------------ compressed cache
+
+
+CACHE_RUNS = [("int4", cache, attention) for cache in CACHE_TIERS for attention in ("gpu", "cpu")]
+CACHE_RUNS.append(("int8", "cpu", "cpu"))
+
+
+@pytest.mark.parametrize("compressor,cache,attention", CACHE_RUNS)
+def test_compressed_cache_runs_in_every_tier(checkpoint, uncompressed, compressor, cache, attention, tmp_path):
+    path, _ = checkpoint
+    out = run(path, tmp_path, policy(cache=cache), {"cache_compressor": compressor, "attention": attention})
+    assert [len(row) for row in out] == [NEW_TOKENS] * len(PROMPTS)
+    assert all(0 <= t < CONFIG["vocab_size"] for row in out for t in row)
+    # The prefill attends over fresh keys and values, so the first token cannot differ.
+    assert [row[0] for row in out] == [row[0] for row in uncompressed]
+    print(f"\n{compressor} cache, tier {cache}, attention {attention}: "
+          f"agreement with uncompressed {agreement(out, uncompressed):.3f}")
+
+
+def test_compressed_cache_stats(checkpoint, tmp_path):
+    path, _ = checkpoint
+    with load_engine(path, policy=policy(cache="cpu"), plugins={"cache_compressor": "int4"}, device="cpu",
+                     dtype="float32", offload_dir=tmp_path) as engine:
+        engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+        stats = engine.stats.to_dict()["compression"]
+    ratio = stats["cache_stored_bytes"] / stats["cache_raw_bytes"]
+    # head_dim 16 < group 64: one group per (token, head): 8 bytes of codes + 4 of scale/min
+    # for 64 bytes of float32.
+    assert ratio == pytest.approx(12 / 64)
+    print(f"\nint4 cache stored/raw = {ratio:.3f}")
+
+
+# ------------------------------------------------------------------ resident memory
+
+
+@pytest.mark.parametrize("compressor", ["int4", "int8"])
+def test_cpu_tier_weights_occupy_their_compressed_size(checkpoint, compressor, tmp_path):
+    """Host memory of CPU-tier weights is within 10 % of what the compressor says they take."""
+    from flexgen.models import opt
+
+    path, _ = checkpoint
+    c = registry.create("compressor", compressor)
+    with load_engine(path, policy=policy(weights="cpu"), plugins={"weight_compressor": compressor},
+                     device="cpu", dtype="float32", offload_dir=tmp_path) as engine:
+        expected = raw = 0
+        for index in range(engine.spec.num_model_layers):
+            for weight in opt.layer_weights(engine.spec, index):
+                size = 4 * torch.Size(weight.shape).numel()
+                raw += size
+                expected += c.nbytes(weight.shape, torch.float32) if len(weight.shape) >= 2 else size
+        held = engine.storage["cpu"].nbytes()
+        # Count real allocations of the compressed parts too: a part that were a view of a
+        # larger buffer would keep the whole buffer alive while nbytes() reports only the view.
+        storages, compressed_expected = {}, 0
+        for layer in engine.layers:
+            for placed in layer:
+                assert placed.tier == "cpu"
+                if placed.compressed:
+                    compressed_expected += c.nbytes(placed.spec.shape, torch.float32)
+                    for part in placed.parts.values():
+                        storages[part.untyped_storage().data_ptr()] = part.untyped_storage().nbytes()
+        allocated = sum(storages.values())
+        stats = engine.stats.to_dict()["compression"]
+    print(f"\n{compressor} weights on cpu: expected {expected} B, backend holds {held} B "
+          f"(raw {raw} B); compressed parts: {compressed_expected} B expected, {allocated} B allocated")
+    assert abs(held - expected) <= 0.1 * expected
+    assert abs(allocated - compressed_expected) <= 0.1 * compressed_expected
+    assert stats["weights_stored_bytes"] == pytest.approx(expected, rel=0.1)
+    assert stats["weights_raw_bytes"] == raw
