@@ -40,7 +40,7 @@ def mark_known_gap(request, name: str) -> None:
 
 
 class TestStorageBackends(StorageBackendContract):
-    @pytest.fixture(params=builtin_names("storage"))
+    @pytest.fixture(params=builtin_names("storage"), ids=lambda name: f"builtin-{name}")
     def storage(self, request, tmp_path: Path):
         self.name = request.param
         mark_known_gap(request, request.param)
@@ -54,7 +54,7 @@ class TestStorageBackends(StorageBackendContract):
 
 
 class TestAttentionBackends(AttentionBackendContract):
-    @pytest.fixture(params=builtin_names("attention"))
+    @pytest.fixture(params=builtin_names("attention"), ids=lambda name: f"builtin-{name}")
     def attention(self, request):
         return registry.load("attention", request.param)()
 
@@ -70,7 +70,7 @@ DEFAULT_BOUNDS = (0.12, None)
 
 
 class TestCompressors(CompressorContract):
-    @pytest.fixture(params=builtin_names("compressor"))
+    @pytest.fixture(params=builtin_names("compressor"), ids=lambda name: f"builtin-{name}")
     def compressor(self, request) -> Compressor:
         compressor = registry.load("compressor", request.param)()
         compressor._contract_name = request.param  # for the bounds below
@@ -84,6 +84,6 @@ class TestCompressors(CompressorContract):
 
 
 class TestSchedulers(SchedulerContract):
-    @pytest.fixture(params=builtin_names("scheduler"))
+    @pytest.fixture(params=builtin_names("scheduler"), ids=lambda name: f"builtin-{name}")
     def scheduler(self, request):
         return registry.load("scheduler", request.param)()
