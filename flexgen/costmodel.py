@@ -1,0 +1,625 @@
+"""A cost model of one block: bytes per link, FLOPs, time and peak memory for any policy.
+
+It mirrors what ``flexgen/engine.py`` does, tensor by tensor, rather than FlexGen's paper
+formulas, so that its byte counts can be checked against ``engine.stats``:
+
+* The model is the list ``[embed, attn 0, mlp 0, ..., attn L-1, mlp L-1, head]``. The weights
+  of each model layer are cut into tiers by :func:`flexgen.policy.split_by_percent` over their
+  sizes, each tensor whole; so every attention layer has the same placement, and so has every
+  MLP layer. A layer whose tensors are all on the GPU and uncompressed is used in place; any
+  other layer is fetched (and decompressed) on the copy thread once per step with the zig-zag
+  schedule (once per step *and GPU batch* with the row schedule). Compressors pack every
+  weight with two or more dimensions.
+* The KV cache is one unit per (decoder layer, GPU batch), ``prompt_len + gen_len`` tokens
+  long, placed by count. During decode a unit that does not live where attention runs has its
+  prefix ``[0, t)`` fetched there; the new token's keys and values are written to the unit's
+  home tier synchronously on the compute thread, as are activations of a GPU batch whose next
+  task is another batch (zig-zag with several GPU batches).
+* Time per model layer = max(copy-thread loads, compute + synchronous stores) when the policy
+  overlaps, their sum otherwise; a phase is the sum over layers. This is the *prediction*.
+  The *bound* ("roofline", what ``flexgen bench`` prints) is the largest single resource total
+  of a phase: bytes ÷ bandwidth for each link, FLOPs ÷ rate for each processor.
+* Compute time of an operation is max(FLOPs ÷ matmul rate, bytes touched ÷ memory bandwidth):
+  decode matmuls on small batches are bound by reading the weights, not by arithmetic.
+* Decode is evaluated at the mean context length ``prompt_len + gen_len / 2`` and multiplied by
+  ``gen_len - 1`` steps (every term but the per-layer max is linear in the length).
+* Throughput follows FlexGen: generated tokens ÷ (prefill + decode time).
+
+Memory per tier is the peak: resident weights, cache and activations, plus, on the compute
+device, two layers of fetched or decompressed weights (the current one and the prefetched
+next one), fetched cache prefixes, and the working tensors of the largest operation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from flexgen.errors import ConfigError
+from flexgen.hardware import HardwareProfile, format_bytes
+from flexgen.models import opt
+from flexgen.models.opt import OPTSpec
+from flexgen.policy import Policy, split_by_percent
+
+LINKS = ("disk->cpu", "cpu->gpu", "gpu->cpu", "cpu->disk")
+RESOURCES = LINKS + ("gpu_compute", "cpu_compute", "overhead")
+_DTYPE_SIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+#: Passes over the decompressed bytes that the torch group-wise (de)compression makes
+#: (unpack, subtract, scale, cast: a handful of elementwise kernels).
+DECOMPRESS_PASSES = 4
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What is generated: prompts of ``prompt_len`` tokens, ``gen_len`` new tokens each."""
+
+    prompt_len: int
+    gen_len: int
+    #: prompts in the whole run; None: as many as one block holds (throughput of one block).
+    num_prompts: int | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("prompt_len", "gen_len"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
+        if self.num_prompts is not None and (not isinstance(self.num_prompts, int) or self.num_prompts < 1):
+            raise ConfigError(f"num_prompts must be an integer >= 1, got {self.num_prompts!r}")
+
+
+# --------------------------------------------------------------------------- byte counts
+
+
+def _normalize_compression(name: str | None) -> str:
+    return "none" if name in (None, "", "none") else str(name)
+
+
+@lru_cache(maxsize=None)
+def _compressor(name: str):
+    """The registered compressor instance, so byte counts are the plugin's own."""
+    from flexgen import registry
+
+    return registry.load("compressor", name)()
+
+
+@lru_cache(maxsize=None)
+def stored_bytes(shape: tuple[int, ...], compression: str, dtype: str) -> int:
+    """Bytes a tensor of ``shape`` occupies at rest under ``compression`` (``none``, ``int4``, ...)."""
+    size = _DTYPE_SIZE[dtype]
+    numel = math.prod(shape)
+    if compression == "none":
+        return numel * size
+    try:
+        import torch
+
+        return int(_compressor(compression).nbytes(tuple(shape), getattr(torch, dtype)))
+    except Exception:
+        # Fallback for a compressor that cannot be loaded: group-wise, 64 values per group along
+        # the last axis, float16 min and scale per group.
+        bits = {"int4": 4, "int8": 8}.get(compression)
+        if bits is None:
+            raise ConfigError(f"unknown compression {compression!r}; known: none, int4, int8")
+        rows, last = numel // shape[-1], shape[-1]
+        return rows * (math.ceil(last * bits / 8) + 2 * 2 * math.ceil(last / 64))
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    numel: int
+    raw: int       # bytes in the compute dtype
+    stored: int    # bytes at rest (compressed or not)
+    compressed: bool
+
+
+@lru_cache(maxsize=256)
+def _layer_tensors(spec: OPTSpec, kind: str, compression: str, dtype: str) -> tuple[_Tensor, ...]:
+    index = {"embed": 0, "attn": 1, "mlp": 2, "head": spec.num_model_layers - 1}[kind]
+    out = []
+    for w in opt.layer_weights(spec, index):
+        numel = math.prod(w.shape)
+        compressed = len(w.shape) >= 2 and compression != "none"
+        out.append(_Tensor(numel, numel * _DTYPE_SIZE[dtype], stored_bytes(w.shape, compression if compressed else "none", dtype), compressed))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class _LayerWeights:
+    """One model layer's weights under a placement: bytes per tier and what a load moves."""
+
+    resident: bool                 # used in place: all on GPU, uncompressed
+    stored: dict[str, int]         # tier -> stored bytes
+    raw_fetched: int               # bytes in compute dtype materialised by a load (staging)
+    decompressed_raw: int          # raw bytes produced by decompression per load
+    raw_total: int                 # raw bytes of the whole layer (read by its matmuls)
+
+
+@lru_cache(maxsize=65536)
+def _place_layer(tensors: tuple[_Tensor, ...], gpu: float, cpu: float, cuda: bool) -> _LayerWeights:
+    """Bytes per tier of one layer; what a load fetches (a host tensor is used in place without CUDA)."""
+    tiers = split_by_percent([t.numel for t in tensors], {"gpu": gpu, "cpu": cpu, "disk": 100 - gpu - cpu})
+    stored = {"gpu": 0, "cpu": 0, "disk": 0}
+    raw_fetched = decompressed = 0
+    for t, tier in zip(tensors, tiers):
+        stored[tier] += t.stored
+        if t.compressed:
+            decompressed += t.raw
+            raw_fetched += t.raw + (t.stored if tier == "disk" or (tier == "cpu" and cuda) else 0)
+        elif tier == "disk" or (tier == "cpu" and cuda):
+            raw_fetched += t.raw
+    resident = all(tier == "gpu" and not t.compressed for t, tier in zip(tensors, tiers))
+    return _LayerWeights(resident, stored, raw_fetched, decompressed, sum(t.raw for t in tensors))
+
+
+def cache_unit_counts(spec: OPTSpec, policy: Policy) -> list[dict[str, int]]:
+    """Per decoder layer, how many of its GPU batches' cache units live in each tier."""
+    pct = policy.percents("cache")
+    return [dict(c) for c in _cache_counts(spec.num_layers, policy.num_gpu_batches, pct["gpu"], pct["cpu"])]
+
+
+@lru_cache(maxsize=4096)
+def _cache_groups(L: int, K: int, gpu: float, cpu: float) -> tuple[Counter, Counter]:
+    """(decoder layers per tier mix, units per tier) of a cache placement."""
+    groups = Counter(_cache_counts(L, K, gpu, cpu))
+    units: Counter = Counter()
+    for mix, count in groups.items():
+        for tier, n in mix:
+            units[tier] += n * count
+    return groups, units
+
+
+def count_below(edge: float, total: int) -> int:
+    """How many of ``total`` equal units :func:`split_by_percent` puts below cumulative ``edge`` percent.
+
+    Unit i (midpoint at ``100 * (i + 0.5) / total``) is below when its midpoint is ``< edge``;
+    computed in O(1), then checked with the very float expression the policy module uses.
+    """
+    count = min(max(math.ceil(edge * total / 100.0 - 0.5), 0), total)
+    while count > 0 and not 100.0 * ((count - 1) + 0.5) / total < edge:
+        count -= 1
+    while count < total and 100.0 * (count + 0.5) / total < edge:
+        count += 1
+    return count
+
+
+@lru_cache(maxsize=4096)
+def _cache_counts(L: int, K: int, gpu: float, cpu: float) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """Units laid out layer-major, cut at the gpu and gpu+cpu edges (as the engine's split)."""
+    N = L * K
+    n_gpu = count_below(0.0 + gpu, N)
+    n_gc = max(count_below(0.0 + gpu + cpu, N), n_gpu)
+    if gpu + cpu <= 0 or (n_gc == 0 and 100 - gpu - cpu <= 0):
+        n_gpu = n_gc = 0
+    out = []
+    for layer in range(L):
+        lo, hi = layer * K, (layer + 1) * K
+        g = max(0, min(hi, n_gpu) - lo)
+        c = max(0, min(hi, n_gc) - max(lo, n_gpu))
+        counts = {"gpu": g, "cpu": c, "disk": K - g - c}
+        out.append(tuple(sorted((t, v) for t, v in counts.items() if v)))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class PhaseCost:
+    """One phase (prefill: one step; decode: all steps after it) of one block."""
+
+    steps: int
+    bytes: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LINKS, 0.0))
+    gpu_flops: float = 0.0
+    cpu_flops: float = 0.0
+    #: seconds each resource is busy over the phase (the terms of the roofline)
+    times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(RESOURCES, 0.0))
+    #: predicted seconds: per layer max(loads, compute + stores), summed
+    predicted_s: float = 0.0
+
+    @property
+    def bound_s(self) -> float:
+        """The roofline: no schedule can finish the phase faster than its busiest resource."""
+        return max(v for k, v in self.times.items() if k != "overhead")
+
+    @property
+    def bottleneck(self) -> str:
+        return max((k for k in self.times if k != "overhead"), key=lambda k: self.times[k])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps, "bytes": dict(self.bytes), "gpu_flops": self.gpu_flops, "cpu_flops": self.cpu_flops,
+            "times_s": dict(self.times), "bound_s": self.bound_s, "bottleneck": self.bottleneck,
+            "predicted_s": self.predicted_s,
+        }
+
+
+@dataclass
+class Estimate:
+    """The cost model's answer for one policy on one machine."""
+
+    policy: Policy
+    plugins: dict[str, str]
+    workload: Workload
+    hardware_name: str
+    dtype: str
+    prefill: PhaseCost
+    decode: PhaseCost
+    #: tier -> {"weights", "cache", "act", "staging", "working", "total"} in bytes, at peak
+    memory: dict[str, dict[str, float]]
+    #: blocks in the run and generated tokens over all of them
+    num_blocks: int
+    generated_tokens: int
+
+    @property
+    def block_time_s(self) -> float:
+        return self.prefill.predicted_s + self.decode.predicted_s
+
+    @property
+    def predicted_time_s(self) -> float:
+        return self.num_blocks * self.block_time_s
+
+    @property
+    def predicted_throughput(self) -> float:
+        """Generated tokens per second (FlexGen's definition), as the model predicts."""
+        return self.generated_tokens / self.predicted_time_s if self.predicted_time_s > 0 else float("inf")
+
+    @property
+    def bound_throughput(self) -> float:
+        """Tokens per second at the roofline: the most any schedule could reach with this policy."""
+        seconds = self.num_blocks * (self.prefill.bound_s + self.decode.bound_s)
+        return self.generated_tokens / seconds if seconds > 0 else float("inf")
+
+    @property
+    def prefill_throughput(self) -> float:
+        """Prompt tokens per second in prefill."""
+        tokens = self.policy.block_size * self.workload.prompt_len
+        return tokens / self.prefill.predicted_s if self.prefill.predicted_s > 0 else float("inf")
+
+    @property
+    def decode_throughput(self) -> float:
+        """Generated tokens per second in decode (the tokens after the first)."""
+        tokens = self.policy.block_size * (self.workload.gen_len - 1)
+        return tokens / self.decode.predicted_s if self.decode.predicted_s > 0 else float("inf")
+
+    def peak(self, tier: str) -> float:
+        return self.memory[tier]["total"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.to_dict(),
+            "plugins": dict(self.plugins),
+            "workload": asdict(self.workload),
+            "hardware": self.hardware_name,
+            "dtype": self.dtype,
+            "predicted_throughput": self.predicted_throughput,
+            "bound_throughput": self.bound_throughput,
+            "prefill_throughput": self.prefill_throughput,
+            "decode_throughput": self.decode_throughput,
+            "predicted_time_s": self.predicted_time_s,
+            "num_blocks": self.num_blocks,
+            "generated_tokens": self.generated_tokens,
+            "prefill": self.prefill.to_dict(),
+            "decode": self.decode.to_dict(),
+            "peak_memory": {tier: parts["total"] for tier, parts in self.memory.items()},
+            "memory": {tier: dict(parts) for tier, parts in self.memory.items()},
+        }
+
+    def describe(self) -> str:
+        """A readable breakdown: per phase the time of every resource, and peak memory per tier."""
+        lines = [
+            f"predicted throughput {self.predicted_throughput:.2f} token/s "
+            f"(bound {self.bound_throughput:.2f}); prefill {self.prefill_throughput:.1f} prompt token/s, "
+            f"decode {self.decode_throughput:.2f} token/s",
+        ]
+        for name, phase in (("prefill", self.prefill), ("decode", self.decode)):
+            terms = ", ".join(f"{k} {v:.3g}s" for k, v in phase.times.items() if v > 0)
+            lines.append(
+                f"  {name:<7} predicted {phase.predicted_s:.3g}s, bound {phase.bound_s:.3g}s by {phase.bottleneck}: {terms}"
+            )
+        for tier, parts in self.memory.items():
+            terms = ", ".join(f"{k} {format_bytes(v)}" for k, v in parts.items() if k != "total" and v > 0)
+            lines.append(f"  {tier:<4} peak {format_bytes(parts['total'])}" + (f" ({terms})" if terms else ""))
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class _Rates:
+    """Seconds for bytes and FLOPs on this machine."""
+
+    def __init__(self, hw: HardwareProfile, dtype: str) -> None:
+        self.hw = hw
+        self.flops = hw.gpu_flops(dtype)
+        self.cuda = hw.device == "cuda" and not hw.shared_memory
+
+    def gpu_op(self, flops: float, nbytes: float) -> float:
+        """A kernel on the compute device: arithmetic- or memory-bound, whichever is slower."""
+        return max(flops / self.flops, nbytes / self.hw.gpu_memory_bandwidth)
+
+    def mem_pass(self, nbytes: float, on_cpu: bool) -> float:
+        bw = self.hw.cpu_memory_bandwidth if (on_cpu or not self.cuda) else self.hw.gpu_memory_bandwidth
+        return nbytes / bw
+
+
+def _move(cost: dict[str, float], tier: str, dest_is_gpu: bool, nbytes: float, cuda: bool) -> None:
+    """Count a read of ``nbytes`` from ``tier`` to the compute device (gpu) or host (cpu), as the engine does."""
+    if tier == "disk":
+        cost["disk->cpu"] += nbytes
+    if cuda and dest_is_gpu and tier != "gpu":
+        cost["cpu->gpu"] += nbytes
+    if cuda and not dest_is_gpu and tier == "gpu":
+        cost["gpu->cpu"] += nbytes
+
+
+def _store(cost: dict[str, float], tier: str, nbytes: float, cuda: bool) -> None:
+    """Count a write of ``nbytes`` computed on the compute device into ``tier``."""
+    if cuda and tier != "gpu":
+        cost["gpu->cpu"] += nbytes
+    if tier == "disk":
+        cost["cpu->disk"] += nbytes
+
+
+def _link_seconds(b: dict[str, float], hw: HardwareProfile) -> float:
+    return (
+        b["disk->cpu"] / hw.disk_read_bandwidth + b["cpu->gpu"] / hw.h2d_bandwidth
+        + b["gpu->cpu"] / hw.d2h_bandwidth + b["cpu->disk"] / hw.disk_write_bandwidth
+    )
+
+
+def estimate(
+    spec: OPTSpec,
+    policy: Policy,
+    workload: Workload | tuple[int, int],
+    hardware: HardwareProfile,
+    attention: str = "gpu",
+    weight_compression: str | None = None,
+    cache_compression: str | None = None,
+    scheduler: str = "zigzag",
+    dtype: str = "float16",
+    memory_only: bool = False,
+) -> Estimate:
+    """Predict time, bytes, FLOPs and peak memory of generating with ``policy``.
+
+    ``memory_only`` skips the timing (the optimizer's fast feasibility test): phases are empty.
+
+    ``attention``: ``"gpu"`` (decode attention on the compute device: off-device cache is
+    fetched to it) or ``"cpu"`` (on the host: a host cache is read in place). Compression:
+    ``None``/``"none"``, ``"int4"``, ``"int8"`` (any registered compressor).
+    """
+    if not isinstance(workload, Workload):
+        workload = Workload(*workload)
+    if attention not in ("gpu", "cpu"):
+        raise ConfigError(f"attention: the cost model knows gpu and cpu, got {attention!r}")
+    if scheduler not in ("zigzag", "row"):
+        raise ConfigError(f"scheduler: the cost model knows zigzag and row, got {scheduler!r}")
+    if dtype not in _DTYPE_SIZE:
+        raise ConfigError(f"dtype: expected float16, bfloat16 or float32, got {dtype!r}")
+    s, n = workload.prompt_len, workload.gen_len
+    if s + n > spec.max_positions:
+        raise ConfigError(f"prompt_len + gen_len = {s + n} exceeds the model's {spec.max_positions} positions")
+    wcomp, ccomp = _normalize_compression(weight_compression), _normalize_compression(cache_compression)
+
+    hw, rates = hardware, _Rates(hardware, dtype)
+    cuda = rates.cuda
+    dsize = _DTYPE_SIZE[dtype]
+    B, K, L = policy.gpu_batch_size, policy.num_gpu_batches, spec.num_layers
+    h, H, D, ffn, V, E = spec.hidden_size, spec.num_heads, spec.head_dim, spec.ffn_dim, spec.vocab_size, spec.word_embed_proj_dim
+    T = s + n
+
+    # Weights, per layer kind (all attention layers alike, all MLP layers alike).
+    wpct = policy.percents("weights")
+    layers = {kind: _place_layer(_layer_tensors(spec, kind, wcomp, dtype), wpct["gpu"], wpct["cpu"], cuda) for kind in ("embed", "attn", "mlp", "head")}
+    multiplicity = {"embed": 1, "attn": L, "mlp": L, "head": 1}
+
+    # Cache: bytes per token of one unit (k and v), grouped layers with the same tier mix.
+    cache_token = 2 * stored_bytes((1, B, H, D), ccomp, dtype)
+    cache_token_raw = 2 * B * h * dsize
+    cpct = policy.percents("cache")
+    cache_groups, cache_units = _cache_groups(L, K, cpct["gpu"], cpct["cpu"])
+
+    # Activations: zig-zag with several GPU batches parks each batch's hidden states in its tier.
+    act_tiers = split_by_percent([1] * K, policy.percents("act"))
+    parks_act = scheduler == "zigzag" and K > 1
+    attention_on_gpu = attention == "gpu"  # attention device is the compute device
+
+    def resident_where_attended(tier: str) -> bool:
+        if not cuda:  # one memory: gpu and cpu tiers are both where compute runs
+            return tier != "disk"
+        return tier == ("gpu" if attention_on_gpu else "cpu")
+
+    def phase(prefill: bool, t: float, steps: int) -> PhaseCost:
+        """Cost of ``steps`` steps with ``t`` tokens already in the cache (0 for prefill)."""
+        tokens = s if prefill else 1
+        out = PhaseCost(steps=steps)
+        predicted = 0.0
+        for kind in ("embed", "attn", "mlp", "head"):
+            lw = layers[kind]
+            # Loads of this layer's weights (copy thread).
+            wbytes = dict.fromkeys(LINKS, 0.0)
+            if not lw.resident:
+                for tier in ("cpu", "disk"):
+                    _move(wbytes, tier, True, lw.stored[tier], cuda)
+            reloads = 1 if (scheduler == "zigzag" or lw.resident) else K
+            for link in LINKS:
+                wbytes[link] *= reloads
+            w_decompress = reloads * (rates.mem_pass(DECOMPRESS_PASSES * lw.decompressed_raw, False) if not lw.resident else 0.0)
+            w_load_s = _link_seconds(wbytes, hw)
+
+            # Compute per GPU batch.
+            if kind == "embed":
+                flops = 2 * B * tokens * h * E if E != h else 0.0
+                touched = B * tokens * h * dsize * 2 + (h * E * dsize if E != h else 0)
+            elif kind == "attn":
+                flops = 8 * B * tokens * h * h
+                touched = lw.raw_total + 6 * B * tokens * h * dsize
+            elif kind == "mlp":
+                flops = 4 * B * tokens * h * ffn
+                touched = lw.raw_total + 2 * B * tokens * (h + ffn) * dsize
+            else:
+                flops = 2 * B * E * V + (2 * B * h * E if E != h else 0)
+                touched = lw.raw_total + B * V * 4
+            gpu_s = rates.gpu_op(flops, touched)
+            gpu_flops = flops
+
+            # Activations parked between tasks (zig-zag, several GPU batches).
+            act_load = dict.fromkeys(LINKS, 0.0)
+            act_store = dict.fromkeys(LINKS, 0.0)
+            if parks_act:
+                hidden = B * tokens * h * dsize
+                for k in range(K):
+                    if kind != "head":
+                        _store(act_store, act_tiers[k], hidden, cuda)
+                    if kind != "embed":
+                        _move(act_load, act_tiers[k], True, hidden, cuda)
+
+            groups = cache_groups.items() if kind == "attn" else [((), multiplicity[kind])]
+            for mix, count in groups:
+                c_load = dict.fromkeys(LINKS, 0.0)
+                c_store = dict.fromkeys(LINKS, 0.0)
+                att_gpu_s = att_cpu_s = extra_load_s = extra_store_s = 0.0
+                att_gpu_flops = att_cpu_flops = 0.0
+                for tier, units in mix:
+                    if prefill:
+                        # SDPA over the prompt on the compute device; the prompt's k, v written home.
+                        fl = 4 * B * s * s * h
+                        att_gpu_flops += units * fl
+                        att_gpu_s += units * rates.gpu_op(fl, 4 * B * s * h * dsize)
+                        _store(c_store, tier, units * s * cache_token, cuda)
+                        if ccomp != "none":
+                            att_gpu_s += units * rates.mem_pass(DECOMPRESS_PASSES * s * cache_token_raw, False)
+                        continue
+                    fl = 4 * B * t * h
+                    on_host = not attention_on_gpu  # CPU attention (on the host)
+                    here = resident_where_attended(tier)
+                    if not here:
+                        _move(c_load, tier, not on_host, units * t * cache_token, cuda)
+                        # the fetched prefix is concatenated with the new token at the destination
+                        extra_load_s += units * rates.mem_pass(2 * t * cache_token_raw, on_host)
+                    if ccomp != "none":
+                        pass_s = units * rates.mem_pass(DECOMPRESS_PASSES * t * cache_token_raw, on_host)
+                        if here:
+                            att_gpu_s += 0 if on_host else pass_s
+                            att_cpu_s += pass_s if on_host else 0
+                        else:
+                            extra_load_s += pass_s
+                    if on_host:
+                        att_cpu_flops += units * fl
+                        att_cpu_s += units * fl / hw.cpu_attention_flops
+                        if cuda:  # q to the host, the output back (not counted by the engine's stats)
+                            extra_load_s += units * B * h * dsize / hw.d2h_bandwidth
+                            extra_store_s += units * B * h * dsize / hw.h2d_bandwidth
+                    else:
+                        att_gpu_flops += units * fl
+                        att_gpu_s += units * rates.gpu_op(fl, 2 * t * cache_token_raw)
+                    _store(c_store, tier, units * cache_token, cuda)
+
+                loads = dict(wbytes)
+                stores = dict.fromkeys(LINKS, 0.0)
+                for link in LINKS:
+                    loads[link] += act_load[link] + c_load[link]
+                    stores[link] += act_store[link] + c_store[link]
+                load_s = w_load_s + _link_seconds(act_load, hw) + _link_seconds(c_load, hw) + extra_load_s
+                store_s = _link_seconds(stores, hw) + extra_store_s
+                # decompression runs on the copy stream but on the same GPU (memory-bound): count it here
+                compute_s = K * gpu_s + att_gpu_s + att_cpu_s + w_decompress
+                overhead_s = K * hw.task_overhead_s
+                if policy.overlap:
+                    layer_s = max(load_s, compute_s + store_s + overhead_s)
+                else:
+                    layer_s = load_s + compute_s + store_s + overhead_s
+                predicted += count * layer_s
+                for link in LINKS:
+                    out.bytes[link] += count * (loads[link] + stores[link])
+                out.gpu_flops += count * (K * gpu_flops + att_gpu_flops)
+                out.cpu_flops += count * att_cpu_flops
+                out.times["gpu_compute"] += count * (K * gpu_s + att_gpu_s + w_decompress)
+                out.times["cpu_compute"] += count * att_cpu_s
+                out.times["overhead"] += count * overhead_s
+        out.times["disk->cpu"] = out.bytes["disk->cpu"] / hw.disk_read_bandwidth
+        out.times["cpu->gpu"] = out.bytes["cpu->gpu"] / hw.h2d_bandwidth
+        out.times["gpu->cpu"] = out.bytes["gpu->cpu"] / hw.d2h_bandwidth
+        out.times["cpu->disk"] = out.bytes["cpu->disk"] / hw.disk_write_bandwidth
+        # scale one step to the phase
+        for link in LINKS:
+            out.bytes[link] *= steps
+        for key in out.times:
+            out.times[key] *= steps
+        out.gpu_flops *= steps
+        out.cpu_flops *= steps
+        out.predicted_s = predicted * steps
+        return out
+
+    if memory_only:
+        prefill_cost, decode_cost = PhaseCost(steps=1), PhaseCost(steps=n - 1)
+    else:
+        prefill_cost = phase(True, 0.0, 1)
+        decode_cost = phase(False, s + n / 2, n - 1) if n > 1 else PhaseCost(steps=0)
+
+    memory = _memory(
+        spec, policy, layers, cache_units, cache_token, act_tiers, parks_act, s, n, dsize, attention_on_gpu, cuda,
+        resident_where_attended, ccomp,
+    )
+    if workload.num_prompts is None:
+        blocks, generated = 1, policy.block_size * n
+    else:
+        blocks, generated = math.ceil(workload.num_prompts / policy.block_size), workload.num_prompts * n
+    return Estimate(
+        policy=policy,
+        plugins={"attention": attention, "weight_compressor": wcomp, "cache_compressor": ccomp, "scheduler": scheduler},
+        workload=workload,
+        hardware_name=hardware.name,
+        dtype=dtype,
+        prefill=prefill_cost,
+        decode=decode_cost,
+        memory=memory,
+        num_blocks=blocks,
+        generated_tokens=generated,
+    )
+
+
+def _memory(spec, policy, layers, cache_units, cache_token, act_tiers, parks_act, s, n, dsize, attention_on_gpu, cuda,
+            resident_where_attended, ccomp) -> dict[str, dict[str, float]]:
+    """Peak bytes per tier (see the module docstring for what is counted)."""
+    B = policy.gpu_batch_size
+    h, H, ffn, V = spec.hidden_size, spec.num_heads, spec.ffn_dim, spec.vocab_size
+    T = s + n
+    mem = {tier: dict.fromkeys(("weights", "cache", "act", "staging", "working"), 0.0) for tier in ("gpu", "cpu", "disk")}
+    counts = {"embed": 1, "attn": spec.num_layers, "mlp": spec.num_layers, "head": 1}
+    for kind, lw in layers.items():
+        for tier in ("gpu", "cpu", "disk"):
+            mem[tier]["weights"] += counts[kind] * lw.stored[tier]
+    unit_bytes = T * cache_token
+    for tier, units in cache_units.items():
+        mem[tier]["cache"] += units * unit_bytes
+    if parks_act:
+        for tier in act_tiers:
+            mem[tier]["act"] += B * s * h * dsize
+
+    # Staging on the compute device: the current and the prefetched next layer's fetched weights.
+    fetched = sorted((0 if lw.resident else lw.raw_fetched) for lw in layers.values())
+    staging = fetched[-1] + fetched[-2]
+    # Decode cache prefixes brought to the attention device: the prefetched one, the current
+    # one and its concatenation with the new token; a compressed resident cache is decompressed.
+    raw_unit = 2 * B * T * h * dsize
+    fetched_cache = any(not resident_where_attended(t) for t in cache_units)
+    cache_stage = 3 * raw_unit if fetched_cache else (raw_unit if ccomp != "none" else 0)
+    working = max(
+        # prefill attention: x, q, k, v, output, new x; the scores where SDPA materialises them (CPU)
+        6 * B * s * h * dsize + (B * H * s * s * 4 if not cuda else 0) + B * s * s,
+        # prefill MLP: x, fc1 output and its activation, new x
+        2 * B * s * h * dsize + 2 * B * s * ffn * dsize,
+    ) + B * V * 4 + 2 * B * s * h * dsize  # logits (float32) and the K/V compressed on their way home
+    mem["gpu"]["staging"] += staging
+    mem["gpu"]["working"] += working
+    if attention_on_gpu or not cuda:
+        mem["gpu"]["staging"] += cache_stage
+    else:
+        # CPU attention: the cache prefix converted to float32, and the scores.
+        mem["cpu"]["staging"] += cache_stage + 2 * B * T * h * 4 + B * H * T * 4
+    for parts in mem.values():
+        parts["total"] = sum(parts.values())
+    return mem
