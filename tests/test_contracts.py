@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from flexgen import registry
 from flexgen.compression.base import Compressor
@@ -17,7 +18,7 @@ from flexgen.testing import AttentionBackendContract, CompressorContract, Schedu
 
 
 def builtin_names(kind: str) -> list[str]:
-    return sorted(name for name, ep in registry.available(kind).items() if registry._distribution_of(ep) == "flexgen")
+    return [p.name for p in registry.list_plugins() if p.kind == kind and p.distribution == registry.BUILTIN_DISTRIBUTION]
 
 
 def test_every_kind_has_builtins() -> None:
@@ -87,3 +88,25 @@ class TestSchedulers(SchedulerContract):
     @pytest.fixture(params=builtin_names("scheduler"), ids=lambda name: f"builtin-{name}")
     def scheduler(self, request):
         return registry.load("scheduler", request.param)()
+
+
+# The same suites with CUDA as the compute device (run on a machine with a GPU).
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@requires_cuda
+class TestStorageBackendsOnCUDA(TestStorageBackends):
+    compute_device = "cuda"
+
+
+@pytest.mark.gpu
+@requires_cuda
+class TestAttentionBackendsOnCUDA(TestAttentionBackends):
+    compute_device = "cuda"
+
+
+@pytest.mark.gpu
+@requires_cuda
+class TestCompressorsOnCUDA(TestCompressors):
+    device = "cuda"
