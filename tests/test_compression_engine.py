@@ -228,3 +228,25 @@ def test_cpu_tier_weights_occupy_their_compressed_size(checkpoint, compressor, t
     assert abs(allocated - compressed_expected) <= 0.1 * compressed_expected
     assert stats["weights_stored_bytes"] == pytest.approx(expected, rel=0.1)
     assert stats["weights_raw_bytes"] == raw
+
+
+# ------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("weights", ["gpu", "cpu", "disk"])
+def test_compressed_weights_on_cuda(checkpoint, quantized_reference, uncompressed, weights, tmp_path):
+    """Decompression on the GPU gives the weights the CPU gives, so float32 tokens match HF's.
+
+    A compressed int4 cache rides along, and its agreement with the uncompressed run is printed.
+    """
+    path, _ = checkpoint
+    pol = policy(weights=weights, cache="cpu")
+    with load_engine(path, policy=pol, plugins={"weight_compressor": "int4"}, device="cuda",
+                     dtype="float32", offload_dir=tmp_path) as engine:
+        assert engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS) == quantized_reference("int4")
+    with load_engine(path, policy=pol, plugins={"cache_compressor": "int4", "attention": "cpu"}, device="cuda",
+                     dtype="float32", offload_dir=tmp_path) as engine:
+        out = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+    print(f"\nCUDA, int4 cache on cpu, cpu attention: agreement with uncompressed {agreement(out, uncompressed):.3f}")
