@@ -25,8 +25,11 @@ The suites (each a class with ``test_*`` methods; pytest collects them through y
 Each suite reaches the plugin through a fixture (``storage``, ``attention``, ``compressor``,
 ``scheduler``) that calls the factory method, so a subclass may instead override the fixture,
 for instance to parametrise over several plugins (``tests/test_contracts.py`` does this for
-every registered built-in). Inputs are fresh random tensors on every run; the disk tier uses
-pytest's ``tmp_path``.
+every registered built-in). Inputs are fresh random tensors on every run, and every failure
+message names its seed: ``FLEXGEN_TEST_SEED=<seed> pytest ...`` replays it. The disk tier uses
+pytest's ``tmp_path``. Helpers for suites of your own: ``flexgen.testing._random.fresh_generator``,
+``flexgen.testing.attention.reference_attention`` / ``random_valid``,
+``flexgen.testing.compression.relative_error``.
 """
 
 from flexgen.testing.attention import AttentionBackendContract
