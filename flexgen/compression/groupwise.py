@@ -120,7 +120,9 @@ class GroupwiseQuantizer(Compressor):
         if length == 0 or x.numel() == 0:
             return {name: torch.zeros(s, dtype=d, device=x.device) for name, (s, d) in specs.items()}
 
-        v = x.movedim(axis, -1).float()
+        # One float32 working copy, then in-place arithmetic: a large weight costs one float32
+        # temporary on the device that compresses it, not several.
+        v = x.movedim(axis, -1).to(torch.float32, copy=True)
         pad = groups * g - length
         if pad:
             # Repeat the last value so the padding never widens the last group's range.
@@ -136,7 +138,7 @@ class GroupwiseQuantizer(Compressor):
         # A constant group has scale 0: dividing by the smallest normal float instead gives
         # codes of 0 (or clamped ones), and every code decodes to the minimum either way.
         safe = scale32.clamp_min(torch.finfo(torch.float32).tiny)
-        codes = torch.round((v - lo32) / safe).clamp_(0, self.max_code).to(torch.uint8)
+        codes = v.sub_(lo32).div_(safe).round_().clamp_(0, self.max_code).to(torch.uint8)
         codes = codes.reshape(*lead, groups * g)[..., :length]
 
         if self.bits == 4:
