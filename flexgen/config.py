@@ -429,8 +429,8 @@ def _check_plugin_value(where: str, value: Any, storage: bool = False) -> None:
         for tier, spec in value.items():
             if tier not in ("gpu", "cpu", "disk"):
                 close = difflib.get_close_matches(str(tier), ["gpu", "cpu", "disk"], n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else "; tiers: gpu, cpu, disk"
-                raise ConfigError(f"unknown tier {where}.{tier}{hint}")
+                hint = f"; did you mean '{where}.{close[0]}'?" if close else "; tiers: gpu, cpu, disk"
+                raise ConfigError(f"unknown config key '{where}.{tier}' (not a tier){hint}")
             _check_plugin_value(f"{where}.{tier}", spec)
         return
     if isinstance(value, str) and value:

@@ -26,12 +26,17 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flexgen.config import BUILTIN_PREFIX, PLUGIN_KEYS, FlexGenConfig, load_config, resolve_output_path, to_yaml
 from flexgen.errors import CheckpointError, ConfigError
 from flexgen.policy import Policy
-from flexgen.predict.data import Prompt, PromptDataModule, check_prompts, read_prompts, synthetic_prompts
+
+if TYPE_CHECKING:
+    from flexgen.predict.data import Prompt
+
+# Lightning, torch and transformers are imported inside the functions that need them: they take
+# seconds to import, and a mistake in the config should be reported at once.
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +101,7 @@ def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None)
 
     out_path = resolve_output_path(cfg)
     metrics_path = Path(f"{out_path}.metrics.json")
+    from flexgen.predict.data import PromptDataModule
     from flexgen.predict.writer import check_writable, repair_output, scan_output
 
     check_writable(out_path)
@@ -224,7 +230,10 @@ def resolve_model(cfg: FlexGenConfig) -> tuple[str, Path | None, Any]:
     else:
         folder = Path(os.path.expanduser(path)).absolute()
     if not folder.exists():
-        raise CheckpointError(f"model.path: {folder} does not exist")
+        raise CheckpointError(
+            f"model.path: {folder} does not exist; download an HF OPT checkpoint there, or run on random "
+            "weights with model.path=null model.synthetic=<size>"
+        )
     if not folder.is_dir():
         raise CheckpointError(f"model.path: {folder} is not a folder; an HF OPT checkpoint is a folder with config.json")
     config_file = folder / "config.json"
@@ -277,6 +286,8 @@ def load_tokenizer(cfg: FlexGenConfig, model_dir: Path | None) -> Any:
 
 def load_prompts(cfg: FlexGenConfig, tokenizer: Any, spec: Any) -> list[Prompt]:
     """The prompts of ``data.*``, checked against the model."""
+    from flexgen.predict.data import check_prompts, read_prompts, synthetic_prompts
+
     d = cfg.data
     if d.prompts is not None:
         prompts = read_prompts(os.path.expanduser(d.prompts), tokenizer)
