@@ -148,15 +148,24 @@ def test_compressed_weights_are_reused_from_disk(checkpoint, quantized_reference
     path, _ = checkpoint
     expected = quantized_reference("int4")
     first = run(path, tmp_path, policy(weights="disk"), {"weight_compressor": "int4"})
+    files = {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*.safetensors")}
+    assert any(f.name.endswith(".scale.safetensors") for f in files), "no compressed parts on disk"
     second = run(path, tmp_path, policy(weights="disk"), {"weight_compressor": "int4"})
     assert first == second == expected
+    assert {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*.safetensors")} == files, "parts were rewritten"
 
 
 def test_weight_compressor_options_reach_the_engine(checkpoint, quantized_reference, tmp_path):
     """``{name: int4, group_size: 32}`` is a different format from the default group of 64."""
     path, _ = checkpoint
-    spec = {"name": "int4", "group_size": 32}
-    assert run(path, tmp_path, policy(weights="cpu"), {"weight_compressor": spec}) == quantized_reference(spec)
+    stored = {}
+    for spec in ({"name": "int4", "group_size": 32}, "int4"):
+        with load_engine(path, policy=policy(weights="cpu"), plugins={"weight_compressor": spec}, device="cpu",
+                         dtype="float32", offload_dir=tmp_path) as engine:
+            assert engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS) == quantized_reference(spec)
+            stored[repr(spec)] = engine.stats.compression["weights_stored_bytes"]
+    # twice the groups: 4 more bytes of scale and min per 64 values
+    assert stored[repr({"name": "int4", "group_size": 32})] > stored[repr("int4")]
 
 
 # ------------------------------------------------------------------ compressed cache
