@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from flexgen import registry
+from flexgen.compression.none import NoCompression
 from flexgen.errors import FlexGenError, PluginError, PolicyError, PromptError
 from flexgen.models import opt
 from flexgen.models.checkpoint import WeightSource, open_source
@@ -41,6 +42,9 @@ DEFAULT_PLUGINS: dict[str, Any] = {
     "cache_compressor": "none",
     "scheduler": "zigzag",
 }
+
+#: Vectors (biases, layer norms) are stored as they are, whatever the weight compressor.
+_IDENTITY = NoCompression()
 
 LINKS = ("disk->cpu", "cpu->gpu", "gpu->cpu", "cpu->disk")
 
@@ -224,8 +228,8 @@ class Engine:
 
     def _place_one(self, source: WeightSource, weight: opt.WeightSpec, tier: str, key: str) -> PlacedWeight:
         backend = self.storage[tier]
-        compressed = len(weight.shape) >= 2 and not _is_identity(self.weight_compressor)
-        compressor = self.weight_compressor if compressed else registry.load("compressor", "none")()
+        compressed = len(weight.shape) >= 2 and not isinstance(self.weight_compressor, NoCompression)
+        compressor = self.weight_compressor if compressed else _IDENTITY
         part_names = list(compressor.part_specs(weight.shape, self.dtype))
         parts: dict[str, torch.Tensor] = {}
         if backend.persistent:  # reuse what an earlier run converted
@@ -610,10 +614,6 @@ def _cut_at_stop(tokens: list[int], stops: list[int]) -> list[int]:
         if token in stops:
             return tokens[: i + 1]
     return tokens
-
-
-def _is_identity(compressor) -> bool:
-    return type(compressor).__name__ == "NoCompression"
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -66,11 +66,17 @@ def _check_kind(kind: str) -> str:
     return GROUPS[kind]
 
 
+@cache
+def _entry_points(group: str) -> tuple[EntryPoint, ...]:
+    # Scanning installed distributions is slow; once per process is enough.
+    return tuple(entry_points(group=group))
+
+
 def available(kind: str) -> dict[str, EntryPoint]:
     """Entry points of one kind that the allow-list admits, by name."""
     group = _check_kind(kind)
     found: dict[str, EntryPoint] = {}
-    for ep in entry_points(group=group):
+    for ep in _entry_points(group):
         if _allowed(kind, ep.name, _distribution_of(ep)):
             found.setdefault(ep.name, ep)
     return found

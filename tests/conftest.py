@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random OPT checkpoints written by HF transformers itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP's
+# barriers make each small op cost milliseconds.
+torch.set_num_threads(1)
+
+# Several OPTConfig variants, so every branch of the model math is compared with HF.
+CHECKPOINT_VARIANTS = {
+    # pre-layer-norm with biases, like opt-125m ... opt-175b; sharded safetensors
+    "pre_ln": dict(
+        config=dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, ffn_dim=128, num_attention_heads=4,
+                    max_position_embeddings=96),
+        save=dict(max_shard_size="60KB"),
+    ),
+    # opt-350m's shape: post-layer-norm, input/output projections (word_embed_proj_dim != hidden)
+    "post_ln_proj": dict(
+        config=dict(vocab_size=300, hidden_size=48, num_hidden_layers=2, ffn_dim=96, num_attention_heads=3,
+                    max_position_embeddings=80, do_layer_norm_before=False, word_embed_proj_dim=32),
+        save=dict(),
+    ),
+    # no biases, no affine layer norms, gelu, no final layer norm; a pickled .bin checkpoint
+    "no_bias_gelu_bin": dict(
+        config=dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+                    max_position_embeddings=64, enable_bias=False, layer_norm_elementwise_affine=False,
+                    activation_function="gelu", _remove_final_layer_norm=True),
+        save=dict(safe_serialization=False),
+    ),
+}
+
+
+def make_checkpoint(path: Path, variant: str, seed: int = 0):
+    """Write a random OPT checkpoint with HF's ``save_pretrained``; return the HF model."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    spec = CHECKPOINT_VARIANTS[variant]
+    torch.manual_seed(seed)
+    model = OPTForCausalLM(OPTConfig(**spec["config"])).eval()
+    # Wider weights than OPT's N(0, 0.02) give logits with clear winners, so greedy tokens
+    # compare meaningfully instead of hovering on near-ties.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.25 if "embed" not in name else 1.0)
+    model.save_pretrained(path, **spec["save"])
+    return model
+
+
+def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, pad_token_id: int = 1) -> list[list[int]]:
+    """HF transformers' greedy ``generate`` with left padding: the reference outputs."""
+    longest = max(map(len, prompts))
+    ids = torch.full((len(prompts), longest), pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p)
+        mask[i, longest - len(p):] = 1
+    # No end-of-sequence token: every sequence runs the full length, as the engine does
+    # without a stop token (min_new_tokens would instead forbid the token, changing outputs).
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad_token_id)
+    return out[:, longest:].tolist()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """(path, HF model) of the default tiny checkpoint."""
+    path = tmp_path_factory.mktemp("ckpt-pre_ln")
+    return path, make_checkpoint(path, "pre_ln")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
