@@ -295,6 +295,7 @@ def workdir(tmp_path, monkeypatch):
         (["--config", "c.yaml", "model.synthetic=null", "model.path=nowhere"], "model.path: "),
         (["--config", "c.yaml", "data.prompts=bad.jsonl"], "bad.jsonl line 2: not valid JSON"),
         (["--config", "c.yaml", "generation.max_new_tokens=5000"], "exceed the model's 2048 positions"),
+        (["--config", "c.yaml", "trainer.strategy=bogus"], "trainer: "),
     ],
 )
 def test_cli_errors_are_one_line_and_leave_output_alone(workdir, capsys, argv, expected):
@@ -334,3 +335,37 @@ def test_print_config(workdir, capsys):
     assert cli_main(["predict", "--config", "c.yaml", "--print-config", "policy.gpu_batch_size=3"]) == 0
     out = capsys.readouterr().out
     assert "gpu_batch_size: 3" in out and "synthetic: opt-125m" in out
+
+
+# --------------------------------------------------------------------------- policy: auto
+
+
+def test_policy_auto_uses_the_optimizer_choice(tmp_path, monkeypatch):
+    import types
+
+    from flexgen.policy import Policy
+
+    seen = {}
+
+    def auto_policy(spec, prompt_len, gen_len, hardware=None):
+        seen.update(spec=spec, prompt_len=prompt_len, gen_len=gen_len)
+        return types.SimpleNamespace(policy=Policy(gpu_batch_size=3, weights_gpu=0, weights_cpu=100),
+                                     plugins={"attention": "cpu"}, predicted_throughput=12.5)
+
+    monkeypatch.setitem(sys.modules, "flexgen.optimizer", types.SimpleNamespace(auto_policy=auto_policy))
+    rows = write_prompts(tmp_path / "prompts.jsonl")
+    factory = Factory()
+    run_predict(config(tmp_path, "policy=auto"), engine_factory=factory)
+    assert seen["prompt_len"] == max(len(r["input_ids"]) for r in rows) and seen["gen_len"] == 3
+    assert factory.engine.kwargs["policy"].gpu_batch_size == 3
+    assert factory.engine.kwargs["plugins"]["attention"] == "cpu"
+    metrics = json.loads((tmp_path / "out.jsonl.metrics.json").read_text())
+    assert metrics["policy_source"] == "auto" and metrics["predicted_throughput"] == 12.5
+    assert len(read_out(tmp_path / "out.jsonl")) == len(rows)
+
+
+def test_policy_auto_without_optimizer_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "flexgen.optimizer", None)  # makes the import fail
+    write_prompts(tmp_path / "prompts.jsonl")
+    with pytest.raises(ConfigError, match="policy: auto needs the cost-model optimizer"):
+        run_predict(config(tmp_path, "policy=auto"), engine_factory=Factory(forbid=True))

@@ -17,6 +17,7 @@ and before the output file is touched:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -123,19 +124,26 @@ def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None)
         return summary
 
     device, accelerator, devices = resolve_device(cfg)
-    factory = engine_factory or _load_engine
-    engine = factory(
-        model, policy=policy, plugins=plugins, device=device, offload_dir=_offload_dir(cfg),
-        dtype=cfg.model.dtype, seed=cfg.model.seed,
-    )
-    try:
-        repair_output(out_path, state)
-        module, writer = _predict(cfg, engine, tokenizer, datamodule, out_path, accelerator, devices)
-        stats = engine.stats.to_dict() if getattr(engine, "stats", None) is not None else {}
-    finally:
-        close = getattr(engine, "close", None)
-        if close is not None:
-            close()
+    from flexgen.predict.module import FlexGenPredictModule
+
+    with _quiet_lightning():
+        # The Trainer first: a bad trainer.* value should not wait for the model to load.
+        trainer, writer = make_trainer(cfg, out_path, datamodule.num_todo, accelerator, devices)
+        factory = engine_factory or _load_engine
+        engine = factory(
+            model, policy=policy, plugins=plugins, device=device, offload_dir=_offload_dir(cfg),
+            dtype=cfg.model.dtype, seed=cfg.model.seed,
+        )
+        try:
+            repair_output(out_path, state)
+            module = FlexGenPredictModule(engine, cfg.generation_kwargs(), tokenizer)
+            trainer.predict(module, datamodule=datamodule, return_predictions=False)
+            stats = engine.stats.to_dict() if getattr(engine, "stats", None) is not None else {}
+        finally:
+            writer.close()
+            close = getattr(engine, "close", None)
+            if close is not None:
+                close()
 
     summary.update(
         complete=True,
@@ -160,46 +168,51 @@ def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None)
     return summary
 
 
-def _predict(cfg, engine, tokenizer, datamodule, out_path, accelerator, devices):
-    """Build the Trainer and run Lightning's predict loop; returns (module, writer)."""
+def make_trainer(cfg: FlexGenConfig, out_path: Path, num_prompts: int, accelerator: str, devices: Any):
+    """The ``lightning.Trainer`` of a predict run and its JSONL writer callback.
+
+    No logger, checkpointing or model summary (there is nothing to train or save); Lightning's
+    distributed sampler off (blocks are cut by :class:`PromptDataModule`).
+    """
     import lightning as L
 
     from flexgen.predict.callbacks import ThroughputProgressBar
-    from flexgen.predict.module import FlexGenPredictModule
     from flexgen.predict.writer import JsonlPredictionWriter
 
-    module = FlexGenPredictModule(engine, cfg.generation_kwargs(), tokenizer)
     writer = JsonlPredictionWriter(out_path)
     callbacks: list[Any] = [writer]
     if cfg.trainer.enable_progress_bar:
-        callbacks.append(ThroughputProgressBar(total_prompts=datamodule.num_todo))
-    quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
-    levels = [lg.level for lg in quiet]
-    for lg in quiet:
-        lg.setLevel(logging.WARNING)  # drop "GPU available: ..." banners; keep warnings
+        callbacks.append(ThroughputProgressBar(total_prompts=num_prompts))
+    try:
+        trainer = L.Trainer(
+            accelerator=accelerator, devices=devices, strategy=cfg.trainer.strategy,
+            num_nodes=cfg.trainer.num_nodes, logger=False, enable_checkpointing=False,
+            enable_model_summary=False, enable_progress_bar=cfg.trainer.enable_progress_bar,
+            callbacks=callbacks, use_distributed_sampler=False, inference_mode=True,
+            default_root_dir=str(out_path.parent),
+        )
+    except (ValueError, TypeError, RuntimeError) as exc:  # MisconfigurationException is a ValueError
+        raise ConfigError(f"trainer: {str(exc).strip().splitlines()[0]}") from exc
+    return trainer, writer
+
+
+@contextlib.contextmanager
+def _quiet_lightning():
+    """Hide Lightning's banners ("GPU available: ...") and notes that do not apply here."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
-            # Lightning's notes that do not apply here: blocks are tiny lists served in-process,
-            # and the writer needs no batch indices.
+            # Blocks are tiny lists served in-process, and the writer needs no batch indices.
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
             warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
-            try:
-                trainer = L.Trainer(
-                    accelerator=accelerator, devices=devices, strategy=cfg.trainer.strategy,
-                    num_nodes=cfg.trainer.num_nodes, logger=False, enable_checkpointing=False,
-                    enable_model_summary=False, enable_progress_bar=cfg.trainer.enable_progress_bar,
-                    callbacks=callbacks, use_distributed_sampler=False, inference_mode=True,
-                    default_root_dir=str(out_path.parent),
-                )
-            except (ValueError, TypeError, RuntimeError) as exc:  # Lightning's MisconfigurationException is a ValueError
-                raise ConfigError(f"trainer: {str(exc).strip().splitlines()[0]}") from exc
-            trainer.predict(module, datamodule=datamodule, return_predictions=False)
+            yield
     finally:
-        writer.close()
-        for lg, level in zip(quiet, levels):
-            lg.setLevel(level)
-    return module, writer
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _load_engine(model, **kwargs):
@@ -314,7 +327,14 @@ def resolve_policy(cfg: FlexGenConfig, spec: Any, prompts: list[Prompt]) -> tupl
             "set the policy keys instead"
         ) from exc
     prompt_len = max(len(p.input_ids) for p in prompts)
-    choice = auto_policy(spec, prompt_len=prompt_len, gen_len=cfg.generation.max_new_tokens)
+    # num_prompts and dtype sharpen the choice (no block larger than the job); they are passed
+    # only to an optimizer that takes them, the contract being (spec, prompt_len, gen_len).
+    import inspect
+
+    extra = {"num_prompts": len(prompts), "dtype": cfg.model.dtype}
+    accepted = inspect.signature(auto_policy).parameters
+    extra = {k: v for k, v in extra.items() if k in accepted}
+    choice = auto_policy(spec, prompt_len=prompt_len, gen_len=cfg.generation.max_new_tokens, **extra)
     for key, value in dict(getattr(choice, "plugins", None) or {}).items():
         if key in PLUGIN_KEYS:
             plugins[key] = value
