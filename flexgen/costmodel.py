@@ -48,9 +48,6 @@ LINKS = ("disk->cpu", "cpu->gpu", "gpu->cpu", "cpu->disk")
 RESOURCES = LINKS + ("gpu_compute", "cpu_compute", "overhead")
 _DTYPE_SIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 
-#: Passes over the decompressed bytes that the torch group-wise (de)compression makes
-#: (unpack, subtract, scale, cast: a handful of elementwise kernels).
-DECOMPRESS_PASSES = 4
 
 
 @dataclass(frozen=True)
@@ -341,8 +338,13 @@ class _Rates:
         return max(flops / self.flops, nbytes / self.hw.gpu_memory_bandwidth)
 
     def mem_pass(self, nbytes: float, on_cpu: bool) -> float:
+        """A copy of ``nbytes`` in host memory (``on_cpu``) or on the compute device."""
         bw = self.hw.cpu_memory_bandwidth if (on_cpu or not self.cuda) else self.hw.gpu_memory_bandwidth
         return nbytes / bw
+
+    def codec(self, raw_bytes: float, on_cpu: bool) -> float:
+        """Group-wise (de)compression producing or consuming ``raw_bytes`` of float16 data."""
+        return raw_bytes / self.hw.decompress_rate(on_cpu or not self.cuda)
 
 
 def _move(cost: dict[str, float], tier: str, dest_is_gpu: bool, nbytes: float, cuda: bool) -> None:
@@ -446,7 +448,7 @@ def estimate(
             reloads = 1 if (scheduler == "zigzag" or lw.resident) else K
             for link in LINKS:
                 wbytes[link] *= reloads
-            w_decompress = reloads * (rates.mem_pass(DECOMPRESS_PASSES * lw.decompressed_raw, False) if not lw.resident else 0.0)
+            w_decompress = reloads * (rates.codec(lw.decompressed_raw, False) if not lw.resident else 0.0)
             w_load_s = _link_seconds(wbytes, hw)
 
             # Compute per GPU batch.
@@ -490,22 +492,21 @@ def estimate(
                         att_gpu_s += units * rates.gpu_op(fl, 4 * B * s * h * dsize)
                         _store(c_store, tier, units * s * cache_token, cuda)
                         if ccomp != "none":
-                            att_gpu_s += units * rates.mem_pass(DECOMPRESS_PASSES * s * cache_token_raw, False)
+                            att_gpu_s += units * rates.codec(s * cache_token_raw, False)
                         continue
                     fl = 4 * B * t * h
                     on_host = not attention_on_gpu  # CPU attention (on the host)
                     here = resident_where_attended(tier)
                     if not here:
                         _move(c_load, tier, not on_host, units * t * cache_token, cuda)
-                        # the fetched prefix is concatenated with the new token at the destination
-                        extra_load_s += units * rates.mem_pass(2 * t * cache_token_raw, on_host)
+                        # the fetched prefix is concatenated with the new token where attention runs
+                        copy_s = units * rates.mem_pass(2 * t * cache_token_raw, on_host)
+                        att_cpu_s, att_gpu_s = (att_cpu_s + copy_s, att_gpu_s) if on_host else (att_cpu_s, att_gpu_s + copy_s)
                     if ccomp != "none":
-                        pass_s = units * rates.mem_pass(DECOMPRESS_PASSES * t * cache_token_raw, on_host)
-                        if here:
-                            att_gpu_s += 0 if on_host else pass_s
-                            att_cpu_s += pass_s if on_host else 0
-                        else:
-                            extra_load_s += pass_s
+                        # decompressed where attention runs (on the copy thread when fetched, but on
+                        # the same processor as the compute, so it is counted there)
+                        codec_s = units * rates.codec(t * cache_token_raw, on_host)
+                        att_cpu_s, att_gpu_s = (att_cpu_s + codec_s, att_gpu_s) if on_host else (att_cpu_s, att_gpu_s + codec_s)
                     if on_host:
                         att_cpu_flops += units * fl
                         att_cpu_s += units * fl / hw.cpu_attention_flops

@@ -40,7 +40,7 @@ KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 GB = 10**9
 
 #: Bump when measurement changes, so stale cached profiles are measured again.
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 _UNITS = {
     "": 1, "b": 1,
@@ -150,6 +150,11 @@ class HardwareProfile:
     cpu_memory_bandwidth: float
     #: fixed cost of one (layer, GPU batch) task: kernel launches, Python, synchronisation.
     task_overhead_s: float = 2e-4
+    #: bytes of float16 output per second that int4 group-wise decompression produces on the
+    #: compute device, and on the host; None: a twelfth of the memory bandwidth (several
+    #: float32 elementwise passes). Measured with the registered int4 compressor.
+    decompress_bandwidth: float | None = None
+    cpu_decompress_bandwidth: float | None = None
     #: True when gpu and cpu tiers are the same memory (no CUDA: compute runs on the CPU).
     shared_memory: bool = False
     #: where the figures come from: "measured on <host> <date>", "preset", a file name.
@@ -161,6 +166,12 @@ class HardwareProfile:
         if key is None:
             raise ConfigError(f"dtype: expected float16, bfloat16 or float32, got {dtype!r}")
         return getattr(self, f"gpu_flops_{key}")
+
+    def decompress_rate(self, on_host: bool) -> float:
+        """Decompressed bytes per second on the compute device (or the host, ``on_host``)."""
+        if on_host or self.shared_memory:
+            return self.cpu_decompress_bandwidth or self.cpu_memory_bandwidth / 12
+        return self.decompress_bandwidth or self.gpu_memory_bandwidth / 12
 
     def with_caps(self, gpu_memory: Any = None, cpu_memory: Any = None, disk_memory: Any = None) -> "HardwareProfile":
         """This profile with some capacities replaced (``"24GiB"``, bytes, or None to keep).
@@ -211,6 +222,8 @@ class HardwareProfile:
         for key, value in values.items():
             if key in ("gpu_memory", "cpu_memory", "disk_memory"):
                 merged[key] = parse_bytes(value, f"{where}: {key}")
+            elif key.endswith("_bandwidth") and value is None and key.endswith("decompress_bandwidth"):
+                merged[key] = None
             elif key.endswith("_bandwidth"):
                 merged[key] = parse_rate(value, f"{where}: {key}", "B")
             elif "flops" in key:
@@ -266,6 +279,8 @@ T4_PAPER = HardwareProfile(
     cpu_attention_flops=12e9,
     cpu_memory_bandwidth=40 * GB,
     task_overhead_s=2e-4,
+    decompress_bandwidth=20 * GB,      # assumed: ~1/12 of the memory bandwidth
+    cpu_decompress_bandwidth=1 * GB,   # assumed
     source="preset t4-paper (FlexGen paper's GCP T4 machine; achieved rates, see flexgen/hardware.py)",
 )
 
@@ -291,6 +306,8 @@ H200 = HardwareProfile(
     cpu_attention_flops=20e9,
     cpu_memory_bandwidth=30 * GB,
     task_overhead_s=1e-4,
+    decompress_bandwidth=300 * GB,     # assumed: ~1/14 of the copy rate; measure
+    cpu_decompress_bandwidth=1 * GB,   # assumed
     source="preset h200 (KINDS.md figures; disk and CPU rates guessed)",
 )
 
@@ -429,6 +446,20 @@ def _cpu_attention_rate(torch, batch: int = 8, heads: int = 16, head_dim: int = 
     return 4 * batch * heads * length * head_dim / seconds
 
 
+def _decompress_rate(torch, device: str, sync, n: int) -> float | None:
+    """Bytes of float16 output per second of the registered int4 compressor's decompression."""
+    try:
+        from flexgen import registry
+
+        compressor = registry.load("compressor", "int4")()
+        x = torch.randn(n, n, device=device).half()
+        parts = compressor.compress(x)
+        seconds = _best_time(lambda: compressor.decompress(parts, x.shape, torch.float16), sync, repeats=3)
+        return x.numel() * 2 / seconds
+    except Exception:  # no int4 compressor: fall back to the memory-bandwidth rule
+        return None
+
+
 def measure_hardware(
     device: str = "auto",
     disk_dir: str | os.PathLike | None = None,
@@ -474,6 +505,7 @@ def measure_hardware(
     cpu_copy = _copy_rate(host_a, host_b, cpu_sync)
     cpu_flops = _matmul_rate(torch, "cpu", torch.float32, cpu_n, cpu_sync)
     cpu_attention = _cpu_attention_rate(torch, length=256 if quick else 1024)
+    cpu_decompress = _decompress_rate(torch, "cpu", cpu_sync, 256 if quick else 1024)
     disk_read, disk_write = _disk_rates(disk_path, (16 if quick else 128) * MiB)
     cpu_memory = psutil.virtual_memory().total
     disk_memory = shutil.disk_usage(disk_path).free
@@ -492,6 +524,7 @@ def measure_hardware(
         free, total = torch.cuda.mem_get_info()
         gpu_memory = total
         overhead = _best_time(lambda: torch.add(on_gpu[:16], 1), sync, 20) * 20
+        decompress = _decompress_rate(torch, "cuda", sync, 2048 if quick else 8192)
         name = torch.cuda.get_device_name(0)
         del pinned, on_gpu, other
         torch.cuda.empty_cache()
@@ -510,6 +543,7 @@ def measure_hardware(
         gpu_memory = cpu_memory
         x = torch.ones(16)
         overhead = _best_time(lambda: torch.add(x, 1), cpu_sync, 20) * 20
+        decompress = cpu_decompress
         name = platform.processor() or platform.machine()
         shared = True
 
@@ -531,6 +565,8 @@ def measure_hardware(
         cpu_attention_flops=cpu_attention,
         cpu_memory_bandwidth=2 * cpu_copy,
         task_overhead_s=overhead,
+        decompress_bandwidth=decompress,
+        cpu_decompress_bandwidth=cpu_decompress,
         shared_memory=shared,
         source=f"measured on {platform.node()} {time.strftime('%Y-%m-%d')} ({device})",
     )
