@@ -222,6 +222,7 @@ class Engine:
             for weight, tier in zip(specs, split_by_percent(sizes, percents)):
                 placed.append(self._place_one(source, weight, tier, f"{folder}/{weight.name}"))
             self.layers.append(placed)
+            _release_freed_memory()
             if all(p.tier == "gpu" and not p.compressed for p in placed):
                 self._resident[index] = {p.spec.local: p.parts["data"] for p in placed}
         self._note_memory()
@@ -614,6 +615,31 @@ def _cut_at_stop(tokens: list[int], stops: list[int]) -> list[int]:
         if token in stops:
             return tokens[: i + 1]
     return tokens
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the allocator back to the OS (glibc only; elsewhere a no-op).
+
+    Converting a model tensor by tensor frees a few tens of megabytes per tensor, which glibc
+    keeps in its heap; without this a 100 %-on-disk conversion ends holding a third of the
+    model in anonymous memory it no longer uses.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - present on glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -26,25 +26,10 @@ def test_every_kind_has_builtins() -> None:
         assert builtin_names(kind), f"no built-in {kind} plugin registered"
 
 
-#: (test, built-in) pairs known to break the contract, with why; they run as non-strict xfail
-#: so the suite stays green while the owner fixes them, and pass again once fixed.
-KNOWN_GAPS: dict[tuple[str, str], str] = {
-    ("test_put_keeps_a_copy", "cpu"): "CPUStorage.put aliases a contiguous CPU tensor (.to('cpu') is a no-op); base.put promises a copy",
-    ("test_put_keeps_a_copy", "gpu"): "GPUStorage.put aliases the input when the compute device is the CPU; base.put promises a copy",
-}
-
-
-def mark_known_gap(request, name: str) -> None:
-    reason = KNOWN_GAPS.get((request.function.__name__, name))
-    if reason:
-        request.applymarker(pytest.mark.xfail(reason=reason, strict=False))
-
-
 class TestStorageBackends(StorageBackendContract):
     @pytest.fixture(params=builtin_names("storage"), ids=lambda name: f"builtin-{name}")
     def storage(self, request, tmp_path: Path):
         self.name = request.param
-        mark_known_gap(request, request.param)
         backend = self.make_storage(tmp_path)
         yield backend
         backend.close()

@@ -18,7 +18,7 @@ class CPUStorage(StorageBackend):
             resident = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
             resident.copy_(tensor)
         else:
-            resident = tensor.to("cpu").contiguous()
+            resident = tensor.detach().to("cpu", copy=True).contiguous()
         self._tensors[key] = resident
         return resident
 

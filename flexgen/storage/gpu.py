@@ -17,7 +17,7 @@ class GPUStorage(StorageBackend):
         self._tensors: dict[str, torch.Tensor] = {}
 
     def put(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        resident = tensor.to(self.compute_device).contiguous()
+        resident = tensor.detach().to(self.compute_device, copy=True).contiguous()
         self._tensors[key] = resident
         return resident
 
