@@ -188,7 +188,10 @@ def make_trainer(cfg: FlexGenConfig, out_path: Path, num_prompts: int, accelerat
             accelerator=accelerator, devices=devices, strategy=cfg.trainer.strategy,
             num_nodes=cfg.trainer.num_nodes, logger=False, enable_checkpointing=False,
             enable_model_summary=False, enable_progress_bar=cfg.trainer.enable_progress_bar,
-            callbacks=callbacks, use_distributed_sampler=False, inference_mode=True,
+            callbacks=callbacks, use_distributed_sampler=False,
+            # no_grad rather than inference_mode: tensors the engine creates during a step may be
+            # kept and reused by it later, which inference tensors do not always allow.
+            inference_mode=False,
             default_root_dir=str(out_path.parent),
         )
     except (ValueError, TypeError, RuntimeError) as exc:  # MisconfigurationException is a ValueError
