@@ -161,8 +161,9 @@ class BnbInt8(Compressor):
     """bitsandbytes' LLM.int8() row-wise absmax quantization (no outlier decomposition).
 
     Parts: ``data`` (*shape) int8 and ``scale`` (*leading, 1) float32 (the row's absmax), so
-    8 bits per value plus 32 per row. On CUDA bitsandbytes quantizes only float16 input,
-    so other dtypes are cast to float16 there first.
+    8 bits per value plus 32 per row. On CUDA bitsandbytes quantizes only float16 input, so
+    other dtypes are cast to float16 there first; on the CPU every dtype is quantized from
+    float32.
     """
 
     def __repr__(self) -> str:
@@ -175,10 +176,10 @@ class BnbInt8(Compressor):
     def compress(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         lead, row = _rows(tuple(x.shape))
         rows = x.reshape(-1, row)
-        if rows.device.type == "cuda" and rows.dtype != torch.float16:
-            rows = rows.half()
-        elif rows.dtype not in _NATIVE:
-            rows = rows.float()
+        # bitsandbytes' CUDA kernel takes float16 only. Its portable (CPU) kernel computes in
+        # the input's dtype, where bfloat16's 8-bit mantissa would add rounding error of the
+        # size of the int8 step itself, so it gets float32.
+        rows = rows.half() if rows.device.type == "cuda" else rows.float()
         data, scale, _ = bnbf.int8_vectorwise_quant(rows.contiguous())
         # An all-zero row has absmax 0; bitsandbytes' portable kernel then computes 0/0.
         data = data.masked_fill(scale[:, None] == 0, 0)
