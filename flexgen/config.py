@@ -11,9 +11,9 @@ Decisions written down here because the rest of the code relies on them:
 
 * **Layers.** Schema defaults, then the config file, then each command-line override, merged in
   that order; the last one to set a key wins.
-* **Relative paths.** Input paths written *in a config file* (``model.path``, ``model.tokenizer``,
-  ``data.prompts``) are relative to that file's folder, so a config and its prompts travel
-  together. Output paths (``output.path``, ``output.offload_dir``) and every path given on the
+* **Relative paths.** Input paths written *in a config file* (``model.path``, ``model.tokenizer``
+  when such a path exists, else it is taken as a Hub name, ``data.prompts``) are relative to
+  that file's folder, so a config and its prompts travel together. Output paths (``output.path``, ``output.offload_dir``) and every path given on the
   command line are relative to the current directory. ``~`` is expanded everywhere.
 * **``policy: auto``.** ``policy`` is either a mapping of policy keys or the string ``auto``;
   ``auto`` is stored as ``policy.auto = true`` and means the cost model
@@ -199,7 +199,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         auto_from = _normalise_policy(layer, where, auto_from)
         _check_sections(layer, where)
         merged = _merge(merged, layer, where)
-    cfg: FlexGenConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    try:
+        cfg: FlexGenConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]  # resolves ${...}
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"config key {exc.full_key or '?'!r}: {_first_line(exc)}") from exc
     validate(cfg)
     return cfg
 
@@ -232,17 +235,24 @@ def _read_file(path: Path) -> DictConfig:
 
 
 def _resolve_input_paths(layer: DictConfig, base: Path) -> None:
-    """Make the input paths written in a config file relative to the file's folder."""
+    """Make the input paths written in a config file relative to the file's folder.
+
+    ``model.tokenizer`` may also be a Hub name (``facebook/opt-125m``), so it is resolved only
+    when the file-relative path exists. Values with ``${...}`` interpolations are left alone.
+    """
     for section, key in _INPUT_PATHS:
         node = layer.get(section)
         if not isinstance(node, DictConfig):
             continue
-        value = node.get(key)
-        if isinstance(value, str) and value and not value.startswith(BUILTIN_PREFIX):
-            expanded = Path(os.path.expanduser(value))
-            if not expanded.is_absolute():
-                expanded = base / expanded
-            node[key] = str(expanded)
+        value = OmegaConf.to_container(node, resolve=False).get(key)  # ${...} left unresolved
+        if not isinstance(value, str) or not value or value.startswith(BUILTIN_PREFIX) or "${" in value:
+            continue
+        expanded = Path(os.path.expanduser(value))
+        if not expanded.is_absolute():
+            expanded = base / expanded
+            if key == "tokenizer" and not expanded.exists():
+                continue
+        node[key] = str(expanded)
 
 
 def _parse_override(item: str) -> DictConfig:

@@ -159,3 +159,13 @@ def test_bundled_configs_load_and_validate(path):
     for key, kind in kinds.items():
         name, _ = registry.parse_spec(cfg.plugins_dict()[key], f"plugins.{key}")
         assert name in registry.available(kind), (key, name)
+
+
+def test_interpolations_and_hub_tokenizer_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEXGEN_TEST_MODELS", str(tmp_path / "models"))
+    path = write(tmp_path, "model: {path: '${oc.env:FLEXGEN_TEST_MODELS}/opt', tokenizer: facebook/opt-125m}\n"
+                           "data: {prompts: p.jsonl}\n")
+    cfg = load_config(path)
+    assert cfg.model.path == str(tmp_path / "models" / "opt")
+    assert cfg.model.tokenizer == "facebook/opt-125m"  # no such folder beside the config: a Hub name
+    assert "data.prompts" in error_of(write(tmp_path, "model: {synthetic: opt-125m}\ndata: {prompts: '${nope}'}\n"))
