@@ -24,6 +24,7 @@ in the first run (which keeps sampled outputs reproducible too).
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -150,6 +151,17 @@ def check_prompts(prompts: Sequence[Prompt], vocab_size: int, max_positions: int
                 f"{p.source}: {len(p.input_ids)} prompt tokens + generation.max_new_tokens {max_new_tokens} "
                 f"exceed the model's {max_positions} positions"
             )
+
+
+def load_prompts(cfg: Any, tokenizer: Any, spec: Any) -> list[Prompt]:
+    """The prompts a config's ``data.*`` names, checked against the model (an ``OPTSpec``)."""
+    d = cfg.data
+    if d.prompts is not None:
+        prompts = read_prompts(os.path.expanduser(d.prompts), tokenizer)
+    else:
+        prompts = synthetic_prompts(d.num_prompts, d.prompt_len, spec.vocab_size, d.seed)
+    check_prompts(prompts, spec.vocab_size, spec.max_positions, cfg.generation.max_new_tokens)
+    return prompts
 
 
 # --------------------------------------------------------------------------- blocks

@@ -97,12 +97,13 @@ def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None)
     started = time.perf_counter()
     model, model_dir, spec = resolve_model(cfg)
     tokenizer = load_tokenizer(cfg, model_dir)
+    from flexgen.predict.data import PromptDataModule, load_prompts
+
     prompts = load_prompts(cfg, tokenizer, spec)
     policy, plugins, policy_info = resolve_policy(cfg, spec, prompts)
 
     out_path = resolve_output_path(cfg)
     metrics_path = Path(f"{out_path}.metrics.json")
-    from flexgen.predict.data import PromptDataModule
     from flexgen.predict.writer import check_writable, repair_output, scan_output
 
     check_writable(out_path)
@@ -298,19 +299,6 @@ def load_tokenizer(cfg: FlexGenConfig, model_dir: Path | None) -> Any:
         return None
     finally:
         hf_logging.set_verbosity(verbosity)
-
-
-def load_prompts(cfg: FlexGenConfig, tokenizer: Any, spec: Any) -> list[Prompt]:
-    """The prompts of ``data.*``, checked against the model."""
-    from flexgen.predict.data import check_prompts, read_prompts, synthetic_prompts
-
-    d = cfg.data
-    if d.prompts is not None:
-        prompts = read_prompts(os.path.expanduser(d.prompts), tokenizer)
-    else:
-        prompts = synthetic_prompts(d.num_prompts, d.prompt_len, spec.vocab_size, d.seed)
-    check_prompts(prompts, spec.vocab_size, spec.max_positions, cfg.generation.max_new_tokens)
-    return prompts
 
 
 def resolve_policy(cfg: FlexGenConfig, spec: Any, prompts: list[Prompt]) -> tuple[Policy, dict[str, Any], dict[str, Any]]:
