@@ -132,6 +132,7 @@ class _LayerWeights:
     raw_fetched: int               # bytes in compute dtype materialised by a load (staging)
     decompressed_raw: int          # raw bytes produced by decompression per load
     raw_total: int                 # raw bytes of the whole layer (read by its matmuls)
+    largest_compressed: int = 0    # raw bytes of its largest compressed tensor (decompression temporaries)
 
 
 @lru_cache(maxsize=65536)
@@ -148,7 +149,8 @@ def _place_layer(tensors: tuple[_Tensor, ...], gpu: float, cpu: float, cuda: boo
         elif tier == "disk" or (tier == "cpu" and cuda):
             raw_fetched += t.raw
     resident = all(tier == "gpu" and not t.compressed for t, tier in zip(tensors, tiers))
-    return _LayerWeights(resident, stored, raw_fetched, decompressed, sum(t.raw for t in tensors))
+    largest = max((t.raw for t in tensors if t.compressed), default=0)
+    return _LayerWeights(resident, stored, raw_fetched, decompressed, sum(t.raw for t in tensors), largest)
 
 
 def cache_unit_counts(spec: OPTSpec, policy: Policy) -> list[dict[str, int]]:
@@ -370,6 +372,34 @@ def _link_seconds(b: dict[str, float], hw: HardwareProfile) -> float:
         b["disk->cpu"] / hw.disk_read_bandwidth + b["cpu->gpu"] / hw.h2d_bandwidth
         + b["gpu->cpu"] / hw.d2h_bandwidth + b["cpu->disk"] / hw.disk_write_bandwidth
     )
+
+
+def estimate_options(plugins: dict[str, Any] | None) -> dict[str, str]:
+    """Keyword arguments of :func:`estimate` from a config's ``plugins`` section.
+
+    Values may be names or ``{name: ..., **options}``; options are ignored (the model prices a
+    compressor by its registered defaults). An attention or scheduler the model does not know
+    is a ConfigError naming the key.
+    """
+    plugins = plugins or {}
+
+    def name(key: str, default: str) -> str:
+        value = plugins.get(key, default)
+        if isinstance(value, dict):
+            value = value.get("name", default)
+        return str(value)
+
+    out = {
+        "attention": name("attention", "gpu"),
+        "weight_compression": name("weight_compressor", "none"),
+        "cache_compression": name("cache_compressor", "none"),
+        "scheduler": name("scheduler", "zigzag"),
+    }
+    if out["attention"] not in ("gpu", "cpu"):
+        raise ConfigError(f"plugins.attention: the cost model prices gpu and cpu attention, not {out['attention']!r}")
+    if out["scheduler"] not in ("zigzag", "row"):
+        raise ConfigError(f"plugins.scheduler: the cost model prices zigzag and row, not {out['scheduler']!r}")
+    return out
 
 
 def estimate(
@@ -614,8 +644,14 @@ def _memory(spec, policy, layers, cache_units, cache_token, act_tiers, parks_act
         # prefill MLP: x, fc1 output and its activation, new x
         2 * B * s * h * dsize + 2 * B * s * ffn * dsize,
     ) + B * V * 4 + 2 * B * s * h * dsize  # logits (float32) and the K/V compressed on their way home
+    # Group-wise decompression works in float32 and casts at the end: besides its output, about
+    # 2.5x the output's bytes are alive at once (flexgen/compression/groupwise.py).
+    codec_weights = 2.5 * max(lw.largest_compressed for lw in layers.values())
+    codec_cache = 2.5 * raw_unit / 2 if ccomp != "none" else 0
     mem["gpu"]["staging"] += staging
-    mem["gpu"]["working"] += working
+    mem["gpu"]["working"] += working + max(codec_weights, codec_cache if (attention_on_gpu or not cuda) else 0)
+    if ccomp != "none" and cuda and not attention_on_gpu:
+        mem["cpu"]["working"] += codec_cache
     if attention_on_gpu or not cuda:
         mem["gpu"]["staging"] += cache_stage
     else:

@@ -410,6 +410,26 @@ def auto_policy(
     )
 
 
+def auto_policy_for_run(
+    spec: OPTSpec,
+    prompt_len: int,
+    gen_len: int,
+    num_prompts: int | None = None,
+    device: str = "auto",
+    dtype: str = "float16",
+    hardware: str | HardwareProfile | None = None,
+    **caps: Any,
+) -> PolicyChoice:
+    """What ``policy: auto`` in a config resolves to at run time.
+
+    ``hardware``: a profile, a preset name or a YAML file; None measures this machine for
+    ``device`` (cached after the first run). ``caps``: ``gpu_memory="24GiB"`` etc., the
+    config's ``hardware.*`` capacity keys.
+    """
+    profile = get_hardware(hardware, device=device, **caps)
+    return auto_policy(spec, prompt_len, gen_len, profile, num_prompts, dtype=dtype)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
