@@ -454,7 +454,7 @@ class Engine:
             started = time.perf_counter()
             for step in range(max_new_tokens):
                 self._run_step(step, prompt_len, batches, act_tiers, cache, sampling, generator)
-                new = torch.cat([b.outputs[-1] for b in batches])
+                new = torch.cat([b.outputs[-1] for b in batches])[:, 0]
                 if sampling.stops:
                     done |= torch.isin(new, torch.tensor(sampling.stops, device=self.device))
                 if step == 0:

@@ -30,7 +30,7 @@ CHECKPOINT_VARIANTS = {
         config=dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
                     max_position_embeddings=64, enable_bias=False, layer_norm_elementwise_affine=False,
                     activation_function="gelu", _remove_final_layer_norm=True),
-        save=dict(safe_serialization=False),
+        save=dict(pickled=True),
     ),
 }
 
@@ -48,7 +48,16 @@ def make_checkpoint(path: Path, variant: str, seed: int = 0):
         for name, param in model.named_parameters():
             if param.dim() >= 2:
                 param.normal_(0.0, 0.25 if "embed" not in name else 1.0)
-    model.save_pretrained(path, **spec["save"])
+    save = dict(spec["save"])
+    if save.pop("pickled", False):
+        # transformers 5 writes safetensors only; write the legacy pickled layout by hand,
+        # without the tied lm_head, as older HF versions did.
+        model.save_pretrained(path, **save)
+        state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        torch.save(state, Path(path) / "pytorch_model.bin")
+        (Path(path) / "model.safetensors").unlink()
+    else:
+        model.save_pretrained(path, **save)
     return model
 
 
