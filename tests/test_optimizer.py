@@ -190,3 +190,30 @@ def test_cli_errors_are_one_line(capsys, args, message):
     err = capsys.readouterr().err
     assert rc == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- on a GPU (skipped without CUDA)
+
+
+@pytest.mark.gpu
+def test_chosen_policy_never_exceeds_a_capped_gpu(tmp_path, monkeypatch):
+    """Plan for a 1 GiB GPU, run it, and read the CUDA allocator's peak."""
+    from flexgen import load_engine
+    from flexgen.hardware import measure_hardware
+
+    monkeypatch.setenv("FLEXGEN_CACHE", str(tmp_path / "cache"))
+    cap = 1 << 30
+    hw = measure_hardware("cuda", quick=True).with_caps(gpu_memory=cap)
+    spec = spec_for_size("opt-1.3b")  # 2.6 GB of fp16 weights: must offload
+    choice = auto_policy(spec, 128, 8, hw, num_prompts=32, gpu_batch_sizes=(4, 8, 16, 32), num_gpu_batches=(1, 2))
+    assert choice.policy.weights_gpu < 100
+    engine = load_engine("opt-1.3b", policy=choice.policy, plugins=choice.plugins, device="cuda", dtype="float16",
+                         offload_dir=tmp_path / "offload")
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        g = torch.Generator().manual_seed(0)
+        engine.generate(torch.randint(4, 50000, (32, 128), generator=g).tolist(), max_new_tokens=8)
+        peak = torch.cuda.max_memory_allocated()
+    finally:
+        engine.close()
+    assert peak <= cap, f"peak {peak} > cap {cap}; estimate {choice.estimate.peak('gpu')}"
