@@ -369,3 +369,11 @@ def test_policy_auto_without_optimizer_is_a_config_error(tmp_path, monkeypatch):
     write_prompts(tmp_path / "prompts.jsonl")
     with pytest.raises(ConfigError, match="policy: auto needs the cost-model optimizer"):
         run_predict(config(tmp_path, "policy=auto"), engine_factory=Factory(forbid=True))
+
+
+def test_progress_bar_shows_tokens_per_second(tmp_path, capsys):
+    write_prompts(tmp_path / "prompts.jsonl", n=4)
+    run_predict(config(tmp_path, "trainer.enable_progress_bar=true"), engine_factory=Factory())
+    captured = capsys.readouterr()
+    bar = captured.out + captured.err
+    assert "tok/s=" in bar and "prompts=4/4" in bar
