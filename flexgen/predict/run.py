@@ -138,7 +138,14 @@ def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None)
         try:
             repair_output(out_path, state)
             module = FlexGenPredictModule(engine, cfg.generation_kwargs(), tokenizer)
-            trainer.predict(module, datamodule=datamodule, return_predictions=False)
+            try:
+                trainer.predict(module, datamodule=datamodule, return_predictions=False)
+            except SystemExit:
+                # Lightning turns Ctrl-C into sys.exit(1); give the CLI its KeyboardInterrupt back
+                # so it can say that finished blocks are kept and a rerun resumes.
+                if trainer.interrupted:
+                    raise KeyboardInterrupt from None
+                raise
             stats = engine.stats.to_dict() if getattr(engine, "stats", None) is not None else {}
         finally:
             writer.close()
