@@ -377,3 +377,11 @@ def test_progress_bar_shows_tokens_per_second(tmp_path, capsys):
     captured = capsys.readouterr()
     bar = captured.out + captured.err
     assert "tok/s=" in bar and "prompts=4/4" in bar
+
+
+def test_unwritable_cache_for_the_quickstart(tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("FLEXGEN_CACHE", str(tmp_path / "file" / "cache"))
+    monkeypatch.chdir(tmp_path)
+    code, err = cli(capsys, "--config", str(REPO / "configs" / "quickstart.yaml"))
+    assert code == 2 and "FLEXGEN_CACHE" in err and "\n" not in err

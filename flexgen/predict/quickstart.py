@@ -62,8 +62,16 @@ def ensure_quickstart(root: Path | None = None) -> Path:
     target = root / f"quickstart-v{VERSION}"
     if (target / "config.json").is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".quickstart-v{VERSION}.", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".quickstart-v{VERSION}.", dir=root))
+    except OSError as exc:
+        from flexgen.errors import ConfigError
+
+        raise ConfigError(
+            f"model.path: cannot build the quickstart checkpoint in {root} ({exc.strerror or exc}); "
+            "set FLEXGEN_CACHE to a writable folder"
+        ) from exc
     try:
         log.info("building the quickstart checkpoint in %s (once)", target)
         build_quickstart(tmp)
