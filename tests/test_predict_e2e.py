@@ -120,3 +120,14 @@ def test_stop_token_ends_each_output(env_cache, tmp_path):
     assert any(line["output_ids"][-1] == 2 for line in lines)
     for line in lines.values():
         assert 2 not in line["output_ids"][:-1]
+
+
+def test_txt_prompts_get_line_numbers_as_ids(env_cache, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Throughput is\n\nDisk is slow but large,\nThe policy says\n")
+    out = tmp_path / "txt.jsonl"
+    run_predict(load_config(QUICKSTART, [f"data.prompts={prompts}", f"output.path={out}",
+                                         "generation.max_new_tokens=4", "trainer.enable_progress_bar=false"]))
+    lines = read_lines(out)
+    assert sorted(lines) == [1, 3, 4]
+    assert all(len(line["output_ids"]) == 4 and isinstance(line["text"], str) for line in lines.values())

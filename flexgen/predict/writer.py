@@ -42,32 +42,35 @@ class OutputState:
 
 
 def scan_output(path: Path) -> OutputState:
-    """Read an output file without changing it; a missing file is an empty one."""
+    """Read an output file line by line without changing it; a missing file is an empty one."""
     state = OutputState()
     try:
-        data = path.read_bytes()
+        f = open(path, "rb")
     except FileNotFoundError:
         return state
     except OSError as exc:
         raise ConfigError(f"output.path: cannot read {path} ({exc.strerror or exc})") from exc
-    lines = data.split(b"\n")
-    # Everything after the last newline is a torn line (an empty string when the file is clean).
-    complete, tail = lines[:-1], lines[-1]
-    parsed: list[tuple[int, Any]] = []  # (line number, object or None)
-    for number, line in enumerate(complete, start=1):
-        parsed.append((number, _parse(line)))
-    # Trailing bad lines are crash damage; a bad line followed by a good one is not.
-    last_good = max((i for i, (_, obj) in enumerate(parsed) if obj is not None), default=-1)
-    for number, obj in parsed[: last_good + 1]:
-        if obj is None:
-            raise ConfigError(
-                f"output.path: {path} line {number} is not a flexgen output line; move the file away or "
-                "choose another output.path"
-            )
-        state.done_ids.add(_hashable(obj["id"]))
-    state.good_bytes = sum(len(line) + 1 for line in complete[: last_good + 1])
-    state.torn_bytes = len(data) - state.good_bytes
-    state.torn_lines = len(parsed) - (last_good + 1) + (1 if tail else 0)
+    with f:
+        offset = 0
+        first_bad: int | None = None  # line number of the first bad line after the last good one
+        bad_lines = 0
+        for number, line in enumerate(f, start=1):
+            offset += len(line)
+            obj = _parse(line) if line.endswith(b"\n") else None  # no newline: torn
+            if obj is None:
+                first_bad = first_bad or number
+                bad_lines += 1
+                continue
+            if first_bad is not None:
+                # A bad line followed by a good one is not crash damage: not our file to fix.
+                raise ConfigError(
+                    f"output.path: {path} line {first_bad} is not a flexgen output line; move the file away or "
+                    "choose another output.path"
+                )
+            state.done_ids.add(_hashable(obj["id"]))
+            state.good_bytes = offset
+        state.torn_bytes = offset - state.good_bytes
+        state.torn_lines = bad_lines
     return state
 
 
