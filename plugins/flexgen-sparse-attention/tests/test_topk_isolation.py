@@ -7,6 +7,7 @@ A fake installed distribution whose entry point names a module that does not exi
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,14 +23,24 @@ from flexgen_sparse_attention import TopKAttention  # noqa: E402
 
 
 @pytest.fixture
-def broken_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def broken_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Install (on sys.path only) ``flexgen-broken-example`` with attention plugin ``broken``."""
     info = tmp_path / "flexgen_broken_example-0.1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: flexgen-broken-example\nVersion: 0.1.0\n")
     (info / "entry_points.txt").write_text("[flexgen.attention]\nbroken = flexgen_no_such_module_xyz:Backend\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    return "flexgen-broken-example"
+    _forget_discovered_plugins()
+    yield "flexgen-broken-example"
+    monkeypatch.undo()
+    _forget_discovered_plugins()
+
+
+def _forget_discovered_plugins() -> None:
+    """Make the registry scan installed distributions again (it caches the scan per process)."""
+    scan = getattr(registry, "_entry_points", None)
+    if hasattr(scan, "cache_clear"):
+        scan.cache_clear()
 
 
 def test_listed_with_a_one_line_warning_naming_it(broken_distribution, caplog):
