@@ -187,7 +187,11 @@ class Engine:
         self._check_cache_compressor()
 
         self._cuda = device.type == "cuda"
+        # Copies to the compute device run on a load stream, copies back to host tiers on a
+        # store stream; compute waits on events, never on the whole device.
         self._load_stream = torch.cuda.Stream(device) if self._cuda and policy.overlap else None
+        self._store_stream = torch.cuda.Stream(device) if self._cuda and policy.overlap else None
+        self._stores_done: torch.cuda.Event | None = None  # the last store issued
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexgen-io") if policy.overlap else _Inline()
         self._run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -284,24 +288,49 @@ class Engine:
         return self.storage[tier].fetch(resident, dest, non_blocking=self._load_stream is not None)
 
     def _write(self, tier: str, resident: torch.Tensor, value: torch.Tensor) -> None:
+        """Copy ``value`` into a resident tensor; to a host tier on CUDA, on the store stream."""
         self._count_write(tier, value)
-        self.storage[tier].write(resident, value)
+        if self._store_stream is None or tier == "gpu" or not value.is_cuda:
+            self.storage[tier].write(resident, value)
+            return
+        self._store_stream.wait_stream(torch.cuda.current_stream(self.device))  # value is computed
+        with torch.cuda.stream(self._store_stream):
+            self.storage[tier].write(resident, value, non_blocking=True)
+            value.record_stream(self._store_stream)
+            self._stores_done = torch.cuda.Event()
+            self._stores_done.record(self._store_stream)
+
+    def _wait_for_stores_on_host(self) -> None:
+        """Before the host reads a host tier the store stream writes into."""
+        if self._stores_done is not None:
+            self._stores_done.synchronize()
 
     def _on_load_stream(self, fn, *args):
-        """Run a fetch on the copy stream (CUDA) and return (result, event) for compute to wait on."""
+        """Run a fetch on the load stream (CUDA) and return (result, event) for compute to wait on.
+
+        The load stream first waits for the stores issued before this fetch was submitted, so
+        a cache prefix is never read before its last token has landed.
+        """
         if self._load_stream is None:
             return fn(*args), None
+        stores = self._stores_done
         with torch.cuda.stream(self._load_stream):
+            if stores is not None:
+                self._load_stream.wait_event(stores)
             result = fn(*args)
             event = torch.cuda.Event()
             event.record(self._load_stream)
         return result, event
 
-    def _wait(self, future: Future):
+    def _wait(self, future: Future, on_host: bool = False):
+        """The result of a fetch, ordered before what compute (or, ``on_host``, the CPU) does next."""
         result, event = future.result()
         if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
-            _record_stream(result, torch.cuda.current_stream(self.device))
+            if on_host:
+                event.synchronize()
+            else:
+                torch.cuda.current_stream(self.device).wait_event(event)
+                _record_stream(result, torch.cuda.current_stream(self.device))
         return result
 
     def _load_layer(self, index: int) -> dict[str, torch.Tensor]:
@@ -494,7 +523,7 @@ class Engine:
             batch = batches[task.batch]
             weights = self._wait(weights_f)
             x = self._wait(hidden_f) if hidden_f is not None else batch.hidden
-            cached = self._wait(cache_f) if cache_f is not None else None
+            cached = self._wait(cache_f, on_host=self.attention_device.type == "cpu") if cache_f is not None else None
             out = self._compute(task, step, length, weights, x, cached, batch, cache, sampling, generator)
             if task.layer == self.spec.num_model_layers - 1:
                 batch.hidden = None
@@ -560,6 +589,8 @@ class Engine:
         dest = self.attention_device
         if self._cache_resident_where_attended(unit):
             self._write_cache(unit, length, k_new, v_new)
+            if dest.type == "cpu":
+                self._wait_for_stores_on_host()
             k, v = self._read_cache(unit, length + 1, dest)
         else:
             # The prefix was prefetched to the attention device; append the new token to it.

@@ -92,6 +92,19 @@ class DiskStorage(StorageBackend):
         self._tensors[key] = resident
         return resident
 
+    def fetch(self, resident: torch.Tensor, device: torch.device, non_blocking: bool = False) -> torch.Tensor:
+        """On the CPU, the mapped tensor itself; to a GPU, through a pinned staging buffer.
+
+        The read from the page cache into pinned memory runs on the calling (I/O) thread, and
+        the copy to the GPU is then asynchronous. PyTorch's caching host allocator recycles the
+        staging buffers once their copies are done.
+        """
+        if device.type != "cuda":
+            return resident.to(device)
+        staging = torch.empty(resident.shape, dtype=resident.dtype, pin_memory=True)
+        staging.copy_(resident)
+        return staging.to(device, non_blocking=non_blocking)
+
     def get(self, key: str) -> torch.Tensor | None:
         if key in self._tensors:
             return self._tensors[key]
