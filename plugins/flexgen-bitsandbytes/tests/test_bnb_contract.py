@@ -7,6 +7,7 @@ docstring), so the cache checks of the suite run too.
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install ./plugins/flexgen-bitsandbytes)")
 plugin = pytest.importorskip(
@@ -46,3 +47,11 @@ class TestBitsAndBytesContract(CompressorContract):
 
     def size_ratio_bound(self, compressor: Compressor) -> float | None:
         return compressor._contract_bounds[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+class TestBitsAndBytesContractCUDA(TestBitsAndBytesContract):
+    """The same suite with inputs (and so parts) on the GPU: bitsandbytes' CUDA kernels."""
+
+    device = "cuda"

@@ -126,3 +126,19 @@ def test_options_are_checked_with_a_clear_error() -> None:
         registry.create("compressor", {"name": "bnb-int8", "blocksize": 64})
     with pytest.raises(TypeError, match="quant_type"):
         BitsAndBytes4bit(quant_type="int4")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted(COMPRESSORS))
+def test_cuda_parts_decompress_like_cpu_parts(name: str) -> None:
+    """Parts made on the GPU decompress on the CPU (and back) to nearly the same values."""
+    c = COMPRESSORS[name]()
+    x = torch.randn(6, 2, 3, 80, generator=torch.Generator().manual_seed(8)).half()
+    gpu_parts = c.compress(x.cuda())
+    assert all(p.is_cuda for p in gpu_parts.values())
+    on_gpu = c.decompress(gpu_parts, tuple(x.shape), torch.float16)
+    on_cpu = c.decompress({k: v.cpu() for k, v in gpu_parts.items()}, tuple(x.shape), torch.float16)
+    assert on_gpu.is_cuda
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-3, atol=1e-3)
+    assert rel_error(x, on_cpu) < MAX_REL_ERROR[name]

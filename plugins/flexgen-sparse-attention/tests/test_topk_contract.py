@@ -68,3 +68,17 @@ class TestTopKSparseContract(AttentionBackendContract):
         expected = topk_reference(q.cpu(), k.cpu(), v.cpu(), valid.cpu(), attention.ratio)
         self._check(out, expected, q, dtype, seed)
         assert torch.equal(k, k_before) and torch.equal(v, v_before), "decode modified the cache"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+class TestTopKRatioOneContractCUDA(TestTopKRatioOneContract):
+    """Computing on CUDA: decode on the GPU (``compute``) or delegated to the host (``cpu``)."""
+
+    compute_device = "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+class TestTopKSparseContractCUDA(TestTopKSparseContract):
+    compute_device = "cuda"
