@@ -32,6 +32,7 @@ from flexgen.errors import FlexGenError, PluginError, PolicyError, PromptError
 from flexgen.models import opt
 from flexgen.models.checkpoint import WeightSource, open_source
 from flexgen.policy import TIERS, Policy, split_by_percent
+from flexgen.scheduling.base import Task
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -129,6 +130,18 @@ class GPUBatch:
     next_ids: torch.Tensor | None = None  # (B, 1) the tokens to embed in this step
     hidden: torch.Tensor | None = None  # resident in the batch's activation tier
     outputs: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class Block:
+    """One block being generated: its GPU batches and where their tensors live."""
+
+    batches: list[GPUBatch]
+    prompt_len: int
+    act_tiers: list[str]  # home tier of each GPU batch's hidden states
+    cache: list[list[CacheUnit]]  # [decoder layer][GPU batch]
+    sampling: "_Sampling"
+    generator: torch.Generator | None
 
 
 class _Inline:
@@ -475,14 +488,14 @@ class Engine:
                 ids[r, prompt_len - len(row):] = torch.tensor(row)
                 valid[r, prompt_len - len(row):] = True
             batches.append(GPUBatch(ids.to(self.device), valid.to(self.device)))
-        act_tiers = split_by_percent([1] * K, self.policy.percents("act"))
-        cache = self._allocate_cache(total)
+        block = Block(batches, prompt_len, split_by_percent([1] * K, self.policy.percents("act")),
+                      self._allocate_cache(total), sampling, generator)
         done = torch.zeros(B * K, dtype=torch.bool, device=self.device)
         try:
             self._sync()
             started = time.perf_counter()
             for step in range(max_new_tokens):
-                self._run_step(step, prompt_len, batches, act_tiers, cache, sampling, generator)
+                self._run_step(block, step)
                 new = torch.cat([b.outputs[-1] for b in batches])[:, 0]
                 if sampling.stops:
                     done |= torch.isin(new, torch.tensor(sampling.stops, device=self.device))
@@ -496,9 +509,9 @@ class Engine:
             self.stats.decode_time_s += time.perf_counter() - prefill_end
         finally:
             self._note_memory()
-            self._free_cache(cache)
-            for k, batch in enumerate(batches):
-                self.storage[act_tiers[k]].free(self._act_key(k))
+            self._free_cache(block.cache)
+            for k, tier in enumerate(block.act_tiers):
+                self.storage[tier].free(self._act_key(k))
         tokens = torch.cat([torch.cat(b.outputs, dim=1) for b in batches]).tolist()
         results = [_cut_at_stop(row, sampling.stops) for row in tokens]
         self.stats.prompt_tokens += sum(len(p) for p in prompts[:num_real])
@@ -508,56 +521,63 @@ class Engine:
     def _act_key(self, batch: int) -> str:
         return f"act/{self._run_id}/{batch}"
 
-    def _run_step(self, step, prompt_len, batches, act_tiers, cache, sampling, generator) -> None:
+    def _run_step(self, block: Block, step: int) -> None:
         """One step (prefill when ``step == 0``) of a block, in the scheduler's order."""
-        tasks = self.scheduler.order(self.spec.num_model_layers, len(batches))
+        tasks = self.scheduler.order(self.spec.num_model_layers, len(block.batches))
         # Tokens in the cache before this step: the prompt, then one more per decode step.
-        length = prompt_len if step == 0 else prompt_len + step - 1
-        pending = self._prefetch(tasks[0], None, step, length, batches, act_tiers, cache)
+        length = block.prompt_len if step == 0 else block.prompt_len + step - 1
+        pending = self._prefetch(block, tasks[0], None, step, length)
         for t, task in enumerate(tasks):
             weights_f, hidden_f, cache_f = pending
             following = tasks[t + 1] if t + 1 < len(tasks) else None
             if following is not None:
                 # Issue the next task's I/O before computing this one, so the two overlap.
-                pending = self._prefetch(following, task, step, length, batches, act_tiers, cache, weights_f)
-            batch = batches[task.batch]
+                pending = self._prefetch(block, following, task, step, length, weights_f)
+            batch = block.batches[task.batch]
             weights = self._wait(weights_f)
             x = self._wait(hidden_f) if hidden_f is not None else batch.hidden
             cached = self._wait(cache_f, on_host=self.attention_device.type == "cpu") if cache_f is not None else None
-            out = self._compute(task, step, length, weights, x, cached, batch, cache, sampling, generator)
+            out = self._compute(block, task, step, length, weights, x, cached)
             if task.layer == self.spec.num_model_layers - 1:
                 batch.hidden = None
             elif following is not None and following.batch == task.batch:
                 batch.hidden = out  # consumed by the very next task: keep it where it is
             else:
-                tier = act_tiers[task.batch]
+                tier = block.act_tiers[task.batch]
                 self._count_write(tier, out)
                 batch.hidden = self.storage[tier].put(self._act_key(task.batch), out)
 
-    def _prefetch(self, task, previous, step, length, batches, act_tiers, cache, previous_weights=None):
-        """Start loading what ``task`` needs; returns futures (weights, hidden or None, cache or None)."""
+    def _prefetch(self, block: Block, task: Task, previous: Task | None, step: int, length: int,
+                  previous_weights: Future | None = None) -> tuple[Future, Future | None, Future | None]:
+        """Start loading what ``task`` needs: futures of its weights, hidden states and cache prefix.
+
+        Hidden states are fetched only when they were stored away (another batch ran in
+        between and their home is not compute memory); the cache prefix only in decode, and
+        only when attention runs away from the cache's home.
+        """
         if previous is not None and previous.layer == task.layer:
             weights = previous_weights
         else:
             weights = self._submit_layer(task.layer)
         hidden = None
-        batch = batches[task.batch]
-        if task.layer > 0 and (previous is None or previous.batch != task.batch):
-            tier = act_tiers[task.batch]
-            resident = batch.hidden
-            if tier == "gpu":
-                hidden = None
-            else:
-                hidden = self._io.submit(self._on_load_stream, self._fetch, tier, resident, self.device)
+        tier = block.act_tiers[task.batch]
+        if task.layer > 0 and tier != "gpu" and (previous is None or previous.batch != task.batch):
+            resident = block.batches[task.batch].hidden
+            hidden = self._io.submit(self._on_load_stream, self._fetch, tier, resident, self.device)
         cache_future = None
         kind, layer = opt.layer_kind(self.spec, task.layer)
-        if kind == "attn" and step > 0 and not self._cache_resident_where_attended(cache[layer][task.batch]):
-            unit = cache[layer][task.batch]
-            cache_future = self._io.submit(self._on_load_stream, self._read_cache, unit, length, self.attention_device)
+        if kind == "attn" and step > 0:
+            unit = block.cache[layer][task.batch]
+            if not self._cache_resident_where_attended(unit):
+                cache_future = self._io.submit(
+                    self._on_load_stream, self._read_cache, unit, length, self.attention_device
+                )
         return weights, hidden, cache_future
 
-    def _compute(self, task, step, length, weights, x, cached, batch, cache, sampling, generator) -> torch.Tensor | None:
-        spec = self.spec
+    def _compute(self, block: Block, task: Task, step: int, length: int, weights: dict[str, torch.Tensor],
+                 x: torch.Tensor | None, cached) -> torch.Tensor | None:
+        """Run one model layer for one GPU batch; returns its hidden states (None after the head)."""
+        spec, batch = self.spec, block.batches[task.batch]
         kind, layer = opt.layer_kind(spec, task.layer)
         prefill = step == 0
         if kind == "embed":
@@ -570,12 +590,12 @@ class Engine:
             return opt.mlp(spec, weights, x)
         if kind == "head":
             logits = opt.head(spec, weights, x)
-            token = sampling.pick(logits, generator)
+            token = block.sampling.pick(logits, block.generator)
             batch.outputs.append(token)
             batch.next_ids = token
             return None
         q, k, v = opt.attention_in(spec, weights, x)
-        unit = cache[layer][task.batch]
+        unit = block.cache[layer][task.batch]
         if prefill:
             valid = batch.valid[:, :length]
             attn = self.attention.prefill(q, k, v, valid)
