@@ -1,0 +1,580 @@
+"""``flexgen bench --config FILE [key=value ...] [--baseline hf]``: throughput beside its bound.
+
+A bench run is a predict run stripped to what a measurement needs: the model (usually
+``model.synthetic``: seeded random weights of any OPT size, no download), the prompts (usually
+``data.num_prompts`` synthetic prompts of ``data.prompt_len`` tokens), the policy and plugins,
+all read by :func:`flexgen.config.load_config` exactly as ``flexgen predict`` reads them. It
+
+1. resolves the machine's :class:`~flexgen.hardware.HardwareProfile` (measured once and cached
+   by :func:`flexgen.hardware.measure_hardware`; ``--hardware h200`` or a YAML file instead);
+2. asks the cost model (:func:`flexgen.costmodel.estimate`) for the *bound* of this policy on
+   this machine: per phase, the busiest single resource (a link's bytes ÷ its bandwidth, or a
+   processor's FLOPs ÷ its rate), which no schedule can beat;
+3. loads the engine, runs one short warm-up generate (CUDA context, cuBLAS handles, the page
+   cache of disk-tier weights), then generates for every prompt and reads ``engine.stats``;
+4. with ``--baseline hf``, runs HF transformers' ``generate`` on the very same weights and
+   prompts (with Accelerate offloading when the policy keeps weights off the GPU) and prints
+   the ratio.
+
+Definitions (the same for "measured" and "bound", so the percentage compares like with like):
+
+* prefill: prompt tokens ÷ prefill seconds;
+* decode: tokens generated *after* the first one of each prompt ÷ decode seconds (the first
+  token comes out of the prefill step), i.e. the cost model's ``decode_throughput``;
+* total: FlexGen's definition, every generated token ÷ (prefill + decode seconds).
+
+Every sequence runs the full ``generation.max_new_tokens`` (``generation.stop`` is ignored),
+because the bound assumes it. Nothing here asserts a speed: a bench prints figures.
+
+Disk-tier weights after the warm-up are usually in the OS page cache (the workloads of
+docs/benchmarks.md say "page cache warm"); the hardware profile's disk read rate is a cold
+read (``posix_fadvise(DONTNEED)`` first). ``--disk-cache`` chooses which one the bound uses;
+``auto`` assumes warm when the disk-tier bytes fit in half the machine's memory, and the
+warm rate is measured here by reading a file twice (or, for a preset/file profile, taken as
+the read side of a host memory copy, half of ``cpu_memory_bandwidth``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flexgen.config import FlexGenConfig, load_config
+from flexgen.errors import ConfigError, FlexGenError
+
+BASELINES = ("hf",)
+DISK_CACHE_MODES = ("auto", "warm", "cold")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are a one-line ConfigError (the CLI prints it, exit status 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="flexgen bench",
+        description="Measure generation throughput on synthetic weights and prompts, beside the cost "
+        "model's bound for the same policy on this machine.",
+        epilog="example: flexgen bench --config configs/bench/w1-opt-6.7b-gpu.yaml --baseline hf",
+    )
+    parser.add_argument("--config", required=True, help="YAML config (configs/bench/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.num_prompts=8")
+    parser.add_argument("--baseline", choices=BASELINES, default=None,
+                        help="also run HF transformers' generate on the same weights and prompts, and print the ratio")
+    parser.add_argument("--baseline-batch-size", type=int, default=None,
+                        help="sequences per HF generate call (default: policy.gpu_batch_size)")
+    parser.add_argument("--hardware", default=None,
+                        help="hardware profile for the bound: a preset (h200, t4-paper) or a YAML file; "
+                        "default: this machine, measured once and cached")
+    parser.add_argument("--refresh-hardware", action="store_true", help="measure this machine again")
+    parser.add_argument("--disk-cache", choices=DISK_CACHE_MODES, default="auto",
+                        help="disk-tier reads in the bound: from the page cache (warm) or the device (cold)")
+    parser.add_argument("--bound-only", action="store_true", help="print the bound and exit without running")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up generate")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write every figure to this JSON file")
+    return parser
+
+
+def bench_command(argv: list[str]) -> int:
+    """Entry point of ``flexgen bench``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.baseline_batch_size is not None and args.baseline_batch_size < 1:
+        raise ConfigError(f"--baseline-batch-size must be >= 1, got {args.baseline_batch_size}")
+    if args.json is not None:
+        _check_writable(Path(args.json))
+    cfg = load_config(args.config, args.overrides)
+    report = run_bench(
+        cfg,
+        baseline=args.baseline,
+        baseline_batch_size=args.baseline_batch_size,
+        hardware=args.hardware,
+        refresh_hardware=args.refresh_hardware,
+        disk_cache=args.disk_cache,
+        bound_only=args.bound_only,
+        warmup=not args.no_warmup,
+        progress=lambda line: print(line, flush=True),
+    )
+    print(format_report(report))
+    if args.json is not None:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=1, default=str) + "\n")
+    return 0
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Rates:
+    """Throughput of one run (or its bound), tokens per second."""
+
+    prefill: float | None = None
+    decode: float | None = None
+    total: float | None = None
+
+
+@dataclass
+class BenchReport:
+    """Everything a bench run found; printed by :func:`format_report`."""
+
+    model: str
+    dtype: str
+    device: str
+    num_prompts: int
+    prompt_len: int
+    gen_len: int
+    policy: dict[str, Any]
+    plugins: dict[str, Any]
+    hardware: dict[str, Any]
+    disk_cache: str
+    bound: Rates = field(default_factory=Rates)
+    bound_bottleneck: dict[str, str] = field(default_factory=dict)
+    bound_note: str | None = None
+    predicted_total: float | None = None
+    measured: Rates | None = None
+    engine_stats: dict[str, Any] | None = None
+    baseline: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def reached(self, kind: str) -> float | None:
+        """Measured ÷ bound in percent, or None when either is missing."""
+        bound = getattr(self.bound, kind)
+        measured = getattr(self.measured, kind) if self.measured else None
+        if not bound or measured is None or not math.isfinite(bound):
+            return None
+        return 100.0 * measured / bound
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["reached_percent"] = {k: self.reached(k) for k in ("prefill", "decode", "total")}
+        return out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_bench(
+    cfg: FlexGenConfig,
+    baseline: str | None = None,
+    baseline_batch_size: int | None = None,
+    hardware: str | None = None,
+    refresh_hardware: bool = False,
+    disk_cache: str = "auto",
+    bound_only: bool = False,
+    warmup: bool = True,
+    progress=None,
+) -> BenchReport:
+    """Measure (unless ``bound_only``) and bound one config; see the module docstring."""
+    from flexgen.predict.run import load_tokenizer, resolve_device, resolve_model, resolve_policy
+
+    try:
+        from flexgen.predict.data import load_prompts
+    except ImportError:  # older layout
+        from flexgen.predict.run import load_prompts
+
+    say = progress or (lambda line: None)
+    model, model_dir, spec = resolve_model(cfg)
+    tokenizer = load_tokenizer(cfg, model_dir)
+    prompts = load_prompts(cfg, tokenizer, spec)
+    policy, plugins, _ = resolve_policy(cfg, spec, prompts)
+    device, _, _ = resolve_device(cfg)
+    offload_dir = _offload_dir(cfg)
+    prompt_len = max(len(p.input_ids) for p in prompts)
+    gen_len = cfg.generation.max_new_tokens
+
+    profile = _hardware_profile(hardware, device, refresh_hardware, say)
+    report = BenchReport(
+        model=spec.name if cfg.model.synthetic is None else f"{cfg.model.synthetic} (synthetic, seed {cfg.model.seed})",
+        dtype=cfg.model.dtype, device=device, num_prompts=len(prompts), prompt_len=prompt_len, gen_len=gen_len,
+        policy=policy.to_dict(), plugins=plugins, hardware=profile.to_dict(), disk_cache="cold",
+    )
+    if (profile.device == "cuda") != device.startswith("cuda"):
+        report.notes.append(
+            f"the hardware profile {profile.name!r} is for a {profile.device} compute device but the engine runs on "
+            f"{device}: the bound describes that other machine"
+        )
+    _bound(report, cfg, spec, policy, plugins, profile, disk_cache, offload_dir, hardware is None)
+    if bound_only:
+        return report
+
+    ids = [list(p.input_ids) for p in prompts]
+    kwargs = _generation_kwargs(cfg)
+    say(f"flexgen bench: loading {report.model} into the engine ...")
+    engine_tokens = _run_engine(report, cfg, model, policy, plugins, device, offload_dir, ids, kwargs, warmup, say)
+    if baseline == "hf":
+        batch = baseline_batch_size or policy.gpu_batch_size
+        say(f"flexgen bench: running HF transformers on the same weights, batch {batch} ...")
+        report.baseline = run_hf_baseline(
+            model, spec, cfg.model.dtype, cfg.model.seed, policy, device, offload_dir, ids, kwargs, batch, warmup,
+        )
+        hf_tokens = report.baseline.pop("tokens")
+        same = sum(a == b for a, b in zip(engine_tokens, hf_tokens))
+        report.baseline["identical_outputs"] = same
+        total = report.measured.total if report.measured else None
+        hf_total = report.baseline["total_throughput"]
+        report.baseline["ratio"] = total / hf_total if total and hf_total else None
+    return report
+
+
+def _offload_dir(cfg: FlexGenConfig) -> str | None:
+    if cfg.output.offload_dir is None:
+        return None
+    return str(Path(os.path.expanduser(cfg.output.offload_dir)).absolute())
+
+
+def _generation_kwargs(cfg: FlexGenConfig) -> dict[str, Any]:
+    """Engine.generate's keywords; no stop token, so every sequence runs the full length the bound assumes."""
+    kwargs = cfg.generation_kwargs()
+    kwargs["stop"] = None
+    return kwargs
+
+
+def _hardware_profile(hardware: str | None, device: str, refresh: bool, say):
+    from flexgen.hardware import get_hardware, measure_hardware
+
+    if hardware is not None:
+        return get_hardware(hardware)
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    if refresh:
+        say("flexgen bench: measuring this machine's hardware profile (a few seconds, cached) ...")
+    return measure_hardware(kind, refresh=refresh)
+
+
+def _bound(report, cfg, spec, policy, plugins, profile, disk_cache, offload_dir, measured_here: bool) -> None:
+    """Fill ``report.bound`` from the cost model; a note instead when it cannot price the config."""
+    from flexgen.costmodel import Workload, estimate, estimate_options
+
+    weights_disk = policy.percents("weights")["disk"] > 0
+    cache_disk = policy.percents("cache")["disk"] > 0
+    if weights_disk or cache_disk:
+        warm = _disk_is_warm(disk_cache, spec, policy, cfg.model.dtype, profile.cpu_memory)
+        if warm:
+            rate, how = _warm_read_rate(profile, offload_dir, measured_here)
+            profile = dataclasses.replace(profile, disk_read_bandwidth=rate)
+            report.hardware = profile.to_dict()
+            report.disk_cache = f"warm ({how})"
+            report.notes.append(
+                f"disk reads priced at {rate / 1e9:.1f} GB/s, the page cache's rate ({how}); --disk-cache cold for the device's"
+            )
+    try:
+        options = estimate_options(plugins)
+        est = estimate(
+            spec, policy, Workload(report.prompt_len, report.gen_len, report.num_prompts), profile,
+            dtype=cfg.model.dtype, **options,
+        )
+    except FlexGenError as exc:
+        report.bound_note = f"no bound: {exc}"
+        return
+    blocks = est.num_blocks
+    block = policy.block_size
+    prefill_s, decode_s = blocks * est.prefill.bound_s, blocks * est.decode.bound_s
+    report.bound = Rates(
+        prefill=blocks * block * report.prompt_len / prefill_s if prefill_s > 0 else None,
+        decode=blocks * block * (report.gen_len - 1) / decode_s if decode_s > 0 else None,
+        total=est.bound_throughput,
+    )
+    report.bound_bottleneck = {"prefill": est.prefill.bottleneck, "decode": est.decode.bottleneck if decode_s > 0 else "-"}
+    report.predicted_total = est.predicted_throughput
+    for tier in ("gpu", "cpu", "disk"):
+        need, have = est.peak(tier), getattr(profile, f"{tier}_memory")
+        if need > have:
+            report.notes.append(
+                f"the cost model puts the {tier} peak at {need / 2**30:.1f} GiB, more than the profile's "
+                f"{have / 2**30:.1f} GiB: the run may not fit"
+            )
+
+
+def _disk_is_warm(mode: str, spec, policy, dtype: str, memory: int) -> bool:
+    """Whether disk-tier reads come from the page cache: the weights on disk fit in half of ``memory``."""
+    if mode != "auto":
+        return mode == "warm"
+    import torch
+
+    from flexgen.models.opt import weight_bytes
+
+    disk_share = policy.percents("weights")["disk"] / 100
+    on_disk = weight_bytes(spec, getattr(torch, dtype)) * disk_share
+    return policy.percents("cache")["disk"] == 0 and on_disk <= memory / 2
+
+
+def _warm_read_rate(profile, offload_dir: str | None, measured_here: bool) -> tuple[float, str]:
+    """Bytes per second of reading a file that is in the page cache: measured here, or from the profile."""
+    if not measured_here:
+        return profile.cpu_memory_bandwidth / 2, "half the profile's host memory copy rate"
+    from flexgen.hardware import cache_dir
+
+    directory = Path(offload_dir) if offload_dir else cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    size, chunk = 256 << 20, 16 << 20
+    handle, name = tempfile.mkstemp(prefix="flexgen-warm-read-", dir=directory)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            block = os.urandom(chunk)
+            for _ in range(size // chunk):
+                f.write(block)
+        best = float("inf")
+        buffer = bytearray(chunk)
+        for _ in range(3):  # the first pass may still fault pages in; keep the fastest
+            start = time.perf_counter()
+            with open(name, "rb", buffering=0) as f:
+                while f.readinto(buffer):
+                    pass
+            best = min(best, time.perf_counter() - start)
+    finally:
+        os.unlink(name)
+    return size / best, "measured here"
+
+
+def _run_engine(report, cfg, model, policy, plugins, device, offload_dir, ids, kwargs, warmup, say) -> list[list[int]]:
+    """Load the engine, warm it up, generate for every prompt; fill ``report.measured``."""
+    from flexgen.predict.run import _load_engine
+
+    engine = _load_engine(
+        model, policy=policy, plugins=plugins, device=device, offload_dir=offload_dir,
+        dtype=cfg.model.dtype, seed=cfg.model.seed,
+    )
+    try:
+        if warmup:
+            say("flexgen bench: warm-up ...")
+            engine.generate(ids[: policy.block_size], **{**kwargs, "max_new_tokens": min(2, kwargs["max_new_tokens"])})
+        engine.stats.reset()
+        say(f"flexgen bench: generating {len(ids)} x {kwargs['max_new_tokens']} tokens ...")
+        tokens = engine.generate(ids, **kwargs)
+        stats = engine.stats.to_dict()
+    finally:
+        engine.close()
+        del engine
+        gc.collect()
+        _empty_cuda_cache()
+    decode_tokens = stats["generated_tokens"] - len(ids)
+    report.measured = Rates(
+        prefill=stats["prefill_throughput"],
+        decode=decode_tokens / stats["decode_time_s"] if stats["decode_time_s"] > 0 else None,
+        total=stats["total_throughput"],
+    )
+    report.engine_stats = stats
+    return tokens
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- HF baseline
+
+
+def hf_model(model: str, spec, dtype: str, seed: int):
+    """``OPTForCausalLM`` holding exactly the weights the engine loads, built without a second copy.
+
+    The module is created on the meta device and every parameter is *assigned* the tensor of
+    the engine's weight source (:func:`flexgen.models.checkpoint.open_source`: seeded synthetic
+    weights, or the checkpoint's tensors), so memory holds one copy. The output embedding is
+    untied: synthetic weights draw ``lm_head.weight`` separately, as the engine does.
+    """
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from flexgen.models import opt
+    from flexgen.models.checkpoint import open_source
+
+    torch_dtype = getattr(torch, dtype)
+    config = OPTConfig(**{**spec.to_hf_config(), "tie_word_embeddings": False})
+    config.dtype = torch_dtype
+    with torch.device("meta"):
+        module = OPTForCausalLM(config)
+    source = open_source(model, dtype=torch_dtype, seed=seed)
+    state = {}
+    for index in range(spec.num_model_layers):
+        for weight in opt.layer_weights(spec, index):
+            key = weight.name if weight.name == "lm_head.weight" else f"model.decoder.{weight.name}"
+            state[key] = source.get(weight).to(torch_dtype)
+    module.load_state_dict(state, strict=True, assign=True)
+    module.generation_config.eos_token_id = None  # every sequence runs the full length
+    return module.eval()
+
+
+def hf_device_map(spec, policy, device: str) -> dict[str, Any]:
+    """Accelerate's ``device_map`` cutting HF's modules over gpu / cpu / disk like the policy's weights.
+
+    Modules in model order (embeddings, decoder layers, final norm and head) are cut by size
+    with the very rule the engine uses (:func:`flexgen.policy.split_by_percent`).
+    """
+    from flexgen.models import opt
+    from flexgen.policy import split_by_percent
+
+    def size(index: int) -> int:
+        return sum(math.prod(w.shape) for w in opt.layer_weights(spec, index))
+
+    sizes: dict[str, int] = {}  # module -> parameters, in model order
+    for w in opt.layer_weights(spec, 0):
+        name = f"model.decoder.{w.name.rsplit('.', 1)[0]}"
+        sizes[name] = sizes.get(name, 0) + math.prod(w.shape)
+    for i in range(spec.num_layers):
+        sizes[f"model.decoder.layers.{i}"] = size(2 * i + 1) + size(2 * i + 2)
+    for w in opt.layer_weights(spec, spec.num_model_layers - 1):
+        prefix = w.name.rsplit(".", 1)[0]
+        name = prefix if prefix == "lm_head" else f"model.decoder.{prefix}"
+        sizes[name] = sizes.get(name, 0) + math.prod(w.shape)
+    modules = list(sizes.items())
+    tiers = split_by_percent([s for _, s in modules], policy.percents("weights"))
+    target = {"gpu": device if device != "cuda" else "cuda:0", "cpu": "cpu", "disk": "disk"}
+    return {name: target[tier] for (name, _), tier in zip(modules, tiers)}
+
+
+def run_hf_baseline(model, spec, dtype, seed, policy, device, offload_dir, ids, kwargs, batch_size, warmup) -> dict[str, Any]:
+    """HF ``generate`` on the same weights and prompts, ``batch_size`` sequences per call.
+
+    Placement: on a CUDA engine, weights all on the GPU when the policy has them all there,
+    else Accelerate's ``dispatch_model`` with :func:`hf_device_map` (its CPU / disk offload
+    hooks stream each module to the GPU when it runs). On a CPU engine every tier but disk is
+    the same memory, so the model is used as built unless the policy puts weights on disk.
+    """
+    import torch
+
+    device_map = hf_device_map(spec, policy, device)
+    offloaded = any(v in ("cpu", "disk") for v in device_map.values()) if device.startswith("cuda") else \
+        any(v == "disk" for v in device_map.values())
+    module = hf_model(model, spec, dtype, seed)
+    placement = f"all weights on {device}"
+    if offloaded:
+        try:
+            import accelerate
+        except ImportError as exc:
+            raise ConfigError(
+                "--baseline hf: the policy keeps weights off the compute device, so the baseline needs "
+                "Accelerate's offloading (pip install accelerate)"
+            ) from exc
+        folder = Path(offload_dir or tempfile.mkdtemp(prefix="flexgen-hf-offload-")) / "hf-accelerate"
+        if not device.startswith("cuda"):
+            device_map = {k: ("cpu" if v != "disk" else "disk") for k, v in device_map.items()}
+        counts = {t: sum(1 for v in device_map.values() if v == t) for t in set(device_map.values())}
+        module = accelerate.dispatch_model(module, device_map=device_map, main_device=device, offload_dir=str(folder))
+        placement = "Accelerate offload, modules per tier " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    else:
+        module = module.to(device)
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+
+    def generate(rows: list[list[int]], new_tokens: int) -> list[list[int]]:
+        longest = max(map(len, rows))
+        input_ids = torch.full((len(rows), longest), spec.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for i, row in enumerate(rows):
+            input_ids[i, longest - len(row):] = torch.tensor(row)
+            mask[i, longest - len(row):] = 1
+        sampling = {"do_sample": True, "temperature": kwargs["temperature"], "top_p": kwargs["top_p"]} \
+            if kwargs["do_sample"] else {"do_sample": False}
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = module.generate(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, pad_token_id=spec.pad_token_id, **sampling,
+            )
+        return out[:, longest:].tolist()
+
+    new_tokens = kwargs["max_new_tokens"]
+    if warmup:
+        generate(ids[:batch_size], min(2, new_tokens))
+    tokens: list[list[int]] = []
+    sync()
+    started = time.perf_counter()
+    for start in range(0, len(ids), batch_size):
+        tokens.extend(generate(ids[start:start + batch_size], new_tokens))
+    sync()
+    seconds = time.perf_counter() - started
+    generated = sum(len(t) for t in tokens)
+    del module
+    gc.collect()
+    _empty_cuda_cache()
+    return {
+        "name": "hf",
+        "placement": placement,
+        "batch_size": batch_size,
+        "time_s": seconds,
+        "generated_tokens": generated,
+        "total_throughput": generated / seconds if seconds > 0 else None,
+        "tokens": tokens,
+    }
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def _rate(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:,.1f}"
+
+
+def format_report(r: BenchReport) -> str:
+    """The lines ``flexgen bench`` prints."""
+    p = r.policy
+    tiers = lambda kind: f"{p[f'{kind}_gpu']:g}/{p[f'{kind}_cpu']:g}/{100 - p[f'{kind}_gpu'] - p[f'{kind}_cpu']:g}"  # noqa: E731
+    names = {k: (v.get("name") if isinstance(v, dict) else v) for k, v in r.plugins.items() if k != "storage"}
+    hw = r.hardware
+    lines = [
+        f"flexgen bench: {r.model}, {r.dtype}, on {r.device}; {r.num_prompts} prompts x {r.prompt_len} tokens, "
+        f"{r.gen_len} new tokens each",
+        f"  policy: block {p['num_gpu_batches']} x {p['gpu_batch_size']}; gpu/cpu/disk % weights {tiers('weights')}, "
+        f"cache {tiers('cache')}, activations {tiers('act')}; overlap {p['overlap']}, pin {p['pin_weights']}",
+        f"  plugins: attention {names.get('attention')}, scheduler {names.get('scheduler')}, "
+        f"compression weights {names.get('weight_compressor')} / cache {names.get('cache_compressor')}",
+        f"  hardware: {hw['name']} [{hw['source']}]",
+        f"    host->device {hw['h2d_bandwidth'] / 1e9:.1f} GB/s, device->host {hw['d2h_bandwidth'] / 1e9:.1f} GB/s, "
+        f"disk read {hw['disk_read_bandwidth'] / 1e9:.2f} GB/s ({r.disk_cache}), "
+        f"matmul {hw[_flops_key(r.dtype)] / 1e12:.2f} TFLOP/s ({r.dtype}), "
+        f"cpu attention {hw['cpu_attention_flops'] / 1e9:.1f} GFLOP/s",
+        f"    memory: gpu {hw['gpu_memory'] / 2**30:.1f} GiB, cpu {hw['cpu_memory'] / 2**30:.1f} GiB, "
+        f"disk {hw['disk_memory'] / 2**30:.1f} GiB",
+        "",
+        f"  {'tokens/s':<10}{'measured':>14}{'bound':>14}{'reached':>10}   bound set by",
+    ]
+    for kind in ("prefill", "decode", "total"):
+        measured = getattr(r.measured, kind) if r.measured else None
+        reached = r.reached(kind)
+        by = r.bound_bottleneck.get(kind, "prefill bound + decode bound" if kind == "total" and r.bound.total else "-")
+        lines.append(
+            f"  {kind:<10}{_rate(measured):>14}{_rate(getattr(r.bound, kind)):>14}"
+            f"{(f'{reached:.1f} %' if reached is not None else '-'):>10}   {by}"
+        )
+    if r.bound_note:
+        lines.append(f"  {r.bound_note}")
+    elif r.predicted_total is not None:
+        lines.append(f"  (the cost model's prediction for this schedule, with its overheads: {_rate(r.predicted_total)} tokens/s)")
+    if r.baseline is not None:
+        b = r.baseline
+        ratio = f"{b['ratio']:.2f}x" if b.get("ratio") else "-"
+        lines.append(
+            f"  baseline hf: {_rate(b['total_throughput'])} tokens/s total (batch {b['batch_size']}, {b['placement']}); "
+            f"flexgen / hf = {ratio}; identical outputs for {b['identical_outputs']}/{r.num_prompts} prompts"
+        )
+    for note in r.notes:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def _flops_key(dtype: str) -> str:
+    return {"float16": "gpu_flops_fp16", "bfloat16": "gpu_flops_bf16", "float32": "gpu_flops_fp32"}[dtype]
+
+
+def _check_writable(path: Path) -> None:
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ConfigError(f"--json: folder {folder} does not exist")
