@@ -104,12 +104,36 @@ def stored_bytes(shape: tuple[int, ...], compression: str, dtype: str) -> int:
         return rows * (math.ceil(last * bits / 8) + 2 * 2 * math.ceil(last / 64))
 
 
+def _pow2(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length() if n > 0 else 0
+
+
+@lru_cache(maxsize=None)
+def pinned_bytes(shape: tuple[int, ...], compression: str, dtype: str) -> int:
+    """Host bytes a *pinned* tensor of ``shape`` really takes: each part rounded up to a power of two.
+
+    PyTorch's caching host allocator rounds every pinned allocation up to the next power of
+    two (``CachingHostAllocator``), and the CPU tier pins when CUDA is present, so a 374 MB
+    cache unit occupies 512 MB of RAM.
+    """
+    if compression == "none":
+        return _pow2(math.prod(shape) * _DTYPE_SIZE[dtype])
+    try:
+        import torch
+
+        specs = _compressor(compression).part_specs(tuple(shape), getattr(torch, dtype))
+        return sum(_pow2(math.prod(s) * torch.empty((), dtype=d).element_size()) for s, d in specs.values())
+    except Exception:
+        return _pow2(stored_bytes(shape, compression, dtype))
+
+
 @dataclass(frozen=True)
 class _Tensor:
     numel: int
     raw: int       # bytes in the compute dtype
     stored: int    # bytes at rest (compressed or not)
     compressed: bool
+    pinned: int    # host bytes when pinned (parts rounded up to powers of two)
 
 
 @lru_cache(maxsize=256)
@@ -119,7 +143,9 @@ def _layer_tensors(spec: OPTSpec, kind: str, compression: str, dtype: str) -> tu
     for w in opt.layer_weights(spec, index):
         numel = math.prod(w.shape)
         compressed = len(w.shape) >= 2 and compression != "none"
-        out.append(_Tensor(numel, numel * _DTYPE_SIZE[dtype], stored_bytes(w.shape, compression if compressed else "none", dtype), compressed))
+        comp = compression if compressed else "none"
+        out.append(_Tensor(numel, numel * _DTYPE_SIZE[dtype], stored_bytes(w.shape, comp, dtype), compressed,
+                           pinned_bytes(w.shape, comp, dtype)))
     return tuple(out)
 
 
@@ -133,6 +159,7 @@ class _LayerWeights:
     decompressed_raw: int          # raw bytes produced by decompression per load
     raw_total: int                 # raw bytes of the whole layer (read by its matmuls)
     largest_compressed: int = 0    # raw bytes of its largest compressed tensor (decompression temporaries)
+    pinned_cpu: int = 0            # host bytes of its CPU-tier tensors when pinned
 
 
 @lru_cache(maxsize=65536)
@@ -150,7 +177,15 @@ def _place_layer(tensors: tuple[_Tensor, ...], gpu: float, cpu: float, cuda: boo
             raw_fetched += t.raw
     resident = all(tier == "gpu" and not t.compressed for t, tier in zip(tensors, tiers))
     largest = max((t.raw for t in tensors if t.compressed), default=0)
-    return _LayerWeights(resident, stored, raw_fetched, decompressed, sum(t.raw for t in tensors), largest)
+    pinned = sum(t.pinned for t, tier in zip(tensors, tiers) if tier == "cpu")
+    return _LayerWeights(resident, stored, raw_fetched, decompressed, sum(t.raw for t in tensors), largest, pinned)
+
+
+@lru_cache(maxsize=65536)
+def _place_layers(spec: OPTSpec, compression: str, dtype: str, gpu: float, cpu: float, cuda: bool) -> dict[str, _LayerWeights]:
+    """The four kinds of model layer under one weight placement (memoised: the search asks often)."""
+    return {kind: _place_layer(_layer_tensors(spec, kind, compression, dtype), gpu, cpu, cuda)
+            for kind in ("embed", "attn", "mlp", "head")}
 
 
 def cache_unit_counts(spec: OPTSpec, policy: Policy) -> list[dict[str, int]]:
@@ -200,6 +235,19 @@ def _cache_counts(L: int, K: int, gpu: float, cpu: float) -> tuple[tuple[tuple[s
         counts = {"gpu": g, "cpu": c, "disk": K - g - c}
         out.append(tuple(sorted((t, v) for t, v in counts.items() if v)))
     return tuple(out)
+
+
+_UNPINNED: dict[int, tuple[HardwareProfile, HardwareProfile]] = {}
+
+
+def _unpinned(hardware: HardwareProfile) -> HardwareProfile:
+    """``hardware.unpinned()``, remembered per profile object."""
+    hit = _UNPINNED.get(id(hardware))
+    if hit is None or hit[0] is not hardware:
+        if len(_UNPINNED) > 64:
+            _UNPINNED.clear()
+        hit = _UNPINNED[id(hardware)] = (hardware, hardware.unpinned())
+    return hit[1]
 
 
 # --------------------------------------------------------------------------- results
@@ -435,6 +483,8 @@ def estimate(
         raise ConfigError(f"prompt_len + gen_len = {s + n} exceeds the model's {spec.max_positions} positions")
     wcomp, ccomp = _normalize_compression(weight_compression), _normalize_compression(cache_compression)
 
+    if hardware.device == "cuda" and not hardware.shared_memory and not policy.pin_weights:
+        hardware = _unpinned(hardware)  # host tensors are pageable: slower copies
     hw, rates = hardware, _Rates(hardware, dtype)
     cuda = rates.cuda
     dsize = _DTYPE_SIZE[dtype]
@@ -444,7 +494,7 @@ def estimate(
 
     # Weights, per layer kind (all attention layers alike, all MLP layers alike).
     wpct = policy.percents("weights")
-    layers = {kind: _place_layer(_layer_tensors(spec, kind, wcomp, dtype), wpct["gpu"], wpct["cpu"], cuda) for kind in ("embed", "attn", "mlp", "head")}
+    layers = _place_layers(spec, wcomp, dtype, wpct["gpu"], wpct["cpu"], cuda)
     multiplicity = {"embed": 1, "attn": L, "mlp": L, "head": 1}
 
     # Cache: bytes per token of one unit (k and v), grouped layers with the same tier mix.
@@ -592,7 +642,7 @@ def estimate(
 
     memory = _memory(
         spec, policy, layers, cache_units, cache_token, act_tiers, parks_act, s, n, dsize, attention_on_gpu, cuda,
-        resident_where_attended, ccomp,
+        resident_where_attended, ccomp, dtype,
     )
     if workload.num_prompts is None:
         blocks, generated = 1, policy.block_size * n
@@ -613,8 +663,14 @@ def estimate(
 
 
 def _memory(spec, policy, layers, cache_units, cache_token, act_tiers, parks_act, s, n, dsize, attention_on_gpu, cuda,
-            resident_where_attended, ccomp) -> dict[str, dict[str, float]]:
-    """Peak bytes per tier (see the module docstring for what is counted)."""
+            resident_where_attended, ccomp, dtype) -> dict[str, dict[str, float]]:
+    """Peak bytes per tier (see the module docstring for what is counted).
+
+    With CUDA the CPU tier pins its tensors (``policy.pin_weights``), and pinned allocations
+    are rounded up to powers of two: the CPU figures are then what the RAM really holds, more
+    than ``engine.stats.peak_memory["cpu"]`` (which sums tensor sizes).
+    """
+    pinned = cuda and policy.pin_weights
     B = policy.gpu_batch_size
     h, H, ffn, V = spec.hidden_size, spec.num_heads, spec.ffn_dim, spec.vocab_size
     T = s + n
@@ -622,10 +678,12 @@ def _memory(spec, policy, layers, cache_units, cache_token, act_tiers, parks_act
     counts = {"embed": 1, "attn": spec.num_layers, "mlp": spec.num_layers, "head": 1}
     for kind, lw in layers.items():
         for tier in ("gpu", "cpu", "disk"):
-            mem[tier]["weights"] += counts[kind] * lw.stored[tier]
+            size = lw.pinned_cpu if (tier == "cpu" and pinned) else lw.stored[tier]
+            mem[tier]["weights"] += counts[kind] * size
     unit_bytes = T * cache_token
+    unit_pinned = 2 * pinned_bytes((T, B, spec.num_heads, spec.head_dim), ccomp, dtype)
     for tier, units in cache_units.items():
-        mem[tier]["cache"] += units * unit_bytes
+        mem[tier]["cache"] += units * (unit_pinned if (tier == "cpu" and pinned) else unit_bytes)
     if parks_act:
         for tier in act_tiers:
             mem[tier]["act"] += B * s * h * dsize

@@ -40,7 +40,7 @@ KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 GB = 10**9
 
 #: Bump when measurement changes, so stale cached profiles are measured again.
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3
 
 _UNITS = {
     "": 1, "b": 1,
@@ -155,6 +155,10 @@ class HardwareProfile:
     #: float32 elementwise passes). Measured with the registered int4 compressor.
     decompress_bandwidth: float | None = None
     cpu_decompress_bandwidth: float | None = None
+    #: host <-> device copies from/to ordinary (pageable) memory, used when a policy does not
+    #: pin (``pin_weights: false``); None: half the pinned rate (an assumption).
+    h2d_pageable_bandwidth: float | None = None
+    d2h_pageable_bandwidth: float | None = None
     #: True when gpu and cpu tiers are the same memory (no CUDA: compute runs on the CPU).
     shared_memory: bool = False
     #: where the figures come from: "measured on <host> <date>", "preset", a file name.
@@ -172,6 +176,14 @@ class HardwareProfile:
         if on_host or self.shared_memory:
             return self.cpu_decompress_bandwidth or self.cpu_memory_bandwidth / 12
         return self.decompress_bandwidth or self.gpu_memory_bandwidth / 12
+
+    def unpinned(self) -> "HardwareProfile":
+        """This profile as seen by copies from pageable memory (a policy that does not pin)."""
+        return dataclasses.replace(
+            self,
+            h2d_bandwidth=self.h2d_pageable_bandwidth or self.h2d_bandwidth / 2,
+            d2h_bandwidth=self.d2h_pageable_bandwidth or self.d2h_bandwidth / 2,
+        )
 
     def with_caps(self, gpu_memory: Any = None, cpu_memory: Any = None, disk_memory: Any = None) -> "HardwareProfile":
         """This profile with some capacities replaced (``"24GiB"``, bytes, or None to keep).
@@ -222,7 +234,7 @@ class HardwareProfile:
         for key, value in values.items():
             if key in ("gpu_memory", "cpu_memory", "disk_memory"):
                 merged[key] = parse_bytes(value, f"{where}: {key}")
-            elif key.endswith("_bandwidth") and value is None and key.endswith("decompress_bandwidth"):
+            elif value is None and known[key].default is None:
                 merged[key] = None
             elif key.endswith("_bandwidth"):
                 merged[key] = parse_rate(value, f"{where}: {key}", "B")
@@ -517,6 +529,8 @@ def measure_hardware(
         on_gpu = torch.empty(copy_bytes // 4, dtype=torch.float32, device="cuda")
         h2d = _copy_rate(pinned, on_gpu, sync)
         d2h = _copy_rate(on_gpu, pinned, sync)
+        h2d_pageable = _copy_rate(host_a, on_gpu, sync, repeats=3)
+        d2h_pageable = _copy_rate(on_gpu, host_b, sync, repeats=3)
         other = torch.empty_like(on_gpu)
         gpu_bw = 2 * _copy_rate(on_gpu, other, sync)  # bytes read + written
         flops = {key: _matmul_rate(torch, "cuda", dt, gpu_n, sync)
@@ -541,6 +555,7 @@ def measure_hardware(
             except RuntimeError:  # no half-precision matmul on this CPU build
                 flops[key] = cpu_flops / 10
         gpu_memory = cpu_memory
+        h2d_pageable = d2h_pageable = None
         x = torch.ones(16)
         overhead = _best_time(lambda: torch.add(x, 1), cpu_sync, 20) * 20
         decompress = cpu_decompress
@@ -567,6 +582,8 @@ def measure_hardware(
         task_overhead_s=overhead,
         decompress_bandwidth=decompress,
         cpu_decompress_bandwidth=cpu_decompress,
+        h2d_pageable_bandwidth=h2d_pageable,
+        d2h_pageable_bandwidth=d2h_pageable,
         shared_memory=shared,
         source=f"measured on {platform.node()} {time.strftime('%Y-%m-%d')} ({device})",
     )

@@ -166,6 +166,7 @@ class _Plugins:
     attention: str
     weight_compression: str
     cache_compression: str
+    pin: bool = True  # the policy's pin_weights: pinned host memory copies faster but rounds up
 
 
 class _Search:
@@ -184,14 +185,14 @@ class _Search:
     def _fits(self, policy: Policy, plugins: _Plugins) -> bool:
         return not violations(self._estimate(policy, plugins, True), self.hw, self.margins)
 
-    def _policy(self, gbs, nb, wg_edge, w_edge2, cg_edge, c_edge2, act_gpu) -> Policy | None:
+    def _policy(self, gbs, nb, wg_edge, w_edge2, cg_edge, c_edge2, act_gpu, pin=True) -> Policy | None:
         try:
             return Policy(
+                pin_weights=pin,
                 gpu_batch_size=gbs, num_gpu_batches=nb,
                 weights_gpu=wg_edge, weights_cpu=round(w_edge2 - wg_edge, 6),
                 cache_gpu=cg_edge, cache_cpu=round(c_edge2 - cg_edge, 6),
                 act_gpu=100.0 if act_gpu else 0.0, act_cpu=0.0 if act_gpu else 100.0,
-                pin_weights=True,
             )
         except PolicyError:
             return None
@@ -207,7 +208,8 @@ class _Search:
         cache_on_gpu_useful = plugins.attention == "gpu" or self.hw.shared_memory
 
         def make(n_g: int, n_c: int) -> Policy | None:
-            return self._policy(gbs, nb, wg_edge, w_edge2, _edge_for_count(n_g, N), _edge_for_count(n_g + n_c, N), act_gpu)
+            return self._policy(gbs, nb, wg_edge, w_edge2, _edge_for_count(n_g, N), _edge_for_count(n_g + n_c, N), act_gpu,
+                                plugins.pin)
 
         def need(n_g: int, n_c: int) -> dict[str, float] | None:
             policy = make(n_g, n_c)
@@ -278,7 +280,7 @@ class _Search:
 
     def _weights_fit(self, gbs, nb, plugins, wg, w2, act_gpu) -> bool:
         """Do the weights fit with the whole cache on disk (the least any placement needs)?"""
-        policy = self._policy(gbs, nb, wg, w2, 0.0, 0.0, act_gpu)
+        policy = self._policy(gbs, nb, wg, w2, 0.0, 0.0, act_gpu, plugins.pin)
         if policy is None:
             return False
         est = self._estimate(policy, plugins, True)
@@ -347,9 +349,13 @@ def auto_policy(
     workload = Workload(prompt_len, gen_len, num_prompts)
     hw = hardware if hardware is not None else get_hardware(None)
     search = _Search(spec, workload, hw, dtype, scheduler, margins)
+    # Pinned host memory copies faster, but PyTorch rounds every pinned allocation up to a
+    # power of two; where RAM is what limits, not pinning can win (FlexGen's --pin-weight 0).
+    pins = (True, False) if (hw.device == "cuda" and not hw.shared_memory) else (True,)
     combos = [
-        _Plugins(a, w, c)
-        for a in dict.fromkeys(attentions) for w in dict.fromkeys(weight_compressions) for c in dict.fromkeys(cache_compressions)
+        _Plugins(a, w, c, pin)
+        for a in dict.fromkeys(attentions) for w in dict.fromkeys(weight_compressions)
+        for c in dict.fromkeys(cache_compressions) for pin in pins
     ]
     gbs_list = sorted(set(gpu_batch_sizes))
     nb_list = sorted(set(num_gpu_batches))
@@ -481,7 +487,7 @@ def format_choice(choice: PolicyChoice) -> str:
         f"policy: gpu_batch_size={p.gpu_batch_size} num_gpu_batches={p.num_gpu_batches} "
         f"weights gpu/cpu/disk={p.weights_gpu:g}/{p.weights_cpu:g}/{100 - p.weights_gpu - p.weights_cpu:g} "
         f"cache={p.cache_gpu:g}/{p.cache_cpu:g}/{100 - p.cache_gpu - p.cache_cpu:g} "
-        f"act={p.act_gpu:g}/{p.act_cpu:g}/{100 - p.act_gpu - p.act_cpu:g}",
+        f"act={p.act_gpu:g}/{p.act_cpu:g}/{100 - p.act_gpu - p.act_cpu:g} pin_weights={p.pin_weights}",
         "plugins: " + ", ".join(f"{k}={v}" for k, v in choice.plugins.items()),
         est.describe(),
         f"(searched {choice.considered} placements)",

@@ -43,7 +43,22 @@ def test_weights_on_cpu_cross_pcie_once_per_step():
     total = est.prefill.bytes["cpu->gpu"] + est.decode.bytes["cpu->gpu"]
     assert total == N * weight_bytes(TINY)  # zig-zag: once per step, whatever the GPU batches
     assert est.prefill.bytes["gpu->cpu"] == est.decode.bytes["gpu->cpu"] == 0
-    assert est.memory["cpu"]["weights"] == weight_bytes(TINY)
+    unpinned = estimate(TINY, Policy(2, 2, 0, 100, 100, 0, 100, 0, pin_weights=False), (S, N), FAKE_GPU)
+    assert unpinned.memory["cpu"]["weights"] == weight_bytes(TINY)
+
+
+def test_pinned_host_tensors_take_powers_of_two():
+    """PyTorch's caching host allocator rounds pinned allocations up to a power of two."""
+    spec = opt.spec_for_size("opt-30b")
+    pinned = estimate(spec, Policy(48, 1, 0, 100, 0, 100, 100, 0), (512, 32), FAKE_GPU)
+    plain = estimate(spec, Policy(48, 1, 0, 100, 0, 100, 100, 0, pin_weights=False), (512, 32), FAKE_GPU)
+    unit = 2 * (512 + 32) * 48 * spec.hidden_size * 2  # k and v of one (layer, batch), 374 MB
+    assert plain.memory["cpu"]["cache"] == spec.num_layers * unit
+    assert pinned.memory["cpu"]["cache"] == spec.num_layers * 2 * 2 ** math.ceil(math.log2(unit / 2))
+    assert pinned.memory["cpu"]["weights"] > plain.memory["cpu"]["weights"]
+    # without CUDA nothing is pinned
+    assert estimate(spec, Policy(48, 1, 0, 100, 0, 100, 100, 0), (512, 32), FAKE_CPU).memory["cpu"]["cache"] == \
+        spec.num_layers * unit
 
 
 def test_row_schedule_reloads_weights_per_batch():
@@ -122,7 +137,7 @@ def test_more_offloaded_never_less_io(kind, attention):
 
 def test_memory_estimate_counts_every_tier():
     spec = opt.spec_for_size("opt-6.7b")
-    pol = Policy(16, 2, 30, 40, 50, 25, 100, 0)
+    pol = Policy(16, 2, 30, 40, 50, 25, 100, 0, pin_weights=False)
     est = estimate(spec, pol, (256, 32), FAKE_GPU)
     total_weights = sum(est.memory[t]["weights"] for t in ("gpu", "cpu", "disk"))
     assert total_weights == weight_bytes(spec)
