@@ -77,12 +77,15 @@ def test_quickstart_matches_hf_greedy(env_cache, tmp_path):
         line = lines[p["id"]]
         ids = tokenizer(p["text"])["input_ids"]
         assert line["input_ids"] == ids
-        assert line["output_ids"] == hf_greedy(model, ids, n), p["id"]
+        reference = hf_greedy(model, ids, n)
+        if 2 in reference:  # the quickstart stops after </s>
+            reference = reference[: reference.index(2) + 1]
+        assert line["output_ids"] == reference, p["id"]
         assert line["text"] == tokenizer.decode(line["output_ids"], skip_special_tokens=True)
 
 
 def test_kill_9_and_resume_gives_every_prompt_once(env_cache, tmp_path):
-    overrides = ["policy.gpu_batch_size=1", "policy.num_gpu_batches=1", "generation.max_new_tokens=48",
+    overrides = ["policy.gpu_batch_size=1", "policy.num_gpu_batches=1", "generation.max_new_tokens=48", "generation.stop=null",
                  "trainer.enable_progress_bar=false"]
     reference = tmp_path / "reference.jsonl"
     run_predict(load_config(QUICKSTART, overrides + [f"output.path={reference}"]))
@@ -110,14 +113,12 @@ def test_kill_9_and_resume_gives_every_prompt_once(env_cache, tmp_path):
     assert read_lines(out) == expected
 
 
-@pytest.mark.xfail(reason="engine bug: stop tokens with >1 sequence per GPU batch fail to broadcast "
-                          "(flexgen/engine.py, done |= torch.isin(new, ...) with new of shape [B, 1])",
-                   raises=RuntimeError, strict=False)
 def test_stop_token_ends_each_output(env_cache, tmp_path):
     out = tmp_path / "stop.jsonl"
-    run_predict(load_config(QUICKSTART, [f"output.path={out}", "generation.stop=2", "trainer.enable_progress_bar=false"]))
+    run_predict(load_config(QUICKSTART, [f"output.path={out}", "generation.stop=2", "generation.max_new_tokens=40",
+                                         "trainer.enable_progress_bar=false"]))
     lines = read_lines(out)
-    assert any(line["output_ids"][-1] == 2 for line in lines)
+    assert any(line["output_ids"][-1] == 2 for line in lines.values())
     for line in lines.values():
         assert 2 not in line["output_ids"][:-1]
 

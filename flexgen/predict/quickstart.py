@@ -75,6 +75,7 @@ def ensure_quickstart(root: Path | None = None) -> Path:
     try:
         log.info("building the quickstart checkpoint in %s (once)", target)
         build_quickstart(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp made it private; the finished checkpoint is not secret
         try:
             os.rename(tmp, target)
         except OSError:
