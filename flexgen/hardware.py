@@ -40,7 +40,7 @@ KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 GB = 10**9
 
 #: Bump when measurement changes, so stale cached profiles are measured again.
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4
 
 _UNITS = {
     "": 1, "b": 1,
@@ -458,6 +458,37 @@ def _cpu_attention_rate(torch, batch: int = 8, heads: int = 16, head_dim: int = 
     return 4 * batch * heads * length * head_dim / seconds
 
 
+def _task_overhead(torch, device: str, sync) -> float:
+    """Seconds of one (layer, batch) task when its arithmetic is negligible: launch and Python cost.
+
+    Runs the real attention and MLP functions of :mod:`flexgen.models.opt` on a tiny shape, so
+    the number of operations (and kernel launches) is that of a real task.
+    """
+    try:
+        from flexgen.models import opt
+        import torch.nn.functional as F
+
+        spec = opt.OPTSpec(vocab_size=64, hidden_size=64, num_layers=1, num_heads=4, ffn_dim=128,
+                           max_positions=64, word_embed_proj_dim=64)
+        weights = {}
+        for index in (1, 2):
+            for w in opt.layer_weights(spec, index):
+                weights[w.local] = torch.randn(w.shape, device=device) * 0.02
+        x = torch.randn(2, 1, 64, device=device)
+        cache_k = torch.randn(2, 4, 16, 16, device=device)
+
+        def task() -> None:
+            q, k, v = opt.attention_in(spec, weights, x)
+            kk, vv = torch.cat([cache_k, k], dim=2), torch.cat([cache_k, v], dim=2)
+            a = F.scaled_dot_product_attention(q, kk, vv, scale=1.0)
+            y = opt.attention_out(spec, weights, x, a)
+            opt.mlp(spec, weights, y)
+
+        return _best_time(task, sync, repeats=20) / 2  # an attention task and an MLP task
+    except Exception:
+        return 2e-4
+
+
 def _decompress_rate(torch, device: str, sync, n: int) -> float | None:
     """Bytes of float16 output per second of the registered int4 compressor's decompression."""
     try:
@@ -537,7 +568,7 @@ def measure_hardware(
                  for key, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32))}
         free, total = torch.cuda.mem_get_info()
         gpu_memory = total
-        overhead = _best_time(lambda: torch.add(on_gpu[:16], 1), sync, 20) * 20
+        overhead = _task_overhead(torch, "cuda", sync)
         decompress = _decompress_rate(torch, "cuda", sync, 2048 if quick else 8192)
         name = torch.cuda.get_device_name(0)
         del pinned, on_gpu, other
@@ -556,8 +587,7 @@ def measure_hardware(
                 flops[key] = cpu_flops / 10
         gpu_memory = cpu_memory
         h2d_pageable = d2h_pageable = None
-        x = torch.ones(16)
-        overhead = _best_time(lambda: torch.add(x, 1), cpu_sync, 20) * 20
+        overhead = _task_overhead(torch, "cpu", cpu_sync)
         decompress = cpu_decompress
         name = platform.processor() or platform.machine()
         shared = True

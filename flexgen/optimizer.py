@@ -38,7 +38,7 @@ from flexgen.costmodel import Estimate, Workload, _layer_tensors, count_below, e
 from flexgen.errors import ConfigError, PolicyError
 from flexgen.hardware import HardwareProfile, format_bytes, get_hardware
 from flexgen.models.opt import OPTSpec, spec_for_size
-from flexgen.policy import Policy, split_by_percent
+from flexgen.policy import Policy
 
 #: Fraction of each tier's capacity a chosen policy may use: the rest absorbs what the model
 #: does not count (CUDA context and allocator fragmentation, Python and torch in RAM, files).

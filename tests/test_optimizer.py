@@ -3,8 +3,8 @@ its memory and byte estimates match what the engine does, and ``flexgen policy``
 
 from __future__ import annotations
 
-import json
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ import torch
 from flexgen.cli import main
 from flexgen.costmodel import estimate
 from flexgen.errors import PolicyError
-from flexgen.hardware import GB, KiB, MiB, PRESETS, save_hardware
+from flexgen.hardware import KiB, MiB, PRESETS, save_hardware
 from flexgen.models.opt import OPTSpec, spec_for_size
 from flexgen.optimizer import MARGINS, auto_policy, violations, weight_edges
 from flexgen.policy import Policy, split_by_percent
