@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from flexgen.costmodel import Estimate, Workload, _layer_tensors, count_below, estimate
+from flexgen.costmodel import Estimate, Workload, _layer_tensors, count_below, estimate, estimate_options
 from flexgen.errors import ConfigError, PolicyError
 from flexgen.hardware import HardwareProfile, format_bytes, get_hardware
 from flexgen.models.opt import OPTSpec, spec_for_size
@@ -416,6 +416,26 @@ def auto_policy(
     )
 
 
+def hand_written_grid() -> list[tuple[Policy, dict[str, str]]]:
+    """Policies a person would try by hand: the yardstick the automatic choice is checked against.
+
+    Weights 0 / 20 / 50 % on the GPU and the rest on the CPU, the cache on the CPU, CPU or GPU
+    attention, four batch geometries; and int4 weights and cache at three weight placements:
+    27 policies. ``flexgen policy --grid`` prices each beside the automatic choice.
+    """
+    grid: list[tuple[Policy, dict[str, str]]] = []
+    plain = {"weight_compressor": "none", "cache_compressor": "none"}
+    for gbs, nb in ((8, 1), (32, 1), (32, 4), (64, 4)):
+        for weights_gpu in (0, 20, 50):
+            for attention in ("cpu", "gpu"):
+                policy = Policy(gbs, nb, weights_gpu, 100 - weights_gpu, 0, 100, 100, 0)
+                grid.append((policy, {"attention": attention, **plain}))
+    for weights_gpu in (0, 50, 100):
+        policy = Policy(64, 4, weights_gpu, 100 - weights_gpu, 0, 100, 100, 0)
+        grid.append((policy, {"attention": "gpu", "weight_compressor": "int4", "cache_compressor": "int4"}))
+    return grid
+
+
 def auto_policy_for_run(
     spec: OPTSpec,
     prompt_len: int,
@@ -521,6 +541,8 @@ def policy_command(argv: list[str]) -> int:
                         help="weight and cache compressions to consider (none,int4,int8)")
     parser.add_argument("--gpu-batch-sizes", default=None, help="candidate GPU batch sizes, e.g. 8,16,32")
     parser.add_argument("--num-gpu-batches", default=None, help="candidate numbers of GPU batches, e.g. 1,2,4")
+    parser.add_argument("--grid", action="store_true",
+                        help="also price a grid of hand-written policies beside the choice")
     parser.add_argument("--json", action="store_true", help="print the choice as JSON")
     args = parser.parse_args(argv)
 
@@ -540,12 +562,36 @@ def policy_command(argv: list[str]) -> int:
         gpu_batch_sizes=_ints(args.gpu_batch_sizes, "--gpu-batch-sizes") if args.gpu_batch_sizes else GPU_BATCH_SIZES,
         num_gpu_batches=_ints(args.num_gpu_batches, "--num-gpu-batches") if args.num_gpu_batches else NUM_GPU_BATCHES,
     )
+    grid = []
+    if args.grid:
+        workload = (args.prompt_len, args.gen_len, args.num_prompts)
+        for policy, plugins in hand_written_grid():
+            est = estimate(spec, policy, Workload(*workload), hardware, dtype=args.dtype,
+                           **estimate_options(plugins))
+            grid.append((policy, plugins, est, violations(est, hardware)))
     if args.json:
         out = choice.to_dict()
         out["model"] = spec.name
+        if args.grid:
+            out["grid"] = [
+                {"policy": p.to_dict(), "plugins": pl, "predicted_throughput": e.predicted_throughput, "fits": not v,
+                 "over": v}
+                for p, pl, e, v in grid
+            ]
         print(json.dumps(out, indent=1))
     else:
         print(f"model: {spec.name}, prompt {args.prompt_len}, generate {args.gen_len}" +
               (f", {args.num_prompts} prompts" if args.num_prompts else ""))
         print(format_choice(choice))
+        if grid:
+            print("hand-written grid (predicted token/s; * = does not fit):")
+            for p, pl, e, v in grid:
+                mark = "*" if v else " "
+                print(f"  {mark}{e.predicted_throughput:10.2f}  gbs={p.gpu_batch_size:<3} x{p.num_gpu_batches:<2} "
+                      f"weights={p.weights_gpu:g}/{p.weights_cpu:g} cache={p.cache_gpu:g}/{p.cache_cpu:g} "
+                      f"attention={pl['attention']} w={pl['weight_compressor']} c={pl['cache_compressor']}"
+                      + (f"  ({'; '.join(v)})" if v else ""))
+            fitting = [e.predicted_throughput for _, _, e, v in grid if not v]
+            if fitting:
+                print(f"auto / best fitting grid policy: {choice.predicted_throughput / max(fitting):.2f}")
     return 0

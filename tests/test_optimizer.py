@@ -217,3 +217,16 @@ def test_chosen_policy_never_exceeds_a_capped_gpu(tmp_path, monkeypatch):
     finally:
         engine.close()
     assert peak <= cap, f"peak {peak} > cap {cap}; estimate {choice.estimate.peak('gpu')}"
+
+
+def test_cli_grid_prices_hand_written_policies(capsys):
+    from flexgen.optimizer import hand_written_grid
+
+    assert len(hand_written_grid()) >= 12
+    rc = main(["policy", "--model", "opt-13b", "--prompt-len", "512", "--gen-len", "32", "--hardware", "h200",
+               "--gpu-memory", "24GiB", "--num-gpu-batches", "1,4", "--gpu-batch-sizes", "8,32,64", "--grid", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["grid"]) == len(hand_written_grid())
+    best = max(g["predicted_throughput"] for g in out["grid"] if g["fits"])
+    assert out["predicted_throughput"] >= 0.999 * best
