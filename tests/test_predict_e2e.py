@@ -132,3 +132,20 @@ def test_txt_prompts_get_line_numbers_as_ids(env_cache, tmp_path):
     lines = read_lines(out)
     assert sorted(lines) == [1, 3, 4]
     assert all(len(line["output_ids"]) == 4 and isinstance(line["text"], str) for line in lines.values())
+
+
+WORKLOADS = sorted(p for p in (REPO / "configs").glob("opt-*.yaml"))
+
+
+@pytest.mark.parametrize("config_path", WORKLOADS, ids=lambda p: p.stem)
+def test_named_workload_runs_shrunk(env_cache, tmp_path, config_path):
+    """Each named workload's policy and plugins, on the quickstart model, CPU, a few tokens."""
+    out = tmp_path / "w.jsonl"
+    cfg = load_config(config_path, [
+        "model.path=builtin:quickstart", "model.dtype=float32", "data.num_prompts=5", "data.prompt_len=6",
+        "generation.max_new_tokens=3", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+        f"output.path={out}", f"output.offload_dir={tmp_path / 'offload'}", "policy.pin_weights=false",
+    ])
+    summary = run_predict(cfg)
+    assert sorted(read_lines(out)) == [0, 1, 2, 3, 4]
+    assert summary["policy"] == {**load_config(config_path).to_policy().to_dict(), "pin_weights": False}
