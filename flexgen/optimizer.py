@@ -278,32 +278,48 @@ class _Search:
         self.considered += 1
         return self._estimate(policy, plugins, False)
 
-    def _weights_fit(self, gbs, nb, plugins, wg, w2, act_gpu) -> bool:
-        """Do the weights fit with the whole cache on disk (the least any placement needs)?"""
+    def _weights_fit(self, gbs, nb, plugins, wg, w2, act_gpu, tier: str) -> bool:
+        """Do the weights fit ``tier`` ("gpu" or "cpu") with the whole cache on disk (the least it needs)?
+
+        The GPU's need grows with the GPU edge (until every layer is resident and fetch buffers
+        vanish); the CPU's (with the GPU's, where they share one memory) with the CPU edge.
+        """
         policy = self._policy(gbs, nb, wg, w2, 0.0, 0.0, act_gpu, plugins.pin)
         if policy is None:
             return False
         est = self._estimate(policy, plugins, True)
         need = {t: est.peak(t) for t in ("gpu", "cpu")}
-        return need["gpu"] <= self.margins["gpu"] * self.hw.gpu_memory and _cpu_ok({**need}, self.hw, self.margins)
+        if tier == "gpu":
+            return need["gpu"] <= self.margins["gpu"] * self.hw.gpu_memory
+        return _cpu_ok(need, self.hw, self.margins)
+
+    def _gpu_edge(self, gbs, nb, plugins, edges, act_gpu) -> int | None:
+        """Index of the largest weight edge whose GPU share fits (the rest of the weights on the CPU)."""
+        fits = lambda k: self._weights_fit(gbs, nb, plugins, edges[k], 100.0, act_gpu, "gpu")  # noqa: E731
+        if fits(len(edges) - 1):
+            return len(edges) - 1
+        return self._largest(fits, 0, len(edges) - 2) if len(edges) > 1 else None
+
+    def _cpu_edges(self, gbs, nb, plugins, edges, wg, act_gpu) -> list[float]:
+        """The GPU+CPU edges above ``wg`` whose CPU share fits, largest last."""
+        upper = [e for e in edges if e >= wg]
+        j = self._largest(lambda k: self._weights_fit(gbs, nb, plugins, wg, upper[k], act_gpu, "cpu"), 0, len(upper) - 1)
+        return [] if j is None else upper[: j + 1]
 
     def greedy(self, gbs, nb, plugins, edges, act_gpu) -> list[Policy]:
         """Two quick placements: weights take the fast tiers first, or the cache does."""
         out = []
-        # weights first: the largest GPU edge, then the largest CPU edge, that fit (memory
-        # grows with each edge, so a binary search over the sorted edges finds them)
-        i = self._largest(lambda k: self._weights_fit(gbs, nb, plugins, edges[k], edges[k], act_gpu), 0, len(edges) - 1)
+        # weights first: the largest GPU edge, then the largest CPU edge, that fit
+        i = self._gpu_edge(gbs, nb, plugins, edges, act_gpu)
         if i is not None:
-            wg = edges[i]
-            upper = [e for e in edges if e >= wg]
-            j = self._largest(lambda k: self._weights_fit(gbs, nb, plugins, wg, upper[k], act_gpu), 0, len(upper) - 1)
-            p = self.place(gbs, nb, plugins, wg, upper[j], act_gpu) if j is not None else None
+            upper = self._cpu_edges(gbs, nb, plugins, edges, edges[i], act_gpu)
+            p = self.place(gbs, nb, plugins, edges[i], upper[-1], act_gpu) if upper else None
             if p is not None:
                 out.append(p)
         # cache first: no weights on the GPU, the GPU all to the cache; weights on the CPU as they fit
-        j = self._largest(lambda k: self._weights_fit(gbs, nb, plugins, 0.0, edges[k], act_gpu), 0, len(edges) - 1)
-        if j is not None:
-            p = self.place(gbs, nb, plugins, 0.0, edges[j], act_gpu)
+        upper = self._cpu_edges(gbs, nb, plugins, edges, 0.0, act_gpu)
+        if upper:
+            p = self.place(gbs, nb, plugins, 0.0, upper[-1], act_gpu)
             if p is not None:
                 out.append(p)
         return out
@@ -311,12 +327,11 @@ class _Search:
     def full(self, gbs, nb, plugins, edges, act_gpu) -> list[Policy]:
         """Every pair of weight edges (GPU, GPU+CPU) that fits, with the most cache around it."""
         out = []
-        for wg in edges:
-            if not self._weights_fit(gbs, nb, plugins, wg, wg, act_gpu):
-                break  # more weights on the GPU will not fit either
-            upper = [e for e in edges if e >= wg]
-            j = self._largest(lambda k: self._weights_fit(gbs, nb, plugins, wg, upper[k], act_gpu), 0, len(upper) - 1)
-            for w2 in reversed(upper[: (j or 0) + 1]):
+        top = self._gpu_edge(gbs, nb, plugins, edges, act_gpu)
+        if top is None:
+            return out
+        for wg in edges[: top + 1]:
+            for w2 in reversed(self._cpu_edges(gbs, nb, plugins, edges, wg, act_gpu)):
                 p = self.place(gbs, nb, plugins, wg, w2, act_gpu)
                 if p is not None:
                     out.append(p)

@@ -230,3 +230,12 @@ def test_cli_grid_prices_hand_written_policies(capsys):
     assert len(out["grid"]) == len(hand_written_grid())
     best = max(g["predicted_throughput"] for g in out["grid"] if g["fits"])
     assert out["predicted_throughput"] >= 0.999 * best
+
+
+def test_without_cuda_host_weights_need_no_fetch_buffers():
+    """On one memory, weights in the CPU tier are used in place while disk ones are read into
+    memory: a small "GPU" cap must still find the all-CPU placement (it once gave up)."""
+    hw = FAKE_CPU.with_caps(gpu_memory="200MiB")
+    choice = auto_policy(spec_for_size("opt-125m"), 32, 8, hw, dtype="float32", **SMALL_GRID)
+    assert choice.policy.weights_gpu < 100
+    assert not violations(choice.estimate, hw)
