@@ -385,3 +385,29 @@ def test_unwritable_cache_for_the_quickstart(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, err = cli(capsys, "--config", str(REPO / "configs" / "quickstart.yaml"))
     assert code == 2 and "FLEXGEN_CACHE" in err and "\n" not in err
+
+
+def test_second_run_on_the_same_output_is_refused(tmp_path):
+    import fcntl
+
+    write_prompts(tmp_path / "prompts.jsonl")
+    out = tmp_path / "out.jsonl"
+    with open(out, "ab") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running flexgen predict does
+        with pytest.raises(ConfigError, match="another flexgen predict is writing"):
+            run_predict(config(tmp_path), engine_factory=Factory(forbid=True))
+    run_predict(config(tmp_path), engine_factory=Factory())  # lock released: runs
+    assert len(read_out(out)) == 7
+
+
+def test_failed_engine_load_leaves_no_output_file(tmp_path):
+    from flexgen.errors import CheckpointError
+
+    write_prompts(tmp_path / "prompts.jsonl")
+
+    def broken(model, **kwargs):
+        raise CheckpointError("model.path: weights are truncated")
+
+    with pytest.raises(CheckpointError):
+        run_predict(config(tmp_path), engine_factory=broken)
+    assert not (tmp_path / "out.jsonl").exists()

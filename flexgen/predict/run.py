@@ -7,8 +7,9 @@ and before the output file is touched:
 2. the model's shape (``config.json`` or a named OPT size) and its tokenizer;
 3. the prompts: read, tokenised, checked against the vocabulary and the model's positions;
 4. the policy (from the config, or from the cost model for ``policy: auto``);
-5. the output folder is checked writable, and the existing output scanned (read-only) for ids
-   already done; if none are left, the run ends here without loading the model;
+5. the output folder is checked writable (:func:`plan_run` ends here); then, holding an exclusive
+   lock on the output file (one run per output), the existing output is scanned (read-only) for
+   ids already done; if none are left, the run ends here without loading the model;
 6. the engine is loaded, a torn tail of the output (an interrupted run's) is cut off, and
    Lightning's predict loop runs one block per step, appending each block's lines durably;
 7. ``<output.path>.metrics.json`` is written atomically and a summary printed.
@@ -26,6 +27,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,24 +91,56 @@ def _setup_logging() -> None:
 # --------------------------------------------------------------------------- the run
 
 
+@dataclass
+class RunPlan:
+    """Everything a run needs that can be worked out (and checked) before the output is touched."""
+
+    model: str  # what load_engine gets: a checkpoint folder or an OPT size
+    spec: Any  # OPTSpec
+    tokenizer: Any
+    prompts: list[Prompt]
+    policy: Policy
+    plugins: dict[str, Any]
+    policy_info: dict[str, Any]
+    out_path: Path
+
+
+def plan_run(cfg: FlexGenConfig) -> RunPlan:
+    """Steps 1-5 of the module docstring, up to the lock: user mistakes surface here, the output untouched."""
+    from flexgen.predict.data import load_prompts
+    from flexgen.predict.writer import check_writable
+
+    model, model_dir, spec = resolve_model(cfg)
+    tokenizer = load_tokenizer(cfg, model_dir)
+    prompts = load_prompts(cfg, tokenizer, spec)
+    policy, plugins, policy_info = resolve_policy(cfg, spec, prompts)
+    out_path = resolve_output_path(cfg)
+    check_writable(out_path)
+    return RunPlan(model, spec, tokenizer, prompts, policy, plugins, policy_info, out_path)
+
+
 def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None) -> dict[str, Any]:
     """Run (or resume) the predict job a config describes; return the summary dict.
 
     ``engine_factory`` replaces :func:`flexgen.engine.load_engine` (tests pass a fake engine).
     """
+    from flexgen.predict.writer import OutputLock
+
     started = time.perf_counter()
-    model, model_dir, spec = resolve_model(cfg)
-    tokenizer = load_tokenizer(cfg, model_dir)
-    from flexgen.predict.data import PromptDataModule, load_prompts
+    plan = plan_run(cfg)
+    with OutputLock(plan.out_path):
+        return _execute(cfg, plan, engine_factory or _load_engine, started)
 
-    prompts = load_prompts(cfg, tokenizer, spec)
-    policy, plugins, policy_info = resolve_policy(cfg, spec, prompts)
 
-    out_path = resolve_output_path(cfg)
+def _execute(cfg: FlexGenConfig, plan: RunPlan, engine_factory: EngineFactory, started: float) -> dict[str, Any]:
+    """Scan and resume the output, run Lightning's predict loop, write the metrics."""
+    from flexgen.predict.data import PromptDataModule
+    from flexgen.predict.module import FlexGenPredictModule
+    from flexgen.predict.writer import repair_output, scan_output
+
+    model, spec, tokenizer, prompts = plan.model, plan.spec, plan.tokenizer, plan.prompts
+    policy, plugins, policy_info, out_path = plan.policy, plan.plugins, plan.policy_info, plan.out_path
     metrics_path = Path(f"{out_path}.metrics.json")
-    from flexgen.predict.writer import check_writable, repair_output, scan_output
-
-    check_writable(out_path)
     state = scan_output(out_path)
     datamodule = PromptDataModule(prompts, policy.block_size, state.done_ids)
     summary: dict[str, Any] = {
@@ -125,13 +159,10 @@ def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None)
         return summary
 
     device, accelerator, devices = resolve_device(cfg)
-    from flexgen.predict.module import FlexGenPredictModule
-
     with _quiet_lightning():
         # The Trainer first: a bad trainer.* value should not wait for the model to load.
         trainer, writer = make_trainer(cfg, out_path, datamodule.num_todo, accelerator, devices)
-        factory = engine_factory or _load_engine
-        engine = factory(
+        engine = engine_factory(
             model, policy=policy, plugins=plugins, device=device, offload_dir=_offload_dir(cfg),
             dtype=cfg.model.dtype, seed=cfg.model.seed,
         )

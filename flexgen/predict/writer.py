@@ -124,6 +124,51 @@ def check_writable(path: Path) -> None:
         raise ConfigError(f"output.path: cannot write to {path} ({exc.strerror or exc})") from exc
 
 
+class OutputLock:
+    """An exclusive ``flock`` on the output file for the length of a run.
+
+    Two runs appending to one output would both generate the prompts neither had finished, and
+    ids would appear twice. The lock is held on the output file itself, so it needs no extra
+    file, and the kernel drops it when the process ends, however it ends (``kill -9`` too).
+    The file is created empty if missing, and removed again on release if it is still empty, so
+    a run that fails before its first block leaves nothing behind.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+        self._created = False
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        self._created = not self.path.exists()
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"output.path: cannot write to {self.path} ({exc.strerror or exc})") from exc
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._fd)
+            self._fd = None
+            raise ConfigError(
+                f"output.path: another flexgen predict is writing {self.path}; wait for it to finish "
+                "or choose another output.path"
+            ) from exc
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._fd is None:
+            return
+        try:
+            if self._created and os.fstat(self._fd).st_size == 0:
+                self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+
 def encode_lines(lines: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8")
 
