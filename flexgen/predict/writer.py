@@ -140,15 +140,18 @@ class OutputLock:
         self._created = False
 
     def __enter__(self) -> "OutputLock":
-        import fcntl
-
+        try:
+            import fcntl
+        except ImportError:  # not POSIX (Windows): run unlocked
+            fcntl = None
         self._created = not self.path.exists()
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
             raise ConfigError(f"output.path: cannot write to {self.path} ({exc.strerror or exc})") from exc
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(self._fd)
             self._fd = None
