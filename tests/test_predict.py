@@ -411,3 +411,13 @@ def test_failed_engine_load_leaves_no_output_file(tmp_path):
     with pytest.raises(CheckpointError):
         run_predict(config(tmp_path), engine_factory=broken)
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_cli_leaves_the_flexgen_logger_as_it_was(workdir, capsys):
+    import logging
+
+    logger = logging.getLogger("flexgen")
+    before = (logger.level, logger.propagate, list(logger.handlers))
+    # fails inside the run, after the command set its logging up
+    assert cli_main(["predict", "--config", "c.yaml", "data.prompts=missing.jsonl"]) == 2
+    assert (logger.level, logger.propagate, list(logger.handlers)) == before

@@ -72,20 +72,31 @@ def predict_command(argv: list[str]) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    _setup_logging()
-    summary = run_predict(cfg)
+    with _cli_logging():
+        summary = run_predict(cfg)
     print(format_summary(summary))
     return 0
 
 
-def _setup_logging() -> None:
+@contextlib.contextmanager
+def _cli_logging():
+    """Print flexgen's INFO messages as ``flexgen: ...`` on stderr while the command runs.
+
+    Everything is put back afterwards, so calling the command in-process (tests) leaves the
+    ``flexgen`` logger as it found it (propagation included, which pytest's caplog relies on).
+    """
     logger = logging.getLogger("flexgen")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("flexgen: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("flexgen: %(message)s"))
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.level, logger.propagate = saved
 
 
 # --------------------------------------------------------------------------- the run
