@@ -126,6 +126,17 @@ def test_weights_off_the_gpu_on_cpu_need_no_accelerate(env, tiny_checkpoint, cap
     assert "batch 3, all weights on cpu" in out and "identical outputs for 5/5" in out
 
 
+def test_baseline_on_some_prompts_and_repeats(env, tiny_checkpoint, capsys):
+    tmp_path, hardware = env
+    config = tiny_config(tmp_path, tiny_checkpoint[0])
+    assert bench_command(["--config", str(config), "--hardware", str(hardware), "--baseline", "hf",
+                          "--baseline-prompts", "2", "--repeat", "2", "--json", str(tmp_path / "r.json")]) == 0
+    assert "identical outputs for 2/2 prompts" in capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["baseline"]["generated_tokens"] == 2 * 4
+    assert report["engine_stats"]["generated_tokens"] == 5 * 4  # the best of the repeats, not their sum
+
+
 def test_synthetic_model_with_measured_profile_cached(tmp_path, monkeypatch, capsys):
     """A synthetic OPT size end to end, with this machine's profile measured once and cached."""
     from flexgen.hardware import measure_hardware
@@ -235,6 +246,9 @@ def _hw_dict():
         (["policy.gpu_batchsize=2"], "unknown config key 'policy.gpu_batchsize'"),
         (["model.synthetic=opt-7b", "model.path=null"], "model.synthetic: unknown OPT size"),
         (["--baseline-batch-size", "0"], "--baseline-batch-size must be >= 1"),
+        (["--baseline-prompts", "-1"], "--baseline-prompts must be >= 1"),
+        (["--repeat", "0"], "--repeat must be >= 1"),
+        (["--disk-cache", "hot"], "argument --disk-cache: invalid choice"),
         (["--hardware", "/nonexistent/hw.yaml"], "hardware file '/nonexistent/hw.yaml' not found"),
         (["--json", "/nonexistent/dir/r.json"], "--json: folder /nonexistent/dir does not exist"),
         (["generation.max_new_tokens=100000"], "exceed the model's"),
