@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"flexgen: error: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
+    if argv[0] in ("predict", "bench"):
+        from flexgen import registry
+
+        registry.warn_broken()  # one line per broken third-party plugin; the run goes on
     target, _ = COMMANDS[argv[0]]
     module_name, function_name = target.split(":")
     try:

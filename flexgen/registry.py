@@ -72,13 +72,33 @@ def _entry_points(group: str) -> tuple[EntryPoint, ...]:
     return tuple(entry_points(group=group))
 
 
+def refresh() -> None:
+    """Forget what was discovered and loaded, e.g. after installing a plugin in this process."""
+    _entry_points.cache_clear()
+    _load_entry_point.cache_clear()
+
+
 def available(kind: str) -> dict[str, EntryPoint]:
-    """Entry points of one kind that the allow-list admits, by name."""
+    """Entry points of one kind that the allow-list admits, by name.
+
+    When two distributions register one name, flexgen's built-in wins (else the first
+    found), and a warning names both, so a plugin cannot silently replace another.
+    """
     group = _check_kind(kind)
     found: dict[str, EntryPoint] = {}
     for ep in _entry_points(group):
-        if _allowed(kind, ep.name, _distribution_of(ep)):
-            found.setdefault(ep.name, ep)
+        dist = _distribution_of(ep)
+        if not _allowed(kind, ep.name, dist):
+            continue
+        first = found.get(ep.name)
+        if first is None:
+            found[ep.name] = ep
+            continue
+        builtin_came_second = dist == BUILTIN_DISTRIBUTION and _distribution_of(first) != BUILTIN_DISTRIBUTION
+        winner, loser = (ep, first) if builtin_came_second else (first, ep)
+        found[ep.name] = winner
+        log.warning("%s plugin %r is registered by both %s and %s; using %s's", kind, ep.name,
+                    _distribution_of(winner), _distribution_of(loser), _distribution_of(winner))
     return found
 
 
@@ -130,6 +150,24 @@ def check_all() -> list[tuple[PluginInfo, str | None]]:
             log.warning("%s", exc)
             results.append((info, str(exc)))
     return results
+
+
+def warn_broken() -> list[PluginInfo]:
+    """Import every allowed third-party plugin; log one line for each that fails.
+
+    Called when a run starts (as vLLM loads its plugins at start-up), so a broken package is
+    reported at once; the run then goes on without it, and fails only if its config selects it.
+    """
+    broken = []
+    for info in list_plugins():
+        if info.distribution == BUILTIN_DISTRIBUTION:
+            continue
+        try:
+            load(info.kind, info.name)
+        except PluginError as exc:
+            log.warning("%s; runs that do not select it go on without it", exc)
+            broken.append(info)
+    return broken
 
 
 def parse_spec(spec: Any, where: str) -> tuple[str, dict[str, Any]]:

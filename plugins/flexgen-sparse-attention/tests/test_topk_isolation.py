@@ -30,17 +30,10 @@ def broken_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iter
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: flexgen-broken-example\nVersion: 0.1.0\n")
     (info / "entry_points.txt").write_text("[flexgen.attention]\nbroken = flexgen_no_such_module_xyz:Backend\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    _forget_discovered_plugins()
+    registry.refresh()
     yield "flexgen-broken-example"
     monkeypatch.undo()
-    _forget_discovered_plugins()
-
-
-def _forget_discovered_plugins() -> None:
-    """Make the registry scan installed distributions again (it caches the scan per process)."""
-    scan = getattr(registry, "_entry_points", None)
-    if hasattr(scan, "cache_clear"):
-        scan.cache_clear()
+    registry.refresh()
 
 
 class _Collect(logging.Handler):
