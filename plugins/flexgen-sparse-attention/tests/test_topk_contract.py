@@ -19,8 +19,7 @@ pytest.importorskip(
 
 from flexgen import registry  # noqa: E402
 from flexgen.attention.base import AttentionBackend  # noqa: E402
-from flexgen.testing._random import fresh_generator  # noqa: E402
-from flexgen.testing.attention import DTYPES, AttentionBackendContract, random_valid  # noqa: E402
+from flexgen.testing.attention import AttentionBackendContract  # noqa: E402
 from flexgen_sparse_attention.topk import expected_keep  # noqa: E402
 
 
@@ -53,21 +52,10 @@ class TestTopKSparseContract(AttentionBackendContract):
     def attention(self, request: pytest.FixtureRequest) -> AttentionBackend:
         return registry.create("attention", {"name": "topk", "ratio": request.param})
 
-    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-    @pytest.mark.parametrize("b,h,t,d", [(3, 4, 7, 16), (2, 2, 1, 8), (4, 3, 40, 64)])
-    def test_decode_matches_reference(self, attention: AttentionBackend, dtype, b, h, t, d) -> None:
-        gen, seed = fresh_generator()
-        device = attention.device(torch.device(self.compute_device))
-        q, k, v = self._inputs((b, h, 1, d), (b, h, t, d), torch.float32, device, gen)
-        valid = random_valid(b, t, gen).to(device)
-        # Low-precision rounding can swap two near-equal scores at the cut-off, which changes
-        # which rows are kept; the reference therefore ranks the same rounded inputs.
-        q, k, v = (x.to(dtype) for x in (q, k, v))
-        k_before, v_before = k.clone(), v.clone()
-        out = attention.decode(q, k, v, valid)
-        expected = topk_reference(q.cpu(), k.cpu(), v.cpu(), valid.cpu(), attention.ratio)
-        self._check(out, expected, q, dtype, seed)
-        assert torch.equal(k, k_before) and torch.equal(v, v_before), "decode modified the cache"
+    def reference_decode(self, attention: AttentionBackend, q, k, v, valid) -> torch.Tensor:
+        # The reference ranks the same (possibly low-precision) inputs the backend ranks, so
+        # rounding cannot swap two near-equal scores at the cut-off between them.
+        return topk_reference(q.cpu(), k.cpu(), v.cpu(), valid.cpu(), attention.ratio)
 
 
 @pytest.mark.gpu
