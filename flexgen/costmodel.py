@@ -25,9 +25,11 @@ formulas, so that its byte counts can be checked against ``engine.stats``:
   ``gen_len - 1`` steps (every term but the per-layer max is linear in the length).
 * Throughput follows FlexGen: generated tokens ÷ (prefill + decode time).
 
-Memory per tier is the peak: resident weights, cache and activations, plus, on the compute
-device, two layers of fetched or decompressed weights (the current one and the prefetched
-next one), fetched cache prefixes, and the working tensors of the largest operation.
+Memory per tier is the peak: resident weights, cache and activations at their stored bytes
+(pinning costs no RAM: the CPU tier page-locks its own allocations with ``cudaHostRegister``;
+it only makes copies faster), plus, on the compute device, two layers of fetched or
+decompressed weights (the current one and the prefetched next one), fetched cache prefixes,
+and the working tensors of the largest operation.
 """
 
 from __future__ import annotations
@@ -104,36 +106,12 @@ def stored_bytes(shape: tuple[int, ...], compression: str, dtype: str) -> int:
         return rows * (math.ceil(last * bits / 8) + 2 * 2 * math.ceil(last / 64))
 
 
-def _pow2(n: int) -> int:
-    return 1 << (int(n) - 1).bit_length() if n > 0 else 0
-
-
-@lru_cache(maxsize=None)
-def pinned_bytes(shape: tuple[int, ...], compression: str, dtype: str) -> int:
-    """Host bytes a *pinned* tensor of ``shape`` really takes: each part rounded up to a power of two.
-
-    PyTorch's caching host allocator rounds every pinned allocation up to the next power of
-    two (``CachingHostAllocator``), and the CPU tier pins when CUDA is present, so a 374 MB
-    cache unit occupies 512 MB of RAM.
-    """
-    if compression == "none":
-        return _pow2(math.prod(shape) * _DTYPE_SIZE[dtype])
-    try:
-        import torch
-
-        specs = _compressor(compression).part_specs(tuple(shape), getattr(torch, dtype))
-        return sum(_pow2(math.prod(s) * torch.empty((), dtype=d).element_size()) for s, d in specs.values())
-    except Exception:
-        return _pow2(stored_bytes(shape, compression, dtype))
-
-
 @dataclass(frozen=True)
 class _Tensor:
     numel: int
     raw: int       # bytes in the compute dtype
     stored: int    # bytes at rest (compressed or not)
     compressed: bool
-    pinned: int    # host bytes when pinned (parts rounded up to powers of two)
 
 
 @lru_cache(maxsize=256)
@@ -144,8 +122,7 @@ def _layer_tensors(spec: OPTSpec, kind: str, compression: str, dtype: str) -> tu
         numel = math.prod(w.shape)
         compressed = len(w.shape) >= 2 and compression != "none"
         comp = compression if compressed else "none"
-        out.append(_Tensor(numel, numel * _DTYPE_SIZE[dtype], stored_bytes(w.shape, comp, dtype), compressed,
-                           pinned_bytes(w.shape, comp, dtype)))
+        out.append(_Tensor(numel, numel * _DTYPE_SIZE[dtype], stored_bytes(w.shape, comp, dtype), compressed))
     return tuple(out)
 
 
@@ -159,7 +136,6 @@ class _LayerWeights:
     decompressed_raw: int          # raw bytes produced by decompression per load
     raw_total: int                 # raw bytes of the whole layer (read by its matmuls)
     largest_compressed: int = 0    # raw bytes of its largest compressed tensor (decompression temporaries)
-    pinned_cpu: int = 0            # host bytes of its CPU-tier tensors when pinned
 
 
 @lru_cache(maxsize=65536)
@@ -177,8 +153,7 @@ def _place_layer(tensors: tuple[_Tensor, ...], gpu: float, cpu: float, cuda: boo
             raw_fetched += t.raw
     resident = all(tier == "gpu" and not t.compressed for t, tier in zip(tensors, tiers))
     largest = max((t.raw for t in tensors if t.compressed), default=0)
-    pinned = sum(t.pinned for t, tier in zip(tensors, tiers) if tier == "cpu")
-    return _LayerWeights(resident, stored, raw_fetched, decompressed, sum(t.raw for t in tensors), largest, pinned)
+    return _LayerWeights(resident, stored, raw_fetched, decompressed, sum(t.raw for t in tensors), largest)
 
 
 @lru_cache(maxsize=65536)
@@ -642,7 +617,7 @@ def estimate(
 
     memory = _memory(
         spec, policy, layers, cache_units, cache_token, act_tiers, parks_act, s, n, dsize, attention_on_gpu, cuda,
-        resident_where_attended, ccomp, dtype,
+        resident_where_attended, ccomp,
     )
     if workload.num_prompts is None:
         blocks, generated = 1, policy.block_size * n
@@ -663,14 +638,13 @@ def estimate(
 
 
 def _memory(spec, policy, layers, cache_units, cache_token, act_tiers, parks_act, s, n, dsize, attention_on_gpu, cuda,
-            resident_where_attended, ccomp, dtype) -> dict[str, dict[str, float]]:
+            resident_where_attended, ccomp) -> dict[str, dict[str, float]]:
     """Peak bytes per tier (see the module docstring for what is counted).
 
-    With CUDA the CPU tier pins its tensors (``policy.pin_weights``), and pinned allocations
-    are rounded up to powers of two: the CPU figures are then what the RAM really holds, more
-    than ``engine.stats.peak_memory["cpu"]`` (which sums tensor sizes).
+    Resident tensors count their stored bytes, pinned or not: the CPU tier page-locks its own
+    allocations in place (``cudaHostRegister``), so pinning costs no extra RAM. Pinning only
+    changes copy bandwidth, which :func:`estimate` prices.
     """
-    pinned = cuda and policy.pin_weights
     B = policy.gpu_batch_size
     h, H, ffn, V = spec.hidden_size, spec.num_heads, spec.ffn_dim, spec.vocab_size
     T = s + n
@@ -678,12 +652,10 @@ def _memory(spec, policy, layers, cache_units, cache_token, act_tiers, parks_act
     counts = {"embed": 1, "attn": spec.num_layers, "mlp": spec.num_layers, "head": 1}
     for kind, lw in layers.items():
         for tier in ("gpu", "cpu", "disk"):
-            size = lw.pinned_cpu if (tier == "cpu" and pinned) else lw.stored[tier]
-            mem[tier]["weights"] += counts[kind] * size
+            mem[tier]["weights"] += counts[kind] * lw.stored[tier]
     unit_bytes = T * cache_token
-    unit_pinned = 2 * pinned_bytes((T, B, spec.num_heads, spec.head_dim), ccomp, dtype)
     for tier, units in cache_units.items():
-        mem[tier]["cache"] += units * (unit_pinned if (tier == "cpu" and pinned) else unit_bytes)
+        mem[tier]["cache"] += units * unit_bytes
     if parks_act:
         for tier in act_tiers:
             mem[tier]["act"] += B * s * h * dsize

@@ -166,7 +166,7 @@ class _Plugins:
     attention: str
     weight_compression: str
     cache_compression: str
-    pin: bool = True  # the policy's pin_weights: pinned host memory copies faster but rounds up
+    pin: bool = True  # the policy's pin_weights: pinned host memory copies faster, at no cost in RAM
 
 
 class _Search:
@@ -248,7 +248,10 @@ class _Search:
         # CPU: as many of the remaining units as fit.
         n_c = 0
         rest = N - n_g
-        if rest:
+        if rest and _cpu_ok(need(n_g, rest), hw, m):
+            # all of them: with CPU attention the host's buffers for fetched cache then vanish
+            n_c = rest
+        elif rest:
             at_gpu = need(n_g, 0)
             one_c = need(n_g, 1)
             unit_c = one_c["cpu"] - at_gpu["cpu"]
@@ -364,9 +367,14 @@ def auto_policy(
     workload = Workload(prompt_len, gen_len, num_prompts)
     hw = hardware if hardware is not None else get_hardware(None)
     search = _Search(spec, workload, hw, dtype, scheduler, margins)
-    # Pinned host memory copies faster, but PyTorch rounds every pinned allocation up to a
-    # power of two; where RAM is what limits, not pinning can win (FlexGen's --pin-weight 0).
-    pins = (True, False) if (hw.device == "cuda" and not hw.shared_memory) else (True,)
+    # Pinning costs no RAM (the CPU tier page-locks its own allocations in place), so a pinned
+    # policy needs the same memory as an unpinned one and is never slower, unless the profile
+    # says pageable copies are faster in some direction: only then is not pinning priced too.
+    pins: tuple[bool, ...] = (True,)
+    if hw.device == "cuda" and not hw.shared_memory:
+        pageable = hw.unpinned()
+        if pageable.h2d_bandwidth > hw.h2d_bandwidth or pageable.d2h_bandwidth > hw.d2h_bandwidth:
+            pins = (True, False)
     combos = [
         _Plugins(a, w, c, pin)
         for a in dict.fromkeys(attentions) for w in dict.fromkeys(weight_compressions)

@@ -65,6 +65,28 @@ def test_num_prompts_caps_the_block():
     assert choice.estimate.generated_tokens == 6 * 8
 
 
+def test_whole_cache_goes_to_the_cpu_when_only_all_of_it_fits():
+    """With CPU attention, a cache partly on disk needs host buffers for the fetched prefixes;
+    they vanish when every unit is on the CPU, so all units can fit where all but one do not.
+    FlexGen's fp16 OPT-30B policy on the paper's machine is such a case (pinning costs no RAM)."""
+    hw = PRESETS["t4-paper"]
+    choice = auto_policy(spec_for_size("opt-30b"), 512, 32, hw, attentions=("cpu",), weight_compressions=("none",),
+                         cache_compressions=("none",), gpu_batch_sizes=(48,), num_gpu_batches=(3,))
+    p = choice.policy
+    assert (p.weights_gpu, p.weights_cpu, p.cache_gpu, p.cache_cpu) == (20, 80, 0, 100)
+    assert p.pin_weights
+    assert not violations(choice.estimate, hw)
+
+
+def test_pinned_policies_are_the_only_ones_searched_when_pinned_copies_are_faster():
+    hw = FAKE_GPU.with_caps(gpu_memory="4GiB", cpu_memory="12GiB")
+    assert auto_policy(spec_for_size("opt-6.7b"), 256, 16, hw, **SMALL_GRID).policy.pin_weights
+    # a profile whose pageable copies are faster: not pinning is priced, and wins
+    fast_pageable = dataclasses.replace(hw, h2d_pageable_bandwidth=2 * hw.h2d_bandwidth,
+                                        d2h_pageable_bandwidth=2 * hw.d2h_bandwidth)
+    assert not auto_policy(spec_for_size("opt-6.7b"), 256, 16, fast_pageable, **SMALL_GRID).policy.pin_weights
+
+
 def test_weight_edges_realise_distinct_placements():
     spec = spec_for_size("opt-30b")
     edges = weight_edges(spec, "none", "float16")
