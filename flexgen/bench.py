@@ -208,7 +208,7 @@ def run_bench(
     prompt_len = max(len(p.input_ids) for p in prompts)
     gen_len = cfg.generation.max_new_tokens
 
-    profile = _hardware_profile(hardware, device, refresh_hardware, say)
+    profile = _hardware_profile(hardware, device, refresh_hardware, offload_dir, say)
     report = BenchReport(
         model=spec.name if cfg.model.synthetic is None else f"{cfg.model.synthetic} (synthetic, seed {cfg.model.seed})",
         dtype=cfg.model.dtype, device=device, num_prompts=len(prompts), prompt_len=prompt_len, gen_len=gen_len,
@@ -258,7 +258,8 @@ def _generation_kwargs(cfg: FlexGenConfig) -> dict[str, Any]:
     return kwargs
 
 
-def _hardware_profile(hardware: str | None, device: str, refresh: bool, say):
+def _hardware_profile(hardware: str | None, device: str, refresh: bool, offload_dir: str | None, say):
+    """``--hardware``'s profile, or this machine's: measured once (disk probe in the offload folder), then cached."""
     from flexgen.hardware import get_hardware, measure_hardware
 
     if hardware is not None:
@@ -266,7 +267,7 @@ def _hardware_profile(hardware: str | None, device: str, refresh: bool, say):
     kind = "cuda" if device.startswith("cuda") else "cpu"
     if refresh:
         say("flexgen bench: measuring this machine's hardware profile (a few seconds, cached) ...")
-    return measure_hardware(kind, refresh=refresh)
+    return measure_hardware(kind, disk_dir=offload_dir, refresh=refresh)
 
 
 def _bound(report, cfg, spec, policy, plugins, profile, disk_cache, offload_dir, measured_here: bool) -> None:
