@@ -155,6 +155,9 @@ class BenchReport:
     bound_bottleneck: dict[str, str] = field(default_factory=dict)
     bound_note: str | None = None
     predicted_total: float | None = None
+    #: the cost model's bytes per link over the whole run, and peak bytes per tier
+    bound_bytes: dict[str, float] = field(default_factory=dict)
+    bound_peak: dict[str, float] = field(default_factory=dict)
     measured: Rates | None = None
     engine_stats: dict[str, Any] | None = None
     baseline: dict[str, Any] | None = None
@@ -305,6 +308,8 @@ def _bound(report, cfg, spec, policy, plugins, profile, disk_cache, offload_dir,
     )
     report.bound_bottleneck = {"prefill": est.prefill.bottleneck, "decode": est.decode.bottleneck if decode_s > 0 else "-"}
     report.predicted_total = est.predicted_throughput
+    report.bound_bytes = {link: blocks * (est.prefill.bytes[link] + est.decode.bytes[link]) for link in est.prefill.bytes}
+    report.bound_peak = {tier: est.peak(tier) for tier in ("gpu", "cpu", "disk")}
     for tier in ("gpu", "cpu", "disk"):
         need, have = est.peak(tier), getattr(profile, f"{tier}_memory")
         if need > have:
@@ -594,6 +599,15 @@ def format_report(r: BenchReport) -> str:
         lines.append(f"  {r.bound_note}")
     elif r.predicted_total is not None:
         lines.append(f"  (the cost model's prediction for this schedule, with its overheads: {_rate(r.predicted_total)} tokens/s)")
+    if r.engine_stats and r.bound_bytes:
+        moved = r.engine_stats["bytes_moved"]
+        links = [k for k in r.bound_bytes if moved.get(k) or r.bound_bytes[k]]
+        if links:
+            lines.append("  bytes moved, measured | cost model: " + ", ".join(
+                f"{k} {_gb(moved.get(k, 0))} | {_gb(r.bound_bytes[k])}" for k in links))
+        peak = r.engine_stats["peak_memory"]
+        lines.append("  peak memory, measured | cost model: " + ", ".join(
+            f"{t} {_gb(peak.get(t, 0))} | {_gb(r.bound_peak.get(t, 0))}" for t in ("gpu", "cpu", "disk")))
     if r.baseline is not None:
         b = r.baseline
         ratio = f"{b['ratio']:.2f}x" if b.get("ratio") else "-"
@@ -604,6 +618,10 @@ def format_report(r: BenchReport) -> str:
     for note in r.notes:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n < 1e12 else f"{n / 1e12:.2f} TB"
 
 
 def _flops_key(dtype: str) -> str:

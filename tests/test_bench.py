@@ -277,3 +277,15 @@ def test_unpriced_plugin_gives_a_note_not_a_crash(env, tiny_checkpoint):
     report = run_bench(load_config(config, ["plugins.attention=mystery"]), hardware=str(hardware), bound_only=True)
     assert report.bound.total is None
     assert "no bound: plugins.attention" in format_report(report)
+
+
+def test_bytes_moved_printed_beside_the_cost_models(env, tiny_checkpoint, capsys):
+    """Weights on disk: the engine's disk reads and the cost model's are printed side by side, and agree."""
+    tmp_path, hardware = env
+    config = tiny_config(tmp_path, tiny_checkpoint[0], weights_gpu=0, weights_cpu=0)
+    assert bench_command(["--config", str(config), "--hardware", str(hardware), "--no-warmup"]) == 0
+    out = capsys.readouterr().out
+    match = re.search(r"bytes moved, measured \| cost model: disk->cpu (\S+ [GT]B) \| (\S+ [GT]B)", out)
+    assert match, out
+    assert match.group(1) == match.group(2)
+    assert "peak memory, measured | cost model: gpu" in out
