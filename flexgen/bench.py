@@ -379,9 +379,9 @@ def _warm_read_rate(profile, offload_dir: str | None, measured_here: bool) -> tu
 
 def _run_engine(report, cfg, model, policy, plugins, device, offload_dir, ids, kwargs, warmup, repeat, say) -> list[list[int]]:
     """Load the engine, warm it up, generate for every prompt ``repeat`` times; the fastest fills ``report.measured``."""
-    from flexgen.predict.run import _load_engine
+    from flexgen.engine import load_engine
 
-    engine = _load_engine(
+    engine = load_engine(
         model, policy=policy, plugins=plugins, device=device, offload_dir=offload_dir,
         dtype=cfg.model.dtype, seed=cfg.model.seed,
     )
