@@ -194,7 +194,7 @@ def run_bench(
     progress=None,
 ) -> BenchReport:
     """Measure (unless ``bound_only``) and bound one config; see the module docstring."""
-    from flexgen.predict.run import load_tokenizer, resolve_device, resolve_model, resolve_policy
+    from flexgen.predict.run import load_tokenizer, resolve_model, resolve_policy
 
     try:
         from flexgen.predict.data import load_prompts
@@ -206,7 +206,7 @@ def run_bench(
     tokenizer = load_tokenizer(cfg, model_dir)
     prompts = load_prompts(cfg, tokenizer, spec)
     policy, plugins, _ = resolve_policy(cfg, spec, prompts)
-    device, _, _ = resolve_device(cfg)
+    device = _bench_device(cfg)
     offload_dir = _offload_dir(cfg)
     prompt_len = max(len(p.input_ids) for p in prompts)
     gen_len = cfg.generation.max_new_tokens
@@ -246,6 +246,30 @@ def run_bench(
         hf_total = report.baseline["total_throughput"]
         report.baseline["ratio"] = total / hf_total if total and hf_total else None
     return report
+
+
+def _bench_device(cfg: FlexGenConfig) -> str:
+    """The one compute device of a bench run, from ``trainer.accelerator`` (and ``trainer.devices``).
+
+    A bench measures one engine in one process: ``auto`` is CUDA when present, else the CPU;
+    ``gpu``/``cuda`` take the first index of ``trainer.devices`` when it is a list.
+    """
+    import torch
+
+    accelerator = cfg.trainer.accelerator
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator} but no CUDA device is available; use trainer.accelerator=cpu")
+    devices = cfg.trainer.devices
+    if hasattr(devices, "__iter__") and not isinstance(devices, str):
+        devices = list(devices)
+        index = int(devices[0]) if devices else 0
+    else:
+        index = 0
+    return f"cuda:{index}"
 
 
 def _offload_dir(cfg: FlexGenConfig) -> str | None:

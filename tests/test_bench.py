@@ -289,3 +289,12 @@ def test_bytes_moved_printed_beside_the_cost_models(env, tiny_checkpoint, capsys
     assert match, out
     assert match.group(1) == match.group(2)
     assert "peak memory, measured | cost model: gpu" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_gpu_asked_without_cuda_is_one_line(env, tiny_checkpoint, capsys):
+    tmp_path, _ = env
+    config = tiny_config(tmp_path, tiny_checkpoint[0])
+    assert cli.main(["bench", "--config", str(config), "trainer.accelerator=gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA device is available" in err
