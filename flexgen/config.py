@@ -22,6 +22,14 @@ Decisions written down here because the rest of the code relies on them:
   error, since it would be silently ignored.
 * **``builtin:quickstart``** as ``model.path`` names the small synthetic OPT checkpoint built
   locally by :mod:`flexgen.predict.quickstart` (no download).
+* **``hardware``** describes the machine to the cost model (``policy: auto``): a profile (preset
+  name or YAML file; measured on this machine and cached when null) and optional capacity caps
+  (``gpu_memory: 24GiB``). A GPU cap also limits the process's CUDA allocator, so one machine
+  can really behave like a smaller GPU. ``hardware.profile`` written in a config file is relative
+  to that file's folder when such a file exists (else it is taken as a preset name).
+* **Several processes** (``trainer.devices``, ``trainer.num_nodes``, ``trainer.strategy: ddp``)
+  are allowed: each process runs its own engine on a share of the blocks; see
+  docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from flexgen.policy import Policy
 DTYPES = ("float32", "float16", "bfloat16")
 PLUGIN_KEYS = ("storage", "attention", "weight_compressor", "cache_compressor", "scheduler")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+HARDWARE_CAPS = ("gpu_memory", "cpu_memory", "disk_memory")
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -121,6 +130,16 @@ class TrainerConfig:
 
 
 @dataclass
+class HardwareConfig:
+    """The machine as the cost model sees it; sizes are strings such as ``24GiB`` or ``16GB``."""
+
+    profile: Optional[str] = None  # preset name (t4-paper, h200) or YAML file; null: measure (cached)
+    gpu_memory: Optional[str] = None  # cap; on CUDA also the process's allocator limit
+    cpu_memory: Optional[str] = None  # cap for planning (policy: auto)
+    disk_memory: Optional[str] = None  # cap for planning (policy: auto)
+
+
+@dataclass
 class OutputConfig:
     """Where results go. Metrics go to ``<path>.metrics.json``."""
 
@@ -138,6 +157,7 @@ class FlexGenConfig:
     data: DataConfig = field(default_factory=DataConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     # -- views used by the predict run -------------------------------------------------
@@ -166,6 +186,10 @@ class FlexGenConfig:
             "seed": g.seed,
         }
 
+    def hardware_caps(self) -> dict[str, str]:
+        """The ``hardware.*_memory`` caps that are set, as keyword arguments of ``with_caps``."""
+        return {key: value for key in HARDWARE_CAPS if (value := getattr(self.hardware, key)) is not None}
+
     def to_dict(self) -> dict[str, Any]:
         return OmegaConf.to_container(OmegaConf.structured(self), resolve=True)
 
@@ -178,7 +202,10 @@ def _plain(value: Any) -> Any:
 
 # --------------------------------------------------------------------------- loading
 
-_INPUT_PATHS = (("model", "path"), ("model", "tokenizer"), ("data", "prompts"))
+_INPUT_PATHS = (("model", "path"), ("model", "tokenizer"), ("data", "prompts"), ("hardware", "profile"))
+#: input paths that may also be a name (a Hub tokenizer, a hardware preset): made file-relative only
+#: when that file exists
+_MAYBE_NAMES = ("tokenizer", "profile")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> FlexGenConfig:
@@ -237,8 +264,8 @@ def _read_file(path: Path) -> DictConfig:
 def _resolve_input_paths(layer: DictConfig, base: Path) -> None:
     """Make the input paths written in a config file relative to the file's folder.
 
-    ``model.tokenizer`` may also be a Hub name (``facebook/opt-125m``), so it is resolved only
-    when the file-relative path exists. Values with ``${...}`` interpolations are left alone.
+    ``model.tokenizer`` may also be a Hub name (``facebook/opt-125m``) and ``hardware.profile`` a
+    preset name, so they are resolved only when the file-relative path exists. Values with ``${...}`` interpolations are left alone.
     """
     for section, key in _INPUT_PATHS:
         node = layer.get(section)
@@ -250,7 +277,7 @@ def _resolve_input_paths(layer: DictConfig, base: Path) -> None:
         expanded = Path(os.path.expanduser(value))
         if not expanded.is_absolute():
             expanded = base / expanded
-            if key == "tokenizer" and not expanded.exists():
+            if key in _MAYBE_NAMES and not expanded.exists():
                 continue
         node[key] = str(expanded)
 
@@ -320,6 +347,7 @@ _SECTION_TYPES = {
     "data": DataConfig,
     "generation": GenerationConfig,
     "trainer": TrainerConfig,
+    "hardware": HardwareConfig,
     "output": OutputConfig,
 }
 
@@ -422,14 +450,39 @@ def validate(cfg: FlexGenConfig) -> None:
         raise ConfigError(f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}, got {t.accelerator!r}")
     if t.num_nodes < 1:
         raise ConfigError(f"trainer.num_nodes must be >= 1, got {t.num_nodes}")
-    devices = _plain(t.devices)
-    if not (devices in ("auto", 1) or devices == [0] or (isinstance(devices, list) and len(devices) == 1)) or t.num_nodes != 1:
-        raise ConfigError(
-            "flexgen predict runs one engine in one process: trainer.devices must be 1 (or one device "
-            f"index in a list) and trainer.num_nodes 1, got devices={devices!r} num_nodes={t.num_nodes}"
-        )
+    _check_devices(_plain(t.devices))
+    _check_hardware(cfg.hardware)
     if not cfg.output.path:
         raise ConfigError("output.path must name a .jsonl file")
+
+
+def _check_devices(devices: Any) -> None:
+    """``trainer.devices``: a count (``-1``: all), ``auto``, or a list of device indices."""
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if devices == "auto" or (is_int(devices) and (devices >= 1 or devices == -1)):
+        return
+    if isinstance(devices, list) and devices and all(is_int(d) and d >= 0 for d in devices):
+        return
+    raise ConfigError(f"trainer.devices must be a count >= 1, -1, 'auto' or a list of device indices, got {devices!r}")
+
+
+def _check_hardware(h: "HardwareConfig") -> None:
+    """Sizes parse (``24GiB``) and are positive; a profile is a preset or an existing file."""
+    from flexgen.hardware import PRESETS, parse_bytes
+
+    for key in HARDWARE_CAPS:
+        value = getattr(h, key)
+        if value is not None and parse_bytes(value, f"hardware.{key}") <= 0:
+            raise ConfigError(f"hardware.{key} must be more than 0 bytes, got {value!r}")
+    profile = h.profile
+    if profile is not None and profile not in ("auto", "measure") and profile not in PRESETS:
+        if not Path(os.path.expanduser(profile)).is_file():
+            raise ConfigError(
+                f"hardware.profile: {profile!r} is neither a preset ({', '.join(PRESETS)}) nor a file; "
+                "null measures this machine"
+            )
 
 
 def _check_plugin_value(where: str, value: Any, storage: bool = False) -> None:

@@ -347,16 +347,18 @@ def test_policy_auto_uses_the_optimizer_choice(tmp_path, monkeypatch):
 
     seen = {}
 
-    def auto_policy(spec, prompt_len, gen_len, hardware=None):
-        seen.update(spec=spec, prompt_len=prompt_len, gen_len=gen_len)
+    def auto_policy_for_run(spec, prompt_len, gen_len, num_prompts=None, device="auto", dtype="float16",
+                            hardware=None, **caps):
+        seen.update(spec=spec, prompt_len=prompt_len, gen_len=gen_len, device=device, hardware=hardware, caps=caps)
         return types.SimpleNamespace(policy=Policy(gpu_batch_size=3, weights_gpu=0, weights_cpu=100),
                                      plugins={"attention": "cpu"}, predicted_throughput=12.5)
 
-    monkeypatch.setitem(sys.modules, "flexgen.optimizer", types.SimpleNamespace(auto_policy=auto_policy))
+    monkeypatch.setitem(sys.modules, "flexgen.optimizer", types.SimpleNamespace(auto_policy_for_run=auto_policy_for_run))
     rows = write_prompts(tmp_path / "prompts.jsonl")
     factory = Factory()
     run_predict(config(tmp_path, "policy=auto"), engine_factory=factory)
     assert seen["prompt_len"] == max(len(r["input_ids"]) for r in rows) and seen["gen_len"] == 3
+    assert seen["device"] == "cpu" and seen["hardware"] is None and seen["caps"] == {}
     assert factory.engine.kwargs["policy"].gpu_batch_size == 3
     assert factory.engine.kwargs["plugins"]["attention"] == "cpu"
     metrics = json.loads((tmp_path / "out.jsonl.metrics.json").read_text())

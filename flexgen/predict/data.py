@@ -19,11 +19,19 @@ of ``policy.block_size`` (``num_gpu_batches x gpu_batch_size``). Similar lengths
 means little padding. Blocks are cut over *all* prompts, and only then are prompts already in
 the output dropped, so a resumed run gives the remaining prompts the same block-mates they had
 in the first run (which keeps sampled outputs reproducible too).
+
+Several processes: every rank cuts the same blocks from the same prompts and the same done set
+(rank 0's, broadcast), then takes every ``world_size``-th block starting at its rank
+(:meth:`PromptDataModule.shard`). Round-robin keeps the shares balanced, since neighbouring
+blocks have similar lengths. Shares are padded with *empty* blocks to one length (at least one
+step), so no block is ever run twice (Lightning's DistributedSampler would pad by repeating
+blocks) and every rank reaches the end-of-run collectives.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from collections.abc import Iterable, Sequence
@@ -195,20 +203,31 @@ def _as_is(item: Any) -> Any:
     return item
 
 
+#: what a rank runs when its share is shorter than the longest one: no prompts, nothing written
+EMPTY_BLOCK: dict[str, Any] = {"block": -1, "ids": [], "input_ids": []}
+
+
 class PromptDataModule(L.LightningDataModule):
     """Serves one block of prompts per predict step, skipping prompts already done.
 
     ``block`` in each batch is the block's index over all prompts (not over the remaining ones),
     so it stays the same when a run is resumed; the module derives the sampling seed from it.
+    Attached to a Trainer, each process serves its own share (:meth:`shard`) of the blocks.
     """
 
     def __init__(self, prompts: Sequence[Prompt], block_size: int, done_ids: Iterable[PromptId] = ()):
         super().__init__()
         self.prompts = list(prompts)
         self.block_size = block_size
+        self.resume(done_ids)
+
+    def resume(self, done_ids: Iterable[PromptId], block_size: int | None = None) -> None:
+        """Recompute the blocks to run from the ids already done (and, optionally, a block size)."""
+        if block_size is not None:
+            self.block_size = block_size
         self.done_ids = set(done_ids)
         self.batches: list[dict[str, Any]] = []
-        for index, block in enumerate(make_blocks(self.prompts, block_size)):
+        for index, block in enumerate(make_blocks(self.prompts, self.block_size)):
             todo = [p for p in block if p.id not in self.done_ids]
             if todo:
                 self.batches.append(block_batch(index, todo))
@@ -221,6 +240,19 @@ class PromptDataModule(L.LightningDataModule):
     def num_skipped(self) -> int:
         return len(self.prompts) - self.num_todo
 
+    def shard(self, rank: int, world_size: int) -> list[dict[str, Any]]:
+        """Rank ``rank``'s blocks: every ``world_size``-th from ``rank``, padded with empty blocks.
+
+        Every rank gets the same number of steps, at least one, so that no rank skips the loop
+        (Lightning skips an empty one, and the run's end-of-loop collectives would then hang).
+        """
+        mine = self.batches[rank::world_size]
+        steps = max(1, math.ceil(len(self.batches) / world_size))
+        return mine + [dict(EMPTY_BLOCK) for _ in range(steps - len(mine))]
+
     def predict_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         # batch_size=None: each dataset item is already a whole block.
-        return DataLoader(_Blocks(self.batches), batch_size=None, shuffle=False, collate_fn=_as_is, num_workers=0)
+        return DataLoader(_Blocks(self.shard(rank, world_size)), batch_size=None, shuffle=False, collate_fn=_as_is,
+                          num_workers=0)

@@ -6,6 +6,10 @@ strategies, and none of that may touch the engine's weights. Where each tensor l
 policy's decision, carried out by the engine's storage backends. So this module has no
 parameters at all, and the engine (even if some engine were an ``nn.Module``) is stored past
 ``nn.Module.__setattr__``, where Lightning cannot see it.
+
+In a predict run the engine is set once Lightning has started the processes and each knows its
+device (:meth:`set_engine`, called by the run's coordinating callback), so that every process
+loads its own engine and no engine is ever pickled to a spawned process.
 """
 
 from __future__ import annotations
@@ -20,13 +24,19 @@ class FlexGenPredictModule(L.LightningModule):
 
     def __init__(self, engine: Any, generation: dict[str, Any], tokenizer: Any = None):
         super().__init__()
-        object.__setattr__(self, "engine", engine)  # not registered as a submodule, on purpose
+        self.set_engine(engine)
         self.generation = dict(generation)
         self.tokenizer = tokenizer
         self.prompts_done = 0
         self.tokens_generated = 0
 
+    def set_engine(self, engine: Any) -> None:
+        """Hold ``engine`` (or None) outside Lightning's sight: not registered as a submodule, on purpose."""
+        object.__setattr__(self, "engine", engine)
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int = 0) -> list[dict[str, Any]]:
+        if not batch["ids"]:  # an empty block pads this rank's share to the common length
+            return []
         kwargs = dict(self.generation)
         if kwargs.get("seed") is not None:
             # Keyed to the block's index over all prompts, so a resumed run samples the same.

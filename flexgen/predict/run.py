@@ -74,7 +74,8 @@ def predict_command(argv: list[str]) -> int:
         return 0
     with _cli_logging():
         summary = run_predict(cfg)
-    print(format_summary(summary))
+    if summary.get("rank", 0) == 0:  # with several processes, one summary is enough
+        print(format_summary(summary))
     return 0
 
 
@@ -134,105 +135,169 @@ def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None)
     """Run (or resume) the predict job a config describes; return the summary dict.
 
     ``engine_factory`` replaces :func:`flexgen.engine.load_engine` (tests pass a fake engine).
+    With several processes every process calls this; the summary is rank 0's (``rank`` says
+    which process returned it; the CLI prints rank 0's only).
     """
-    from flexgen.predict.writer import OutputLock
+    from flexgen.predict.data import PromptDataModule
+    from flexgen.predict.writer import leftover_parts, scan_output
 
     started = time.perf_counter()
     plan = plan_run(cfg)
-    with OutputLock(plan.out_path):
-        return _execute(cfg, plan, engine_factory or _load_engine, started)
+    # A read-only look first: when the output already holds every prompt, stop here, before
+    # Lightning starts any process or loads any engine. Anything else (a torn tail, part files
+    # of an interrupted multi-process run) is settled by rank 0 under the output's lock.
+    state = scan_output(plan.out_path)
+    datamodule = PromptDataModule(plan.prompts, plan.policy.block_size, state.done_ids)
+    if datamodule.num_todo == 0 and not state.torn_bytes and not leftover_parts(plan.out_path):
+        return {**_summary_base(plan), "prompts_skipped": len(plan.prompts), "complete": True,
+                "wall_time_s": time.perf_counter() - started, "stats": None, "rank": 0}
+    return _execute(cfg, plan, datamodule, engine_factory or _load_engine, started)
 
 
-def _execute(cfg: FlexGenConfig, plan: RunPlan, engine_factory: EngineFactory, started: float) -> dict[str, Any]:
-    """Scan and resume the output, run Lightning's predict loop, write the metrics."""
-    from flexgen.predict.data import PromptDataModule
+def _execute(cfg: FlexGenConfig, plan: RunPlan, datamodule: Any, engine_factory: EngineFactory,
+             started: float) -> dict[str, Any]:
+    """Run Lightning's predict loop over however many processes the trainer asks for."""
+    from flexgen.predict.distributed import RunCoordinator
     from flexgen.predict.module import FlexGenPredictModule
-    from flexgen.predict.writer import repair_output, scan_output
 
-    model, spec, tokenizer, prompts = plan.model, plan.spec, plan.tokenizer, plan.prompts
-    policy, plugins, policy_info, out_path = plan.policy, plan.plugins, plan.policy_info, plan.out_path
-    metrics_path = Path(f"{out_path}.metrics.json")
-    state = scan_output(out_path)
-    datamodule = PromptDataModule(prompts, policy.block_size, state.done_ids)
-    summary: dict[str, Any] = {
-        "output": str(out_path),
-        "metrics": str(metrics_path),
-        "prompts_total": len(prompts),
-        "prompts_skipped": datamodule.num_skipped,
-        "prompts_generated": 0,
-        "tokens_generated": 0,
-        "policy": policy.to_dict(),
-        "policy_source": policy_info["source"],
-    }
-    if datamodule.num_todo == 0:
-        repair_output(out_path, state)
-        summary.update(complete=True, wall_time_s=time.perf_counter() - started, stats=None)
-        return summary
+    metrics_path = Path(f"{plan.out_path}.metrics.json")
+    accelerator, devices = resolve_accelerator(cfg)
 
-    device, accelerator, devices = resolve_device(cfg)
+    hooks = _RunHooks(cfg, plan, engine_factory, started, metrics_path)
+    coordinator = RunCoordinator(plan.out_path, plan.policy, plan.plugins, plan.policy_info, hooks.load, hooks.finish,
+                                 gpu_memory=cfg.hardware.gpu_memory)
     with _quiet_lightning():
         # The Trainer first: a bad trainer.* value should not wait for the model to load.
-        trainer, writer = make_trainer(cfg, out_path, datamodule.num_todo, accelerator, devices)
-        engine = engine_factory(
-            model, policy=policy, plugins=plugins, device=device, offload_dir=_offload_dir(cfg),
-            dtype=cfg.model.dtype, seed=cfg.model.seed,
-        )
+        trainer = make_trainer(cfg, plan.out_path, coordinator, accelerator, devices)
+        module = FlexGenPredictModule(None, cfg.generation_kwargs(), plan.tokenizer)
         try:
-            repair_output(out_path, state)
-            module = FlexGenPredictModule(engine, cfg.generation_kwargs(), tokenizer)
-            try:
-                trainer.predict(module, datamodule=datamodule, return_predictions=False)
-            except SystemExit:
-                # Lightning turns Ctrl-C into sys.exit(1); give the CLI its KeyboardInterrupt back
-                # so it can say that finished blocks are kept and a rerun resumes.
-                if trainer.interrupted:
-                    raise KeyboardInterrupt from None
-                raise
-            stats = engine.stats.to_dict() if getattr(engine, "stats", None) is not None else {}
+            trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        except SystemExit:
+            # Lightning turns Ctrl-C into sys.exit(1); give the CLI its KeyboardInterrupt back
+            # so it can say that finished blocks are kept and a rerun resumes.
+            if trainer.interrupted:
+                raise KeyboardInterrupt from None
+            raise
         finally:
-            writer.close()
-            close = getattr(engine, "close", None)
-            if close is not None:
-                close()
+            coordinator.close()
 
-    summary.update(
-        complete=True,
-        prompts_generated=writer.lines_written,
-        tokens_generated=module.tokens_generated,
-        wall_time_s=time.perf_counter() - started,
-        stats=stats,
-    )
-    metrics = {
+    rank = trainer.global_rank
+    metrics = coordinator.metrics
+    if metrics is None and rank == 0 and metrics_path.is_file():
+        # ddp_spawn: the ranks ran in spawned processes; this one only waited for them.
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    if metrics is None:
+        return {**_summary_base(plan), "rank": rank, "complete": True, "stats": None,
+                "wall_time_s": time.perf_counter() - started}
+    return summary_from_metrics(plan, metrics, metrics_path)
+
+
+@dataclass
+class _RunHooks:
+    """What the coordinator calls back: a class, not closures, so ``ddp_spawn`` can pickle it."""
+
+    cfg: FlexGenConfig
+    plan: RunPlan
+    engine_factory: EngineFactory
+    started: float
+    metrics_path: Path
+
+    def load(self, policy: Policy, plugins: dict[str, Any], device: str) -> Any:
+        """This rank's engine. All ranks share ``output.offload_dir`` (see docs/distributed.md)."""
+        cfg = self.cfg
+        return self.engine_factory(self.plan.model, policy=policy, plugins=plugins, device=device,
+                                   offload_dir=_offload_dir(cfg), dtype=cfg.model.dtype, seed=cfg.model.seed)
+
+    def finish(self, ranks: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0, at the end: write the metrics of all ranks atomically."""
+        metrics = build_metrics(self.cfg, self.plan, ranks, info, time.perf_counter() - self.started)
+        write_json_atomic(self.metrics_path, metrics)
+        return metrics
+
+
+def _summary_base(plan: RunPlan) -> dict[str, Any]:
+    return {
+        "output": str(plan.out_path),
+        "metrics": f"{plan.out_path}.metrics.json",
+        "prompts_total": len(plan.prompts),
+        "prompts_skipped": 0,
+        "prompts_generated": 0,
+        "tokens_generated": 0,
+        "policy": plan.policy.to_dict(),
+        "policy_source": plan.policy_info["source"],
+    }
+
+
+def build_metrics(cfg: FlexGenConfig, plan: RunPlan, ranks: list[dict[str, Any]], info: dict[str, Any],
+                  wall_time_s: float) -> dict[str, Any]:
+    """The metrics JSON: the ranks' engine figures aggregated, then each rank's own.
+
+    ``wall_throughput`` is the tokens of all ranks over the longest rank's predict loop (what
+    the user waits for, Lightning's overhead included); ``total_throughput`` is FlexGen's
+    engine-time figure (see :func:`~flexgen.predict.distributed.aggregate_stats`).
+    """
+    from flexgen.predict.distributed import aggregate_stats
+
+    stats = aggregate_stats([r["stats"] for r in ranks])
+    generated = sum(r["prompts_generated"] for r in ranks)
+    tokens = sum(r["tokens_generated"] for r in ranks)
+    loop_time = max(r["loop_time_s"] for r in ranks)
+    policy: Policy = info["policy"]
+    return {
         **stats,
-        "wall_time_s": summary["wall_time_s"],
-        "prompts": {k: summary[k] for k in ("prompts_total", "prompts_skipped", "prompts_generated")},
+        "wall_time_s": wall_time_s,
+        "wall_throughput": tokens / loop_time if loop_time > 0 else 0.0,
+        "prompts": {"prompts_total": len(plan.prompts), "prompts_skipped": info["prompts_skipped"],
+                    "prompts_generated": generated},
+        "tokens_generated": tokens,
+        "world_size": info["world_size"],
+        "ranks": ranks,
         "policy": policy.to_dict(),
-        "policy_source": policy_info["source"],
-        "predicted_throughput": policy_info.get("predicted_throughput"),
-        "plugins": plugins,
-        "device": device,
-        "model": {"source": model, "spec": spec.to_dict()},
+        "policy_source": info["policy_info"]["source"],
+        "predicted_throughput": info["policy_info"].get("predicted_throughput"),
+        "hardware": info["policy_info"].get("hardware"),
+        "plugins": info["plugins"],
+        "device": ranks[0]["device"],
+        "model": {"source": plan.model, "spec": plan.spec.to_dict()},
         "config": cfg.to_dict(),
     }
-    write_json_atomic(metrics_path, metrics)
-    return summary
 
 
-def make_trainer(cfg: FlexGenConfig, out_path: Path, num_prompts: int, accelerator: str, devices: Any):
-    """The ``lightning.Trainer`` of a predict run and its JSONL writer callback.
+def summary_from_metrics(plan: RunPlan, metrics: dict[str, Any], metrics_path: Path) -> dict[str, Any]:
+    """What the CLI prints (and ``run_predict`` returns), from rank 0's metrics."""
+    engine_keys = ("prefill_time_s", "decode_time_s", "prompt_tokens", "generated_tokens", "prefill_throughput",
+                   "decode_throughput", "total_throughput", "bytes_moved", "peak_memory", "compression")
+    return {
+        **_summary_base(plan),
+        **metrics["prompts"],
+        "tokens_generated": metrics["tokens_generated"],
+        "policy": metrics["policy"],
+        "policy_source": metrics["policy_source"],
+        "metrics": str(metrics_path),
+        "complete": True,
+        "wall_time_s": metrics["wall_time_s"],
+        "wall_throughput": metrics["wall_throughput"],
+        "world_size": metrics["world_size"],
+        "stats": {k: metrics[k] for k in engine_keys if k in metrics},
+        "rank": 0,
+    }
+
+
+def make_trainer(cfg: FlexGenConfig, out_path: Path, coordinator: Any, accelerator: str, devices: Any):
+    """The ``lightning.Trainer`` of a predict run, with the JSONL writer and the run's coordinator.
 
     No logger, checkpointing or model summary (there is nothing to train or save); Lightning's
-    distributed sampler off (blocks are cut by :class:`PromptDataModule`).
+    distributed sampler off: :class:`PromptDataModule` shards the blocks itself, without the
+    sampler's padding by repetition (a repeated block would be generated twice).
     """
     import lightning as L
 
     from flexgen.predict.callbacks import ThroughputProgressBar
     from flexgen.predict.writer import JsonlPredictionWriter
 
-    writer = JsonlPredictionWriter(out_path)
-    callbacks: list[Any] = [writer]
+    callbacks: list[Any] = [JsonlPredictionWriter(out_path), coordinator]
     if cfg.trainer.enable_progress_bar:
-        callbacks.append(ThroughputProgressBar(total_prompts=num_prompts))
+        callbacks.append(ThroughputProgressBar())
     try:
         trainer = L.Trainer(
             accelerator=accelerator, devices=devices, strategy=cfg.trainer.strategy,
@@ -246,7 +311,7 @@ def make_trainer(cfg: FlexGenConfig, out_path: Path, num_prompts: int, accelerat
         )
     except (ValueError, TypeError, RuntimeError) as exc:  # MisconfigurationException is a ValueError
         raise ConfigError(f"trainer: {str(exc).strip().splitlines()[0]}") from exc
-    return trainer, writer
+    return trainer
 
 
 @contextlib.contextmanager
@@ -360,33 +425,43 @@ def resolve_policy(cfg: FlexGenConfig, spec: Any, prompts: list[Prompt]) -> tupl
     if not cfg.policy.auto:
         return cfg.to_policy(), plugins, {"source": "config"}
     try:
-        from flexgen.optimizer import auto_policy
+        from flexgen.optimizer import auto_policy_for_run
     except ImportError as exc:
         raise ConfigError(
             f"policy: auto needs the cost-model optimizer (flexgen.optimizer), which cannot be imported ({exc}); "
             "set the policy keys instead"
         ) from exc
-    prompt_len = max(len(p.input_ids) for p in prompts)
-    # num_prompts and dtype sharpen the choice (no block larger than the job); they are passed
-    # only to an optimizer that takes them, the contract being (spec, prompt_len, gen_len).
-    import inspect
+    import torch
 
-    extra = {"num_prompts": len(prompts), "dtype": cfg.model.dtype}
-    accepted = inspect.signature(auto_policy).parameters
-    extra = {k: v for k, v in extra.items() if k in accepted}
-    choice = auto_policy(spec, prompt_len=prompt_len, gen_len=cfg.generation.max_new_tokens, **extra)
+    # The machine the cost model plans for: hardware.profile (a preset or file; null measures
+    # this machine's compute device, cached), with the config's hardware.*_memory caps applied.
+    accelerator = cfg.trainer.accelerator
+    device = "cuda" if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
+    choice = auto_policy_for_run(
+        spec, prompt_len=max(len(p.input_ids) for p in prompts), gen_len=cfg.generation.max_new_tokens,
+        num_prompts=len(prompts), device=device, dtype=cfg.model.dtype, hardware=cfg.hardware.profile,
+        **cfg.hardware_caps(),
+    )
     for key, value in dict(getattr(choice, "plugins", None) or {}).items():
         if key in PLUGIN_KEYS:
             plugins[key] = value
         else:
             log.warning("policy: auto chose plugin %r=%r, which is not a plugins key; ignored", key, value)
     info = {"source": "auto", "predicted_throughput": getattr(choice, "predicted_throughput", None)}
+    hardware = getattr(choice, "hardware", None)
+    if hardware is not None:
+        info["hardware"] = {"name": hardware.name, "source": hardware.source,
+                            "capacity": {t: getattr(hardware, f"{t}_memory") for t in ("gpu", "cpu", "disk")}}
     log.info("policy: auto chose %s (predicted %.1f tok/s)", choice.policy, info["predicted_throughput"] or 0.0)
     return choice.policy, plugins, info
 
 
-def resolve_device(cfg: FlexGenConfig) -> tuple[str, str, Any]:
-    """(engine device, Lightning accelerator, Lightning devices) from ``trainer.*``."""
+def resolve_accelerator(cfg: FlexGenConfig) -> tuple[str, Any]:
+    """(Lightning accelerator, Lightning devices) from ``trainer.*``.
+
+    Each process's engine computes on the device Lightning gives that process
+    (``strategy.root_device``: ``cuda:<local rank>``, or the CPU).
+    """
     import torch
 
     t = cfg.trainer
@@ -396,10 +471,14 @@ def resolve_device(cfg: FlexGenConfig) -> tuple[str, str, Any]:
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"trainer.accelerator={t.accelerator} but no CUDA device is available; use trainer.accelerator=cpu")
-        devices = t.devices
-        index = int(devices[0]) if isinstance(devices, (list, tuple)) else 0
-        return f"cuda:{index}", "gpu", [index]
-    return "cpu", "cpu", 1
+        return "gpu", _plain_devices(t.devices)
+    return "cpu", _plain_devices(t.devices)
+
+
+def _plain_devices(devices: Any) -> Any:
+    from omegaconf import ListConfig, OmegaConf
+
+    return OmegaConf.to_container(devices) if isinstance(devices, ListConfig) else devices
 
 
 def _offload_dir(cfg: FlexGenConfig) -> str | None:
@@ -450,6 +529,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  policy ({summary['policy_source']}): block {p['num_gpu_batches']} x {p['gpu_batch_size']}; "
         f"gpu/cpu/disk % weights {_tiers(p, 'weights')}, cache {_tiers(p, 'cache')}, activations {_tiers(p, 'act')}"
     )
+    if summary.get("world_size", 1) > 1:
+        lines.append(f"  processes: {summary['world_size']}, together {summary['wall_throughput']:.1f} tok/s over the "
+                     "predict loop (per-rank figures in the metrics)")
     lines.append(f"  output:  {summary['output']}")
     if stats:
         lines.append(f"  metrics: {summary['metrics']}")

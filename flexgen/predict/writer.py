@@ -13,6 +13,15 @@ half-written.
   appended; the prompts it held are simply generated again.
 * A bad line *before* the last good one is not a crash artefact; that file is not ours to fix,
   so it is an error naming the line.
+
+With several processes (``trainer.devices=N``, see docs/distributed.md) rank 0 appends to the
+output itself and rank *k* > 0 to its own *part file* ``<output>.rank<k>``, under its own lock,
+so no two processes ever append to one file. When all ranks are done, rank 0 merges the part
+files into the output (:func:`merge_parts`: append the lines whose ids are not there yet, fsync,
+delete the part). A run that dies leaves part files behind; the next run merges them first, so
+their prompts count as done whichever rank wrote them. The merge needs no rename to be safe: a
+crash during the append leaves a torn tail (cut next time) and the part file still in place
+(merged again, its ids already in the output skipped).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +113,80 @@ def repair_output(path: Path, state: OutputState) -> None:
         os.fsync(f.fileno())
 
 
+def part_path(path: Path, rank: int) -> Path:
+    """The part file where rank ``rank`` (> 0) of a multi-process run appends: ``<output>.rank<k>``."""
+    return path.with_name(f"{path.name}.rank{rank}")
+
+
+def leftover_parts(path: Path) -> list[Path]:
+    """The part files of ``path`` that exist (an unmerged earlier run's, or this run's), by rank."""
+    pattern = re.compile(re.escape(path.name) + r"\.rank(\d+)")
+    try:
+        found = [(int(m.group(1)), p) for p in path.parent.iterdir() if (m := pattern.fullmatch(p.name))]
+    except FileNotFoundError:
+        return []
+    return [p for _, p in sorted(found)]
+
+
+def good_lines(path: Path, state: OutputState) -> list[bytes]:
+    """The complete, valid lines of a file whose scan is ``state`` (its torn tail left out)."""
+    with open(path, "rb") as f:
+        return f.read(state.good_bytes).splitlines(keepends=True)
+
+
+def append_durably(fd: int, data: bytes) -> None:
+    """Append ``data`` with as few writes as the OS allows (one in practice), then fsync."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+    os.fsync(fd)
+
+
+def merge_parts(path: Path, parts: list[Path]) -> int:
+    """Append the lines of ``parts`` whose ids ``path`` lacks to ``path``; delete the parts.
+
+    The caller holds the lock on ``path`` and has repaired its torn tail. Each part is locked
+    while it is merged, so a process still writing one (a rank of a run that lost its rank 0)
+    makes this a ConfigError instead of a race. Returns the number of lines appended.
+    """
+    if not parts:
+        return 0
+    done = scan_output(path).done_ids
+    appended = 0
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        for part in parts:
+            with OutputLock(part):
+                state = scan_output(part)
+                if state.torn_bytes:
+                    log.warning("%s: ignored %d torn line(s) left by an interrupted run; those prompts run again",
+                                part, state.torn_lines)
+                new = []
+                for line in good_lines(part, state):
+                    key = _hashable(json.loads(line)["id"])
+                    if key not in done:
+                        done.add(key)
+                        new.append(line)
+                if new:
+                    append_durably(fd, b"".join(new))
+                appended += len(new)
+                part.unlink()  # only once its lines are durably in the output
+    finally:
+        os.close(fd)
+    return appended
+
+
+def prepare_output(path: Path) -> set:
+    """Rank 0, holding the lock on ``path``: cut its torn tail, merge leftover parts; the ids done."""
+    repair_output(path, scan_output(path))
+    parts = leftover_parts(path)
+    if parts:
+        count = merge_parts(path, parts)
+        log.info("merged %d line(s) from %d part file(s) of an interrupted run into %s", count, len(parts), path)
+    return scan_output(path).done_ids
+
+
 def check_writable(path: Path) -> None:
     """Make sure the output folder exists and the file can be appended to, changing no content."""
     try:
@@ -177,7 +261,11 @@ def encode_lines(lines: list[dict[str, Any]]) -> bytes:
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
-    """Appends each block's lines to the output file as soon as the block is done."""
+    """Appends each block's lines to its file as soon as the block is done.
+
+    ``path`` is the output on rank 0 and the rank's part file on the others (set by the run
+    before the loop starts, see :func:`part_path`).
+    """
 
     def __init__(self, path: str | Path):
         super().__init__(write_interval="batch")
@@ -192,11 +280,9 @@ class JsonlPredictionWriter(BasePredictionWriter):
             raise ConfigError(f"output.path: cannot write to {self.path} ({exc.strerror or exc})") from exc
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
-        data = memoryview(encode_lines(prediction))
-        while data:  # one write in practice; loop in case the OS writes less
-            written = os.write(self._fd, data)
-            data = data[written:]
-        os.fsync(self._fd)
+        if not prediction:  # an empty block pads a rank's share (see PromptDataModule.shard)
+            return
+        append_durably(self._fd, encode_lines(prediction))
         self.lines_written += len(prediction)
 
     def on_predict_end(self, trainer, pl_module) -> None:
