@@ -144,6 +144,10 @@ class Block:
     generator: torch.Generator | None
 
 
+def _executor(name: str) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+
 class _Inline:
     """An executor that runs work at once: the engine without overlap."""
 
@@ -200,12 +204,17 @@ class Engine:
         self._check_cache_compressor()
 
         self._cuda = device.type == "cuda"
-        # Copies to the compute device run on a load stream, copies back to host tiers on a
-        # store stream; compute waits on events, never on the whole device.
-        self._load_stream = torch.cuda.Stream(device) if self._cuda and policy.overlap else None
-        self._store_stream = torch.cuda.Stream(device) if self._cuda and policy.overlap else None
+        # Weight loads and cache/activation loads each have an I/O thread and, on CUDA, a
+        # stream of their own, so a layer's weights loading ahead never delay the next batch's
+        # cache; copies back to host tiers run on a store stream. Compute waits on events,
+        # never on the whole device.
+        overlap_streams = self._cuda and policy.overlap
+        self._weight_stream = torch.cuda.Stream(device) if overlap_streams else None
+        self._cache_stream = torch.cuda.Stream(device) if overlap_streams else None
+        self._store_stream = torch.cuda.Stream(device) if overlap_streams else None
         self._stores_done: torch.cuda.Event | None = None  # the last store issued
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexgen-io") if policy.overlap else _Inline()
+        self._weight_io = _executor("flexgen-weights") if policy.overlap else _Inline()
+        self._cache_io = _executor("flexgen-cache") if policy.overlap else _Inline()
         self._run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
         self.layers: list[list[PlacedWeight]] = []
@@ -257,6 +266,8 @@ class Engine:
                     parts[name] = found
         if len(parts) != len(part_names):
             tensor = source.get(weight).to(self.dtype)
+            if self._prefers_column_major(weight, tier, compressed):
+                tensor = tensor.t().contiguous().t()
             packed = compressor.compress(tensor)
             del tensor
             parts = {name: backend.put(f"{key}.{name}", packed[name]) for name in part_names}
@@ -264,6 +275,17 @@ class Engine:
         self.stats.compression["weights_raw_bytes"] += _numel(weight.shape) * _itemsize(self.dtype)
         self.stats.compression["weights_stored_bytes"] += sum(_nbytes(p) for p in parts.values())
         return PlacedWeight(weight, tier, parts, compressed)
+
+    def _prefers_column_major(self, weight: opt.WeightSpec, tier: str, compressed: bool) -> bool:
+        """Whether to keep a matrix column-major, for CPU matmuls with few rows (decode).
+
+        CPU GEMM with a handful of rows reads an (out, in)-contiguous weight several times
+        slower than an (in, out)-contiguous one; a decode step of OPT-125M is ~25 % faster.
+        Only compute-resident, uncompressed matrices that go through ``F.linear`` qualify:
+        embeddings are gathered by row.
+        """
+        return (self.device.type == "cpu" and tier == "gpu" and not compressed
+                and len(weight.shape) == 2 and not weight.local.startswith("embed_"))
 
     def _note_memory(self) -> None:
         for tier, backend in self.storage.items():
@@ -298,7 +320,7 @@ class Engine:
     def _fetch(self, tier: str, resident: torch.Tensor, dest: torch.device) -> torch.Tensor:
         if resident.device != dest or tier == "disk":
             self._count_read(tier, dest, _nbytes(resident))
-        return self.storage[tier].fetch(resident, dest, non_blocking=self._load_stream is not None)
+        return self.storage[tier].fetch(resident, dest, non_blocking=self._cuda and self.policy.overlap)
 
     def _write(self, tier: str, resident: torch.Tensor, value: torch.Tensor) -> None:
         """Copy ``value`` into a resident tensor; to a host tier on CUDA, on the store stream."""
@@ -318,22 +340,26 @@ class Engine:
         if self._stores_done is not None:
             self._stores_done.synchronize()
 
-    def _on_load_stream(self, fn, *args):
-        """Run a fetch on the load stream (CUDA) and return (result, event) for compute to wait on.
+    def _load(self, executor, stream, fn, *args) -> Future:
+        """Run a fetch on an I/O thread and (CUDA) a copy stream; the future holds (result, event).
 
-        The load stream first waits for the stores issued before this fetch was submitted, so
+        The copy stream first waits for the stores issued before this fetch was submitted, so
         a cache prefix is never read before its last token has landed.
         """
-        if self._load_stream is None:
-            return fn(*args), None
         stores = self._stores_done
-        with torch.cuda.stream(self._load_stream):
-            if stores is not None:
-                self._load_stream.wait_event(stores)
-            result = fn(*args)
-            event = torch.cuda.Event()
-            event.record(self._load_stream)
-        return result, event
+
+        def run():
+            if stream is None:
+                return fn(*args), None
+            with torch.cuda.stream(stream):
+                if stores is not None:
+                    stream.wait_event(stores)
+                result = fn(*args)
+                event = torch.cuda.Event()
+                event.record(stream)
+            return result, event
+
+        return executor.submit(run)
 
     def _wait(self, future: Future, on_host: bool = False):
         """The result of a fetch, ordered before what compute (or, ``on_host``, the CPU) does next."""
@@ -362,7 +388,7 @@ class Engine:
             future: Future = Future()
             future.set_result((self._resident[index], None))
             return future
-        return self._io.submit(self._on_load_stream, self._load_layer, index)
+        return self._load(self._weight_io, self._weight_stream, self._load_layer, index)
 
     # ------------------------------------------------------------------ cache
 
@@ -526,15 +552,22 @@ class Engine:
         tasks = self.scheduler.order(self.spec.num_model_layers, len(block.batches))
         # Tokens in the cache before this step: the prompt, then one more per decode step.
         length = block.prompt_len if step == 0 else block.prompt_len + step - 1
+        # Weights: the next layer in the order starts loading as soon as the current one
+        # starts computing, so it has the whole layer (every GPU batch) to arrive in.
+        loads = {tasks[0].layer: self._submit_layer(tasks[0].layer)}
         pending = self._prefetch(block, tasks[0], None, step, length)
-        for t, task in enumerate(tasks):
-            weights_f, hidden_f, cache_f = pending
+        for t, (task, ahead) in enumerate(zip(tasks, _next_layers(tasks))):
+            if ahead is not None and ahead not in loads:
+                loads[ahead] = self._submit_layer(ahead)
+            hidden_f, cache_f = pending
             following = tasks[t + 1] if t + 1 < len(tasks) else None
             if following is not None:
                 # Issue the next task's I/O before computing this one, so the two overlap.
-                pending = self._prefetch(block, following, task, step, length, weights_f)
+                pending = self._prefetch(block, following, task, step, length)
             batch = block.batches[task.batch]
-            weights = self._wait(weights_f)
+            weights = self._wait(loads[task.layer])
+            if following is None or following.layer != task.layer:
+                del loads[task.layer]  # done with this layer: its buffers go once computed
             x = self._wait(hidden_f) if hidden_f is not None else batch.hidden
             cached = self._wait(cache_f, on_host=self.attention_device.type == "cpu") if cache_f is not None else None
             out = self._compute(block, task, step, length, weights, x, cached)
@@ -547,32 +580,28 @@ class Engine:
                 self._count_write(tier, out)
                 batch.hidden = self.storage[tier].put(self._act_key(task.batch), out)
 
-    def _prefetch(self, block: Block, task: Task, previous: Task | None, step: int, length: int,
-                  previous_weights: Future | None = None) -> tuple[Future, Future | None, Future | None]:
-        """Start loading what ``task`` needs: futures of its weights, hidden states and cache prefix.
+    def _prefetch(self, block: Block, task: Task, previous: Task | None, step: int,
+                  length: int) -> tuple[Future | None, Future | None]:
+        """Start loading what ``task`` needs besides weights: its hidden states and cache prefix.
 
         Hidden states are fetched only when they were stored away (another batch ran in
         between and their home is not compute memory); the cache prefix only in decode, and
         only when attention runs away from the cache's home.
         """
-        if previous is not None and previous.layer == task.layer:
-            weights = previous_weights
-        else:
-            weights = self._submit_layer(task.layer)
         hidden = None
         tier = block.act_tiers[task.batch]
         if task.layer > 0 and tier != "gpu" and (previous is None or previous.batch != task.batch):
             resident = block.batches[task.batch].hidden
-            hidden = self._io.submit(self._on_load_stream, self._fetch, tier, resident, self.device)
+            hidden = self._load(self._cache_io, self._cache_stream, self._fetch, tier, resident, self.device)
         cache_future = None
         kind, layer = opt.layer_kind(self.spec, task.layer)
         if kind == "attn" and step > 0:
             unit = block.cache[layer][task.batch]
             if not self._cache_resident_where_attended(unit):
-                cache_future = self._io.submit(
-                    self._on_load_stream, self._read_cache, unit, length, self.attention_device
+                cache_future = self._load(
+                    self._cache_io, self._cache_stream, self._read_cache, unit, length, self.attention_device
                 )
-        return weights, hidden, cache_future
+        return hidden, cache_future
 
     def _compute(self, block: Block, task: Task, step: int, length: int, weights: dict[str, torch.Tensor],
                  x: torch.Tensor | None, cached) -> torch.Tensor | None:
@@ -627,7 +656,8 @@ class Engine:
 
     def close(self) -> None:
         """Release caches, buffers and scratch files; converted disk weights stay for reuse."""
-        self._io.shutdown(wait=True)
+        self._weight_io.shutdown(wait=True)
+        self._cache_io.shutdown(wait=True)
         for backend in self.storage.values():
             backend.close()
         self.layers.clear()
@@ -659,6 +689,17 @@ class _Sampling:
             sorted_probs[outside] = 0
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         return torch.multinomial(probs, 1, generator=generator)
+
+
+def _next_layers(tasks: list[Task]) -> list[int | None]:
+    """For each task, the layer of the first later task on another layer (None at the end)."""
+    ahead: list[int | None] = [None] * len(tasks)
+    following = None
+    for t in range(len(tasks) - 2, -1, -1):
+        if tasks[t + 1].layer != tasks[t].layer:
+            following = tasks[t + 1].layer
+        ahead[t] = following
+    return ahead
 
 
 def _cut_at_stop(tokens: list[int], stops: list[int]) -> list[int]:

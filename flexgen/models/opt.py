@@ -14,6 +14,7 @@ attention and MLP halves halves the weights that must be in compute memory at on
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cache
 from typing import Any
 
 import torch
@@ -234,7 +235,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 # --------------------------------------------------------------------------- forward
 
 
+@cache
 def _activation(name: str):
+    """HF's own activation module for ``name`` (built once; it is called in every MLP)."""
     from transformers.activations import ACT2FN  # the exact functions HF uses
 
     return ACT2FN[name]

@@ -17,7 +17,9 @@ class GPUStorage(StorageBackend):
         self._tensors: dict[str, torch.Tensor] = {}
 
     def put(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        resident = tensor.detach().to(self.compute_device, copy=True).contiguous()
+        # empty_like keeps the caller's memory layout (e.g. a column-major matrix).
+        resident = torch.empty_like(tensor, device=self.compute_device)
+        resident.copy_(tensor.detach())
         self._tensors[key] = resident
         return resident
 
