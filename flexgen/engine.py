@@ -237,21 +237,32 @@ class Engine:
         return self.device if tier == "gpu" else torch.device("cpu")
 
     def _place_weights(self, source: WeightSource) -> None:
-        """Put every weight in its tier, layer by layer, converting disk-tier tensors once."""
+        """Put every weight in its tier, layer by layer, converting disk-tier tensors once.
+
+        The tensors of one layer are read (or drawn, for synthetic weights), cast, compressed
+        and stored on a few threads at once; layers go one after another, so memory holds at
+        most one layer in flight.
+        """
         compressor_id = repr(registry.parse_spec(self.plugins["weight_compressor"], "plugins.weight_compressor"))
         folder = f"weights/{source.fingerprint()}-{str(self.dtype).removeprefix('torch.')}-{_short_hash(compressor_id)}"
         percents = self.policy.percents("weights")
-        for index in range(self.spec.num_model_layers):
-            specs = opt.layer_weights(self.spec, index)
-            sizes = [_numel(w.shape) for w in specs]
-            placed = []
-            for weight, tier in zip(specs, split_by_percent(sizes, percents)):
-                placed.append(self._place_one(source, weight, tier, f"{folder}/{weight.name}"))
-            self.layers.append(placed)
-            _release_freed_memory()
-            if all(p.tier == "gpu" and not p.compressed for p in placed):
-                self._resident[index] = {p.spec.local: p.parts["data"] for p in placed}
+        workers = min(4, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flexgen-place") as pool:
+            for index in range(self.spec.num_model_layers):
+                specs = opt.layer_weights(self.spec, index)
+                tiers = split_by_percent([_numel(w.shape) for w in specs], percents)
+                placed = list(pool.map(
+                    lambda weight, tier: self._place_one(source, weight, tier, f"{folder}/{weight.name}"),
+                    specs, tiers,
+                ))
+                self._register_layer(index, placed)
         self._note_memory()
+
+    def _register_layer(self, index: int, placed: list[PlacedWeight]) -> None:
+        self.layers.append(placed)
+        _release_freed_memory()
+        if all(p.tier == "gpu" and not p.compressed for p in placed):
+            self._resident[index] = {p.spec.local: p.parts["data"] for p in placed}
 
     def _place_one(self, source: WeightSource, weight: opt.WeightSpec, tier: str, key: str) -> PlacedWeight:
         backend = self.storage[tier]
@@ -272,8 +283,9 @@ class Engine:
             del tensor
             parts = {name: backend.put(f"{key}.{name}", packed[name]) for name in part_names}
             del packed
-        self.stats.compression["weights_raw_bytes"] += _numel(weight.shape) * _itemsize(self.dtype)
-        self.stats.compression["weights_stored_bytes"] += sum(_nbytes(p) for p in parts.values())
+        with self._stats_lock:  # placement runs on several threads
+            self.stats.compression["weights_raw_bytes"] += _numel(weight.shape) * _itemsize(self.dtype)
+            self.stats.compression["weights_stored_bytes"] += sum(_nbytes(p) for p in parts.values())
         return PlacedWeight(weight, tier, parts, compressed)
 
     def _prefers_column_major(self, weight: opt.WeightSpec, tier: str, compressed: bool) -> bool:
