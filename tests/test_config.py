@@ -41,6 +41,16 @@ def test_defaults_are_the_design_contract():
     }
     assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.strategy, cfg.trainer.num_nodes) == ("auto", 1, "auto", 1)
     assert cfg.output.path == "outputs/predictions.jsonl"
+    assert cfg.hardware.profile is None and cfg.hardware_caps() == {}
+
+
+def test_several_processes_and_hardware_caps_are_accepted():
+    cfg = load_config(None, MINIMAL + ["trainer.devices=4", "trainer.num_nodes=2", "trainer.strategy=ddp",
+                                       "hardware.gpu_memory=24GiB", "hardware.disk_memory=500GB"])
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.strategy) == (4, 2, "ddp")
+    assert cfg.hardware_caps() == {"gpu_memory": "24GiB", "disk_memory": "500GB"}
+    assert list(load_config(None, MINIMAL + ["trainer.devices=[0,2]"]).trainer.devices) == [0, 2]
+    assert load_config(None, MINIMAL + ["trainer.devices=-1"]).trainer.devices == -1
 
 
 def test_overrides_win_over_file_and_paths_resolve(tmp_path, monkeypatch):

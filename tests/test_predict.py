@@ -423,3 +423,28 @@ def test_cli_leaves_the_flexgen_logger_as_it_was(workdir, capsys):
     # fails inside the run, after the command set its logging up
     assert cli_main(["predict", "--config", "c.yaml", "data.prompts=missing.jsonl"]) == 2
     assert (logger.level, logger.propagate, list(logger.handlers)) == before
+
+
+def test_policy_auto_plans_for_the_configured_hardware(tmp_path):
+    """hardware.profile and hardware.*_memory reach the real optimizer; the metrics say what it planned for."""
+    write_prompts(tmp_path / "prompts.jsonl", n=3)
+    factory = Factory()
+    run_predict(config(tmp_path, "policy=auto", "hardware.profile=t4-paper", "hardware.gpu_memory=2GiB",
+                       "hardware.cpu_memory=64GiB"), engine_factory=factory)
+    metrics = json.loads((tmp_path / "out.jsonl.metrics.json").read_text())
+    assert metrics["policy_source"] == "auto"
+    assert metrics["hardware"]["capacity"]["gpu"] == 2 << 30 and metrics["hardware"]["capacity"]["cpu"] == 64 << 30
+    assert "t4" in metrics["hardware"]["name"] and "capped" in metrics["hardware"]["source"]
+    assert factory.engine.kwargs["policy"].to_dict() == metrics["policy"]
+
+
+def test_hardware_profile_in_a_config_file_is_relative_to_it(tmp_path, monkeypatch):
+    from flexgen.config import load_config as load
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "machine.yaml").write_text("base: t4-paper\ngpu_memory: 8GiB\n")
+    (tmp_path / "sub" / "c.yaml").write_text(
+        "model: {synthetic: opt-125m}\ndata: {num_prompts: 2, prompt_len: 4}\nhardware: {profile: machine.yaml}\n")
+    monkeypatch.chdir(tmp_path)
+    assert load("sub/c.yaml").hardware.profile == str(tmp_path / "sub" / "machine.yaml")
+    assert load("sub/c.yaml", ["hardware.profile=h200"]).hardware.profile == "h200"  # a preset name stays a name

@@ -3,7 +3,8 @@
 * :mod:`~flexgen.predict.run` — the command: config -> model -> prompts -> policy -> Trainer.predict
 * :mod:`~flexgen.predict.data` — prompt files, tokenisation, length-grouped blocks, the DataModule
 * :mod:`~flexgen.predict.module` — the LightningModule: one ``predict_step`` = one block
-* :mod:`~flexgen.predict.writer` — durable JSONL output, torn-line repair, resume scan
+* :mod:`~flexgen.predict.writer` — durable JSONL output, torn-line repair, resume scan, part files
+* :mod:`~flexgen.predict.distributed` — one run over several processes: rank 0 decides and merges
 * :mod:`~flexgen.predict.callbacks` — Lightning's progress bar with tokens/s
 * :mod:`~flexgen.predict.quickstart` — the ``builtin:quickstart`` checkpoint, built locally
 

@@ -133,8 +133,17 @@ class RunCoordinator(Callback):
         }
         ranks = gather_objects(mine, trainer.world_size)
         if rank == 0:
-            from flexgen.predict.writer import leftover_parts, merge_parts
+            from flexgen.predict.writer import leftover_parts, merge_parts, part_path
 
+            missing = [part_path(self.out_path, r["rank"]) for r in ranks
+                       if r["rank"] > 0 and r["prompts_generated"] and not part_path(self.out_path, r["rank"]).exists()]
+            if missing:
+                # Another node wrote it on a disk rank 0 cannot see: say so rather than lose it.
+                raise ConfigError(
+                    f"output.path: rank 0 cannot see {missing[0]} (and {len(missing) - 1} other part file(s)); "
+                    "with several machines output.path must be on a filesystem they all share. Copy the part "
+                    "files next to the output and rerun: their prompts count as done"
+                )
             parts = leftover_parts(self.out_path)
             merged = merge_parts(self.out_path, parts)
             info = {"merged_lines": merged, "policy": self.policy, "plugins": self.plugins,

@@ -7,12 +7,17 @@ and before the output file is touched:
 2. the model's shape (``config.json`` or a named OPT size) and its tokenizer;
 3. the prompts: read, tokenised, checked against the vocabulary and the model's positions;
 4. the policy (from the config, or from the cost model for ``policy: auto``);
-5. the output folder is checked writable (:func:`plan_run` ends here); then, holding an exclusive
-   lock on the output file (one run per output), the existing output is scanned (read-only) for
-   ids already done; if none are left, the run ends here without loading the model;
-6. the engine is loaded, a torn tail of the output (an interrupted run's) is cut off, and
-   Lightning's predict loop runs one block per step, appending each block's lines durably;
-7. ``<output.path>.metrics.json`` is written atomically and a summary printed.
+5. the output folder is checked writable (:func:`plan_run` ends here), and the output is read
+   (read-only): if it already holds every prompt, the run ends here, before any process is
+   started or engine loaded;
+6. Lightning's Trainer starts its processes (one, or ``trainer.devices x trainer.num_nodes``);
+   once they are joined, :class:`~flexgen.predict.distributed.RunCoordinator` has rank 0 lock the
+   output (one run per output), cut a torn tail (an interrupted run's), merge leftover part
+   files and broadcast the ids done; each rank takes its share of the blocks and loads its own
+   engine on its own device;
+7. the predict loop runs one block per step, appending each block's lines durably (rank 0 to
+   the output, the others to their part files); at the end rank 0 merges the part files,
+   writes ``<output.path>.metrics.json`` atomically, and its summary is printed.
 """
 
 from __future__ import annotations
