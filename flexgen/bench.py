@@ -548,6 +548,10 @@ def run_hf_baseline(
     else:
         module = module.to(device)
 
+    # Every sequence runs the full length, as the engine's do in the bench: no end-of-sequence
+    # (min_new_tokens would instead forbid that token, and the outputs would differ).
+    module.generation_config.eos_token_id = None
+
     def sync() -> None:
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
@@ -565,7 +569,7 @@ def run_hf_baseline(
             warnings.simplefilter("ignore")
             out = module.generate(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, pad_token_id=spec.pad_token_id, **sampling,
+                pad_token_id=spec.pad_token_id, **sampling,
             )
         return out[:, longest:].tolist()
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from flexgen.testing.reference import write_random_checkpoint
+
 # Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP's
 # barriers make each small op cost milliseconds.
 torch.set_num_threads(1)
@@ -36,46 +38,18 @@ CHECKPOINT_VARIANTS = {
 
 
 def make_checkpoint(path: Path, variant: str, seed: int = 0):
-    """Write a random OPT checkpoint with HF's ``save_pretrained``; return the HF model."""
-    from transformers import OPTConfig, OPTForCausalLM
-
+    """Write a random OPT checkpoint of one variant with HF's ``save_pretrained``; return the HF model."""
     spec = CHECKPOINT_VARIANTS[variant]
-    torch.manual_seed(seed)
-    model = OPTForCausalLM(OPTConfig(**spec["config"])).eval()
-    # Wider weights than OPT's N(0, 0.02) give logits with clear winners, so greedy tokens
-    # compare meaningfully instead of hovering on near-ties.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.25 if "embed" not in name else 1.0)
     save = dict(spec["save"])
-    if save.pop("pickled", False):
+    pickled = save.pop("pickled", False)
+    model = write_random_checkpoint(path, seed=seed, save=save, **spec["config"])
+    if pickled:
         # transformers 5 writes safetensors only; write the legacy pickled layout by hand,
         # without the tied lm_head, as older HF versions did.
-        model.save_pretrained(path, **save)
         state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
         torch.save(state, Path(path) / "pytorch_model.bin")
         (Path(path) / "model.safetensors").unlink()
-    else:
-        model.save_pretrained(path, **save)
     return model
-
-
-def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int, pad_token_id: int = 1) -> list[list[int]]:
-    """HF transformers' greedy ``generate`` with left padding: the reference outputs."""
-    longest = max(map(len, prompts))
-    ids = torch.full((len(prompts), longest), pad_token_id)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = torch.tensor(p)
-        mask[i, longest - len(p):] = 1
-    # No end-of-sequence token: every sequence runs the full length, as the engine does
-    # without a stop token (min_new_tokens would instead forbid the token, changing outputs).
-    model.generation_config.eos_token_id = None
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad_token_id)
-    return out[:, longest:].tolist()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ except ImportError as exc:  # the engine lands separately; say why these tests d
     pytest.skip(f"flexgen.engine cannot be imported ({exc})", allow_module_level=True)
 
 from flexgen import registry
+from flexgen.testing.reference import hf_greedy, round_tripped, write_random_checkpoint
 
 CONFIG = dict(
     vocab_size=320, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
@@ -31,7 +31,6 @@ CONFIG = dict(
 )
 PROMPTS = [[2, 15, 16, 17, 18, 19], [2, 40, 41], [2, 7, 8, 9, 10, 11, 12, 13, 14], [2, 99], [2, 50, 51, 52, 53]]
 NEW_TOKENS = 8
-PAD = 1
 
 #: weight tier -> (weights_gpu, weights_cpu); disk is the rest
 WEIGHT_TIERS = {"gpu": (100, 0), "cpu": (0, 100), "disk": (0, 0), "mix": (30, 30)}
@@ -42,49 +41,14 @@ CACHE_TIERS = {"gpu": (100, 0), "cpu": (0, 100), "disk": (0, 0)}
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     """A tiny random OPT written by HF's ``save_pretrained``, and the HF model itself."""
-    from transformers import OPTConfig, OPTForCausalLM
-
     path = tmp_path_factory.mktemp("ckpt-compression")
-    torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig(**CONFIG)).eval()
-    # Wider than OPT's N(0, 0.02): logits with clear winners, so greedy tokens are not near-ties.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 1.0 if "embed" in name else 0.25)
-    model.save_pretrained(path)
-    return path, model
+    return path, write_random_checkpoint(path, **CONFIG)
 
 
-def quantized_copy(model: torch.nn.Module, compressor_name: str) -> torch.nn.Module:
-    """The HF model with every weight of ndim >= 2 replaced by decompress(compress(weight)).
-
-    That is exactly what the engine stores: token and position embeddings, every linear
-    weight, and lm_head (tied to embed_tokens, so it follows); 1-D biases and layer norms stay.
-    """
-    compressor = registry.create("compressor", compressor_name)
-    quantized = copy.deepcopy(model)
-    assert quantized.lm_head.weight is quantized.model.decoder.embed_tokens.weight, "expected tied lm_head"
-    with torch.no_grad():
-        for _, param in quantized.named_parameters():
-            if param.dim() >= 2:
-                parts = compressor.compress(param.data)
-                param.copy_(compressor.decompress(parts, tuple(param.shape), param.dtype))
-    return quantized
-
-
-def hf_greedy(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """HF's greedy ``generate`` with left padding, new tokens only."""
-    longest = max(map(len, prompts))
-    ids = torch.full((len(prompts), longest), PAD)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):] = torch.tensor(p)
-        mask[i, longest - len(p):] = 1
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=PAD)
-    return out[:, longest:].tolist()
+def quantized_copy(model: torch.nn.Module, compressor_spec) -> torch.nn.Module:
+    """The HF model with exactly the tensors the engine compresses round-tripped."""
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight, "expected tied lm_head"
+    return round_tripped(model, registry.create("compressor", compressor_spec))
 
 
 def policy(weights: str = "gpu", cache: str = "gpu") -> Policy:

@@ -189,7 +189,7 @@ def test_changed_checkpoint_invalidates_conversion(tmp_path):
     with load_engine(ckpt, policy=_disk_policy(), device="cpu", dtype="float32", offload_dir=offload) as e:
         e.generate(PROMPTS, max_new_tokens=3)
     model = make_checkpoint(ckpt, "pre_ln", seed=1)  # new weights, same paths
-    from tests.conftest import hf_greedy
+    from flexgen.testing.reference import hf_greedy
 
     with load_engine(ckpt, policy=_disk_policy(), device="cpu", dtype="float32", offload_dir=offload) as e:
         assert e.generate(PROMPTS, max_new_tokens=3) == hf_greedy(model, PROMPTS, 3)

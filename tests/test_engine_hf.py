@@ -11,7 +11,8 @@ import itertools
 import pytest
 
 from flexgen import Policy, load_engine
-from tests.conftest import CHECKPOINT_VARIANTS, hf_greedy, make_checkpoint
+from flexgen.testing.reference import hf_greedy
+from tests.conftest import CHECKPOINT_VARIANTS, make_checkpoint
 
 PROMPTS = [[2, 15, 16, 17, 18, 19], [2, 40, 41], [2, 7, 8, 9, 10, 11, 12, 13, 14], [2, 99], [2, 50, 51, 52, 53]]
 NEW_TOKENS = 6

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ except ImportError as exc:
     pytest.skip(f"flexgen.engine cannot be imported ({exc})", allow_module_level=True)
 
 from flexgen import registry  # noqa: E402
+from flexgen.testing.reference import hf_greedy, round_tripped, write_random_checkpoint  # noqa: E402
 
 CONFIG = dict(
     vocab_size=320, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=2,
@@ -36,7 +36,6 @@ CONFIG = dict(
 )
 PROMPTS = [[2, 15, 16, 17, 18, 19], [2, 40, 41], [2, 7, 8, 9, 10, 11, 12, 13, 14], [2, 99], [2, 50, 51, 52, 53]]
 NEW_TOKENS = 8
-PAD = 1
 COMPRESSORS = ["bnb-nf4", "bnb-fp4", "bnb-int8"]
 #: tier -> (gpu percent, cpu percent); disk is the rest
 TIERS = {"gpu": (100, 0), "cpu": (0, 100), "disk": (0, 0), "mix": (30, 30)}
@@ -44,43 +43,14 @@ TIERS = {"gpu": (100, 0), "cpu": (0, 100), "disk": (0, 0), "mix": (30, 30)}
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
-    """A tiny random OPT saved with ``save_pretrained`` (head size 32), wide weights."""
-    from transformers import OPTConfig, OPTForCausalLM
-
+    """A tiny random OPT saved with ``save_pretrained`` (head size 32)."""
     path = tmp_path_factory.mktemp("bnb-ckpt")
-    torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig(**CONFIG)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 1.0 if "embed" in name else 0.25)
-    model.save_pretrained(path)
-    return path, model
+    return path, write_random_checkpoint(path, **CONFIG)
 
 
 def quantized_copy(model: torch.nn.Module, spec) -> torch.nn.Module:
     """The HF model with every weight of ndim >= 2 (what the engine compresses) round-tripped."""
-    compressor = registry.create("compressor", spec)
-    quantized = copy.deepcopy(model)
-    with torch.no_grad():
-        for param in quantized.parameters():
-            if param.dim() >= 2:
-                param.copy_(compressor.decompress(compressor.compress(param.data), tuple(param.shape), param.dtype))
-    return quantized
-
-
-def hf_greedy(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """HF's greedy ``generate`` with left padding, new tokens only."""
-    longest = max(map(len, prompts))
-    ids = torch.full((len(prompts), longest), PAD)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p) :] = torch.tensor(p)
-        mask[i, longest - len(p) :] = 1
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=PAD)
-    return out[:, longest:].tolist()
+    return round_tripped(model, registry.create("compressor", spec))
 
 
 def run(path: Path, offload: Path, plugins: dict, weights: str = "gpu", cache: str = "gpu"):

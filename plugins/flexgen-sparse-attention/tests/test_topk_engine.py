@@ -23,45 +23,23 @@ try:
 except ImportError as exc:
     pytest.skip(f"flexgen.engine cannot be imported ({exc})", allow_module_level=True)
 
+from flexgen.testing.reference import hf_greedy, write_random_checkpoint  # noqa: E402
+
 CONFIG = dict(
     vocab_size=320, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
     max_position_embeddings=96,
 )
 PROMPTS = [[2, 15, 16, 17, 18, 19, 20, 21], [2, 40, 41], [2, 7, 8, 9, 10, 11, 12, 13, 14, 30, 31], [2, 99], [2, 5, 6]]
 NEW_TOKENS = 12
-PAD = 1
 #: cache tier -> (cache_gpu, cache_cpu); disk is the rest
 CACHE_TIERS = {"gpu": (100, 0), "cpu": (0, 100), "disk": (0, 0), "mix": (40, 30)}
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
-    """A tiny random OPT saved with ``save_pretrained``, weights wide enough for clear winners."""
-    from transformers import OPTConfig, OPTForCausalLM
-
+    """A tiny random OPT saved with ``save_pretrained``."""
     path = tmp_path_factory.mktemp("topk-ckpt")
-    torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig(**CONFIG)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 1.0 if "embed" in name else 0.25)
-    model.save_pretrained(path)
-    return path, model
-
-
-def hf_greedy(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """HF's greedy ``generate`` with left padding, new tokens only."""
-    longest = max(map(len, prompts))
-    ids = torch.full((len(prompts), longest), PAD)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p) :] = torch.tensor(p)
-        mask[i, longest - len(p) :] = 1
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=PAD)
-    return out[:, longest:].tolist()
+    return path, write_random_checkpoint(path, **CONFIG)
 
 
 def run(path: Path, offload: Path, cache: str, attention) -> list[list[int]]:
