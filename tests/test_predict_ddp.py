@@ -100,6 +100,16 @@ def test_two_processes_write_what_one_does(cache, reference, tmp_path):
           f"{metrics['wall_throughput']:.0f} tok/s over the loop")
 
 
+def test_ddp_spawn_writes_the_same(cache, reference, tmp_path):
+    """``ddp_spawn``: the processes are spawned from trainer.predict; the parent prints rank 0's summary."""
+    out = tmp_path / "spawn.jsonl"
+    result = subprocess.run(command(out, "trainer.strategy=ddp_spawn"), cwd=tmp_path, env=environment(cache),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert by_id(out) == reference and leftover_parts(out) == []
+    assert "12 prompts generated" in result.stdout and "processes: 2" in result.stdout
+
+
 def test_kill_9_mid_way_then_rerun(cache, reference, tmp_path):
     out = tmp_path / "killed.jsonl"
     cmd, env = command(out), environment(cache)
@@ -179,6 +189,27 @@ def test_part_file_of_a_live_writer_is_refused(tmp_path):
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # a rank still writing it
         with pytest.raises(Exception, match="another flexgen predict is writing .*out.jsonl.rank1"):
             run_predict(config(tmp_path), engine_factory=Factory(forbid=True))
+
+
+def test_policy_auto_is_chosen_by_rank_0_only(tmp_path, monkeypatch):
+    """A rank > 0 neither plans nor measures: rank 0's choice reaches it by broadcast."""
+    import types
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from flexgen.models.opt import spec_for_size
+    from flexgen.policy import Policy
+    from flexgen.predict.run import resolve_policy
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("rank 1 should not run the optimizer")
+
+    monkeypatch.setitem(sys.modules, "flexgen.optimizer", types.SimpleNamespace(auto_policy_for_run=refuse))
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    write_prompts(tmp_path / "prompts.jsonl")
+    policy, plugins, info = resolve_policy(config(tmp_path, "policy=auto"), spec_for_size("opt-125m"),
+                                           [Prompt(0, (5, 6), "")])
+    assert policy == Policy() and info == {"source": "auto"}
 
 
 def test_aggregate_stats_sums_tokens_and_takes_the_longest_time():

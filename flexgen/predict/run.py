@@ -429,6 +429,13 @@ def resolve_policy(cfg: FlexGenConfig, spec: Any, prompts: list[Prompt]) -> tupl
     plugins = cfg.plugins_dict()
     if not cfg.policy.auto:
         return cfg.to_policy(), plugins, {"source": "config"}
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        # A process Lightning (or torchrun) started as rank > 0: rank 0's choice is broadcast to
+        # it before it is used (RunCoordinator.setup), so it neither plans nor measures the machine
+        # (N processes timing copies at once would also measure each other).
+        return Policy(), plugins, {"source": "auto"}
     try:
         from flexgen.optimizer import auto_policy_for_run
     except ImportError as exc:
