@@ -237,3 +237,19 @@ def test_gpu_memory_cap_sets_the_process_fraction(monkeypatch):
     assert cap_gpu_memory("cuda:0", "100GiB") is None  # not a cap: more than the GPU has
     assert cap_gpu_memory("cpu", "1GiB") is None and cap_gpu_memory("cuda:0", None) is None
     assert len(calls) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_memory_cap_really_limits_the_allocator():
+    """On a real GPU: past hardware.gpu_memory, allocations fail as on a smaller GPU."""
+    import torch
+
+    try:
+        assert cap_gpu_memory("cuda:0", "256MiB") is not None
+        small = torch.empty(64 << 20, dtype=torch.uint8, device="cuda:0")  # 64 MiB: fits
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(512 << 20, dtype=torch.uint8, device="cuda:0")
+        del small
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+        torch.cuda.empty_cache()
