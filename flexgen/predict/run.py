@@ -529,7 +529,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{summary['tokens_generated']} new tokens in {summary['wall_time_s']:.1f} s"
         )
     stats = summary.get("stats") or {}
-    if stats:
+    generated = summary["prompts_generated"] > 0
+    if stats and generated:
         lines.append(
             "  throughput: {:.1f} tok/s total (prefill {:.1f}, decode {:.1f}); engine time {:.2f} s prefill + {:.2f} s decode".format(
                 stats.get("total_throughput", 0.0), stats.get("prefill_throughput", 0.0),
@@ -541,7 +542,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  policy ({summary['policy_source']}): block {p['num_gpu_batches']} x {p['gpu_batch_size']}; "
         f"gpu/cpu/disk % weights {_tiers(p, 'weights')}, cache {_tiers(p, 'cache')}, activations {_tiers(p, 'act')}"
     )
-    if summary.get("world_size", 1) > 1:
+    if summary.get("world_size", 1) > 1 and generated:
         lines.append(f"  processes: {summary['world_size']}, together {summary['wall_throughput']:.1f} tok/s over the "
                      "predict loop (per-rank figures in the metrics)")
     lines.append(f"  output:  {summary['output']}")
