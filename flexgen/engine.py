@@ -2,11 +2,13 @@
 
 One ``generate`` call cuts the prompts into *blocks* of ``num_gpu_batches × gpu_batch_size``
 sequences. For each block, each step (the prefill, then one token at a time) is a list of
-tasks (model layer j, GPU batch k) in the order the Scheduler gives. While task t computes,
-an I/O thread fetches what task t+1 needs that is not already where it is used: the weights of
-its layer (once per layer and step under zig-zag), the cache prefix of its (layer, batch) when
-attention runs away from the cache's home, and the hidden states of its batch when they live
-in another tier. On CUDA those copies run on their own stream and compute waits on an event.
+tasks (model layer j, GPU batch k) in the order the Scheduler gives. Moving data overlaps
+computing it: the next layer's weights start loading when the current layer starts (once per
+layer and step under zig-zag), and while task t computes, a second I/O thread fetches what
+task t+1 needs besides weights: the cache prefix of its (layer, batch) when attention runs
+away from the cache's home, and its hidden states when they live in another tier. On CUDA
+each kind of copy has its own stream (weights, cache loads, stores to host tiers), and
+compute waits on events, never on the whole device.
 
 The engine talks to storage, compression, attention and the model only through their
 interfaces; it knows which tier holds what, and when to move it.
@@ -448,12 +450,18 @@ class Engine:
             out.append(self.cache_compressor.decompress(moved, shape, self.dtype).permute(1, 2, 0, 3))
         return out[0], out[1]
 
-    def _write_cache(self, unit: CacheUnit, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Compress and write new keys/values (B, H, n, D) at positions [start, start + n)."""
+    def _write_cache(self, unit: CacheUnit, start: int, k: torch.Tensor, v: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Compress and write new keys/values (B, H, n, D) at positions [start, start + n).
+
+        Returns the packed parts of k and v, i.e. exactly what the cache now holds for them.
+        """
+        written = []
         for parts, new in ((unit.k, k), (unit.v, v)):
             packed = self.cache_compressor.compress(new.permute(2, 0, 1, 3).contiguous())
             for name, value in packed.items():
                 self._write(unit.tier, parts[name][start:start + value.shape[0]], value)
+            written.append(packed)
+        return written
 
     # ------------------------------------------------------------------ generate
 
@@ -585,8 +593,8 @@ class Engine:
             out = self._compute(block, task, step, length, weights, x, cached)
             if task.layer == self.spec.num_model_layers - 1:
                 batch.hidden = None
-            elif following is not None and following.batch == task.batch:
-                batch.hidden = out  # consumed by the very next task: keep it where it is
+            elif (following is not None and following.batch == task.batch) or block.act_tiers[task.batch] == "gpu":
+                batch.hidden = out  # already where it is used next: no copy
             else:
                 tier = block.act_tiers[task.batch]
                 self._count_write(tier, out)
@@ -654,11 +662,15 @@ class Engine:
                 self._wait_for_stores_on_host()
             k, v = self._read_cache(unit, length + 1, dest)
         else:
-            # The prefix was prefetched to the attention device; append the new token to it.
-            k_old, v_old = cached
-            self._write_cache(unit, length, k_new, v_new)
-            k = torch.cat([k_old, k_new.to(dest)], dim=2)
-            v = torch.cat([v_old, v_new.to(dest)], dim=2)
+            # The prefix was prefetched to the attention device; append the new token to it as
+            # the cache holds it (through the cache compressor), as a read of the cache would.
+            shape = (1, self.policy.gpu_batch_size, self.spec.num_heads, self.spec.head_dim)
+            stored = [
+                self.cache_compressor.decompress({n: p.to(dest) for n, p in packed.items()}, shape, self.dtype)
+                for packed in self._write_cache(unit, length, k_new, v_new)
+            ]
+            k = torch.cat([cached[0], stored[0].permute(1, 2, 0, 3)], dim=2)
+            v = torch.cat([cached[1], stored[1].permute(1, 2, 0, 3)], dim=2)
         out = self.attention.decode(q.to(dest), k, v, valid.to(dest))
         return out.to(self.device)
 

@@ -258,3 +258,31 @@ def test_synthetic_weights_are_seeded():
     a, b, c = (SyntheticWeights(spec, seed=s, dtype=torch.float32).get(w) for s in (0, 0, 1))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert 0.005 < a.std().item() < 0.05
+
+
+# ---------------------------------------------------------------- the fetched-cache path
+
+
+@pytest.mark.parametrize("cache_compressor", ["none", "int4"])
+@pytest.mark.parametrize("scheduler", ["zigzag", "row"])
+def test_fetched_cache_path_equals_in_place_path(tiny_checkpoint, tmp_path, monkeypatch, cache_compressor, scheduler):
+    """On a GPU, attention away from the cache's home prefetches the cache prefix on an I/O
+    thread and appends the new token; on a CPU every tier is where attention runs, so force
+    that path here and require the tokens of the in-place path."""
+    from flexgen.engine import Engine
+
+    path, _ = tiny_checkpoint
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, cache_gpu=30, cache_cpu=30)  # a mix of tiers
+    plugins = {"cache_compressor": cache_compressor, "scheduler": scheduler}
+
+    def run():
+        with load_engine(path, policy=policy, plugins=plugins, device="cpu", dtype="float32",
+                         offload_dir=tmp_path) as engine:
+            return engine.generate(PROMPTS, max_new_tokens=6)
+
+    in_place = run()
+    fetched_units = []
+    monkeypatch.setattr(Engine, "_cache_resident_where_attended",
+                        lambda self, unit: fetched_units.append(unit.tier) or unit.tier == "gpu")
+    assert run() == in_place
+    assert {"cpu", "disk"} <= set(fetched_units)
