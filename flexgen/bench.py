@@ -194,12 +194,8 @@ def run_bench(
     progress=None,
 ) -> BenchReport:
     """Measure (unless ``bound_only``) and bound one config; see the module docstring."""
+    from flexgen.predict.data import load_prompts
     from flexgen.predict.run import load_tokenizer, resolve_model, resolve_policy
-
-    try:
-        from flexgen.predict.data import load_prompts
-    except ImportError:  # older layout
-        from flexgen.predict.run import load_prompts
 
     say = progress or (lambda line: None)
     model, model_dir, spec = resolve_model(cfg)
