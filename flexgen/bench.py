@@ -478,7 +478,9 @@ def hf_model(model: str, spec, dtype: str, seed: int, device: str | None = None)
             key = weight.name if weight.name == "lm_head.weight" else f"model.decoder.{weight.name}"
             state[key] = tensor
     module.load_state_dict(state, strict=True, assign=True)
-    module.generation_config.eos_token_id = None  # every sequence runs the full length
+    # Every sequence runs the full length, as the engine's do in the bench: no end-of-sequence
+    # (min_new_tokens would instead forbid that token, and the outputs would differ).
+    module.generation_config.eos_token_id = None
     return module.eval()
 
 
@@ -543,10 +545,6 @@ def run_hf_baseline(
         placement = "Accelerate offload, modules per tier " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
     else:
         module = module.to(device)
-
-    # Every sequence runs the full length, as the engine's do in the bench: no end-of-sequence
-    # (min_new_tokens would instead forbid that token, and the outputs would differ).
-    module.generation_config.eos_token_id = None
 
     def sync() -> None:
         if device.startswith("cuda"):
