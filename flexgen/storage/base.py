@@ -39,7 +39,11 @@ class StorageBackend(ABC):
 
     @abstractmethod
     def put(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Keep a copy of ``tensor`` under ``key``; return the resident tensor."""
+        """Keep a copy of ``tensor`` under ``key``; return the resident tensor.
+
+        Putting a key again replaces its value, possibly in the same memory: a tensor returned
+        by an earlier ``put`` of that key must not be relied on afterwards.
+        """
 
     @abstractmethod
     def empty(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -42,7 +42,11 @@ class CPUStorage(StorageBackend):
         return resident
 
     def put(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        resident = self._allocate(key, tuple(tensor.shape), tensor.dtype, zeroed=False)
+        resident = self._tensors.get(key)
+        if resident is None or resident.shape != tensor.shape or resident.dtype != tensor.dtype:
+            # Page-locking is slow; a key put again with the same shape (hidden states parked
+            # between tasks) keeps its memory.
+            resident = self._allocate(key, tuple(tensor.shape), tensor.dtype, zeroed=False)
         resident.copy_(tensor.detach())
         return resident
 
