@@ -12,13 +12,26 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
     # shellcheck disable=SC2086
     "$PYTHON" -m pip install ${TORCH_SPEC:-torch==2.13.0}
 fi
-"$PYTHON" -m pip install -e ".[test]"
+
+# From here on pip may add packages but never replace that torch: every later install is
+# constrained to the installed version, so a dependency that wants another torch is an error
+# instead of a several-GB download.
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+"$PYTHON" -c "import torch; print('torch==' + torch.__version__)" >"$constraints"
+"$PYTHON" -m pip install -c "$constraints" -e ".[test]"
 
 # The example third-party plugins, installed exactly as an outside package would be (not
-# editable: what runs is what a user gets). Their requirements are lower bounds (flexgen, torch)
-# or a range the installed torch satisfies (bitsandbytes needs torch>=2.4,<3), so pip adds
-# bitsandbytes where it is missing and never replaces torch or the editable flexgen.
-# Skip them with FLEXGEN_SKIP_PLUGINS=1.
+# editable: what runs is what a user gets); pip adds bitsandbytes where it is missing.
+# bitsandbytes needs torch>=2.4,<3: with another torch that plugin is skipped, with a line
+# saying so (its tests then skip too). Skip both with FLEXGEN_SKIP_PLUGINS=1.
 if [ -z "${FLEXGEN_SKIP_PLUGINS:-}" ]; then
-    "$PYTHON" -m pip install ./plugins/flexgen-sparse-attention ./plugins/flexgen-bitsandbytes
+    "$PYTHON" -m pip install -c "$constraints" ./plugins/flexgen-sparse-attention
+    if "$PYTHON" -c "import sys, torch; from packaging.version import Version as V; \
+sys.exit(not (2, 4) <= V(torch.__version__).release < (3,))"; then
+        "$PYTHON" -m pip install -c "$constraints" ./plugins/flexgen-bitsandbytes
+    else
+        echo "install.sh: skipping plugins/flexgen-bitsandbytes: bitsandbytes needs torch>=2.4,<3," \
+             "and the installed $(cat "$constraints") is kept" >&2
+    fi
 fi
