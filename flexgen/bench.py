@@ -580,7 +580,9 @@ def run_hf_baseline(
         sync()
         seconds = min(seconds, time.perf_counter() - started)
     generated = sum(len(t) for t in tokens)
-    del module
+    # Drop the model here, not at return: ``generate`` above holds it, and Accelerate's hooks
+    # make reference cycles, so only then do gc and the CUDA cache release its memory.
+    module = None
     gc.collect()
     _empty_cuda_cache()
     return {
