@@ -465,7 +465,6 @@ def estimate(
     dsize = _DTYPE_SIZE[dtype]
     B, K, L = policy.gpu_batch_size, policy.num_gpu_batches, spec.num_layers
     h, H, D, ffn, V, E = spec.hidden_size, spec.num_heads, spec.head_dim, spec.ffn_dim, spec.vocab_size, spec.word_embed_proj_dim
-    T = s + n
 
     # Weights, per layer kind (all attention layers alike, all MLP layers alike).
     wpct = policy.percents("weights")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
+import torch
 
 from flexgen.costmodel import Workload, cache_unit_counts, count_below, estimate
 from flexgen.errors import ConfigError
@@ -34,8 +34,9 @@ FAKE_CPU = HardwareProfile(
 S, N = 4, 3  # prompt length, new tokens
 
 
-def weight_bytes(spec: OPTSpec, size: int = 2) -> int:
-    return sum(size * math.prod(w.shape) for i in range(spec.num_model_layers) for w in opt.layer_weights(spec, i))
+def weight_bytes(spec: OPTSpec) -> int:
+    """Bytes of every weight in float16, as the engine stores them."""
+    return opt.weight_bytes(spec, torch.float16)
 
 
 def test_weights_on_cpu_cross_pcie_once_per_step():
