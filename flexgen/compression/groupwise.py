@@ -80,49 +80,47 @@ class GroupwiseQuantizer(Compressor):
 
     # -- shapes -----------------------------------------------------------------------------
 
-    def _resolve_axis(self, shape: tuple[int, ...]) -> int:
-        """The grouped axis as a non-negative index into ``shape``; ValueError when out of range."""
-        ndim = len(shape)
-        if not -ndim <= self.axis < ndim:
-            raise ValueError(f"axis={self.axis} is out of range for a tensor of shape {tuple(shape)}")
-        return self.axis % ndim
-
     def _packed_length(self, length: int) -> int:
         """Bytes of codes for ``length`` values along the grouped axis."""
         return (length + 1) // 2 if self.bits == 4 else length
 
-    def part_specs(self, shape: tuple[int, ...], dtype: torch.dtype) -> PartSpecs:
-        shape = tuple(int(s) for s in shape)
+    def _layout(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[PartSpecs, int, int, int]:
+        """Part specs of a tensor of ``shape``, with its grouped axis (non-negative), the values
+        along that axis and the groups they form; errors for a non-float dtype or a bad axis."""
         if dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{type(self).__name__} quantizes floating-point tensors, got {dtype}")
-        axis = self._resolve_axis(shape)
+        ndim = len(shape)
+        if not -ndim <= self.axis < ndim:
+            raise ValueError(f"axis={self.axis} is out of range for a tensor of shape {tuple(shape)}")
+        axis = self.axis % ndim
         length = shape[axis]
         groups = -(-length // self.group_size)
 
         def with_axis(n: int) -> tuple[int, ...]:
             return shape[:axis] + (n,) + shape[axis + 1 :]
 
-        return {
+        specs = {
             "data": (with_axis(self._packed_length(length)), torch.uint8),
             "scale": (with_axis(groups), torch.float16),
             "min": (with_axis(groups), torch.float16),
         }
+        return specs, axis, length, groups
+
+    def part_specs(self, shape: tuple[int, ...], dtype: torch.dtype) -> PartSpecs:
+        return self._layout(tuple(int(s) for s in shape), dtype)[0]
 
     # -- compress ---------------------------------------------------------------------------
 
     def compress(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        specs = self.part_specs(tuple(x.shape), x.dtype)
-        axis = self._resolve_axis(tuple(x.shape))
-        length = x.shape[axis]
-        g = self.group_size
-        groups = -(-length // g)
-        lead = x.movedim(axis, -1).shape[:-1]
-        if length == 0 or x.numel() == 0:
+        specs, axis, length, groups = self._layout(tuple(x.shape), x.dtype)
+        if x.numel() == 0:
             return {name: torch.zeros(s, dtype=d, device=x.device) for name, (s, d) in specs.items()}
 
         # One float32 working copy, then in-place arithmetic: a large weight costs one float32
         # temporary on the device that compresses it, not several.
+        g = self.group_size
         v = x.movedim(axis, -1).to(torch.float32, copy=True)
+        lead = v.shape[:-1]
         pad = groups * g - length
         if pad:
             # Repeat the last value so the padding never widens the last group's range.
@@ -154,7 +152,7 @@ class GroupwiseQuantizer(Compressor):
 
     def decompress(self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         shape = tuple(int(s) for s in shape)
-        specs = self.part_specs(shape, dtype)
+        specs, axis, length, groups = self._layout(shape, dtype)
         for name, (s, d) in specs.items():
             if name not in parts:
                 raise ValueError(f"{type(self).__name__}.decompress: missing part {name!r}")
@@ -164,14 +162,10 @@ class GroupwiseQuantizer(Compressor):
                     f"{type(self).__name__}.decompress: part {name!r} is {tuple(part.shape)} {part.dtype}, "
                     f"expected {s} {d} for a tensor of shape {shape}"
                 )
-        axis = self._resolve_axis(shape)
-        length = shape[axis]
-        g = self.group_size
-        groups = -(-length // g)
         data = parts["data"].movedim(axis, -1)
-        device = data.device
-        if length == 0 or data.numel() == 0:
-            return torch.zeros(shape, dtype=dtype, device=device)
+        if data.numel() == 0:
+            return torch.zeros(shape, dtype=dtype, device=data.device)
+        g = self.group_size
         lead = data.shape[:-1]
 
         scale = parts["scale"].movedim(axis, -1).float().unsqueeze(-1)
