@@ -12,6 +12,7 @@ import torch
 
 from flexgen import registry
 from flexgen.compression.groupwise import Int4Compressor, Int8Compressor
+from flexgen.testing.compression import relative_error
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -20,11 +21,6 @@ TARGETS = {
     "int4": (Int4Compressor, 0.11, 0.29),
     "int8": (Int8Compressor, 0.007, 0.54),
 }
-
-
-def relative_error(y: torch.Tensor, x: torch.Tensor) -> float:
-    x64, y64 = x.double(), y.double()
-    return ((y64 - x64).norm() / x64.norm()).item()
 
 
 def stored_bytes(parts: dict[str, torch.Tensor]) -> int:
@@ -115,29 +111,6 @@ def test_int4_packs_two_codes_per_byte() -> None:
     parts = compressor.compress(x)
     assert parts["data"].tolist() == [(2 * i) | ((2 * i + 1) << 4) for i in range(8)]
     assert parts["scale"].item() == 1.0 and parts["min"].item() == 0.0
-
-
-@pytest.mark.parametrize("cls", [Int4Compressor, Int8Compressor])
-def test_cache_layout_keeps_leading_axes_and_slices(cls) -> None:
-    """Per-token writes into a preallocated cache, then prefix / batch-slice reads."""
-    compressor = cls()  # group 64 along the last axis
-    n, b, h, d = 9, 3, 2, 80  # d = one full and one partial group
-    x = torch.randn(n, b, h, d)
-    specs = compressor.part_specs((n, b, h, d), x.dtype)
-    for shape, _ in specs.values():
-        assert shape[:3] == (n, b, h)
-    cache = {k: torch.zeros(s, dtype=dt) for k, (s, dt) in specs.items()}
-    for t in range(n):
-        for k, part in compressor.compress(x[t : t + 1]).items():
-            cache[k][t : t + 1] = part
-    whole = compressor.compress(x)
-    for k in whole:
-        assert torch.equal(cache[k], whole[k])
-    full = compressor.decompress(whole, (n, b, h, d), x.dtype)
-    prefix = compressor.decompress({k: v[:5] for k, v in cache.items()}, (5, b, h, d), x.dtype)
-    assert torch.equal(prefix, full[:5])
-    batch = compressor.decompress({k: v[:, 1:3] for k, v in cache.items()}, (n, 2, h, d), x.dtype)
-    assert torch.equal(batch, full[:, 1:3])
 
 
 @pytest.mark.parametrize("cls", [Int4Compressor, Int8Compressor])
