@@ -234,16 +234,21 @@ class _Search:
             got = need(n_g, n_c)
             return got is not None and not violations_from(got, hw, m)
 
+        def gpu_fits(n_g: int) -> bool:
+            """``n_g`` units on the GPU, none on the CPU: do the GPU and the host's RAM hold it?"""
+            got = need(n_g, 0)
+            return got is not None and got["gpu"] <= gpu_cap and _cpu_ok(got, hw, m)
+
         # GPU: all units (fetch buffers then vanish), else as many as the bytes left allow.
         n_g = 0
         if cache_on_gpu_useful and unit > 0:
-            if fits(N, 0) or (need(N, 0)["gpu"] <= gpu_cap and _cpu_ok(need(N, 0), hw, m)):
+            if gpu_fits(N):
                 n_g = N
             else:
                 n_g = int(min(N - 1, max(0, (gpu_cap - base["gpu"]) // unit)))
                 if hw.shared_memory:
                     n_g = int(min(n_g, max(0, cpu_left // unit)))
-                while n_g > 0 and not (need(n_g, 0)["gpu"] <= gpu_cap and _cpu_ok(need(n_g, 0), hw, m)):
+                while n_g > 0 and not gpu_fits(n_g):
                     n_g -= 1
         # CPU: as many of the remaining units as fit.
         n_c = 0
