@@ -20,21 +20,7 @@ pytest.importorskip(
 from flexgen import registry  # noqa: E402
 from flexgen.attention.base import AttentionBackend  # noqa: E402
 from flexgen.testing.attention import AttentionBackendContract  # noqa: E402
-from flexgen_sparse_attention.topk import expected_keep  # noqa: E402
-
-
-def topk_reference(q, k, v, valid, ratio: float) -> torch.Tensor:
-    """float64 top-k attention, one (sequence, head) at a time: the documented rule."""
-    b, h, _, d = q.shape
-    out = torch.zeros(b, h, 1, d, dtype=torch.float64)
-    for i in range(b):
-        pos = valid[i].nonzero().flatten()
-        keep = expected_keep(ratio, len(pos))
-        for j in range(h):
-            scores = k[i, j, pos].double() @ q[i, j, 0].double()
-            top = scores.topk(keep).indices
-            out[i, j, 0] = torch.softmax(scores[top], dim=0) @ v[i, j, pos[top]].double()
-    return out
+from flexgen_sparse_attention.topk import topk_reference  # noqa: E402
 
 
 class TestTopKRatioOneContract(AttentionBackendContract):

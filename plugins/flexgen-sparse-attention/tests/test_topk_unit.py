@@ -16,7 +16,7 @@ from flexgen import registry  # noqa: E402
 from flexgen.attention.gpu import GPUAttention  # noqa: E402
 from flexgen.errors import PluginError  # noqa: E402
 from flexgen_sparse_attention import TopKAttention  # noqa: E402
-from flexgen_sparse_attention.topk import expected_keep  # noqa: E402
+from flexgen_sparse_attention.topk import topk_reference  # noqa: E402
 
 
 def make_inputs(b: int = 3, h: int = 4, t: int = 23, d: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -29,21 +29,6 @@ def make_inputs(b: int = 3, h: int = 4, t: int = 23, d: int = 16, seed: int = 0,
     for i in range(b):
         valid[i, : 3 * i] = False
     return q.to(dtype), k.to(dtype), v.to(dtype), valid
-
-
-def brute_force(q, k, v, valid, ratio: float) -> torch.Tensor:
-    """The documented rule, one (sequence, head) at a time, in float64."""
-    b, h, _, d = q.shape
-    out = torch.zeros(b, h, 1, d, dtype=torch.float64)
-    for i in range(b):
-        pos = valid[i].nonzero().flatten()
-        keep = expected_keep(ratio, len(pos))
-        for j in range(h):
-            scores = (k[i, j, pos].double() @ q[i, j, 0].double())
-            top = scores.topk(keep).indices
-            probs = torch.softmax(scores[top], dim=0)
-            out[i, j, 0] = probs @ v[i, j, pos[top]].double()
-    return out
 
 
 def test_registered_as_topk_by_its_distribution() -> None:
@@ -80,11 +65,11 @@ def test_k_covering_a_short_prefix_is_exactly_dense() -> None:
 
 
 @pytest.mark.parametrize("ratio", [0.01, 0.1, 0.3, 0.5, 0.9])
-def test_sparse_rule_matches_brute_force(ratio: float) -> None:
+def test_sparse_rule_matches_topk_reference(ratio: float) -> None:
     q, k, v, valid = make_inputs(seed=4)
     out = TopKAttention(ratio=ratio).decode(q, k, v, valid)
     assert out.shape == q.shape and out.dtype == q.dtype
-    torch.testing.assert_close(out.double(), brute_force(q, k, v, valid, ratio), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), topk_reference(q, k, v, valid, ratio), atol=1e-5, rtol=1e-5)
 
 
 def test_keep_counts() -> None:
@@ -127,7 +112,7 @@ def test_half_precision_on_cpu(dtype: torch.dtype) -> None:
         out = TopKAttention(ratio=ratio).decode(q, k, v, valid)
         assert out.dtype == dtype and torch.isfinite(out).all()
         torch.testing.assert_close(
-            out.float(), brute_force(q.float(), k.float(), v.float(), valid, ratio).float(), atol=2e-2, rtol=2e-2
+            out.float(), topk_reference(q.float(), k.float(), v.float(), valid, ratio).float(), atol=2e-2, rtol=2e-2
         )
 
 
@@ -150,7 +135,7 @@ def test_cuda_inputs(device: str) -> None:
     assert out.device == where and out.dtype == torch.float16
     torch.testing.assert_close(
         out.float().cpu(),
-        brute_force(q.float().cpu(), k.float().cpu(), v.float().cpu(), valid.cpu(), 0.25).float(),
+        topk_reference(q.float().cpu(), k.float().cpu(), v.float().cpu(), valid.cpu(), 0.25).float(),
         atol=2e-2,
         rtol=2e-2,
     )

@@ -96,11 +96,20 @@ class TopKAttention(AttentionBackend):
         return torch.matmul(probs, torch.gather(v, 2, rows))
 
 
-def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Plain masked softmax attention, for tests."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=1.0)
-
-
 def expected_keep(ratio: float, t_valid: int) -> int:
     """The documented keep count, in plain Python, for tests."""
     return min(t_valid, max(1, math.ceil(ratio * t_valid - 1e-9)))
+
+
+def topk_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The documented rule in float64, one (sequence, head) at a time, for tests (CPU inputs)."""
+    b, h, _, d = q.shape
+    out = torch.zeros(b, h, 1, d, dtype=torch.float64)
+    for i in range(b):
+        pos = valid[i].nonzero().flatten()
+        keep = expected_keep(ratio, len(pos))
+        for j in range(h):
+            scores = k[i, j, pos].double() @ q[i, j, 0].double()
+            top = scores.topk(keep).indices
+            out[i, j, 0] = torch.softmax(scores[top], dim=0) @ v[i, j, pos[top]].double()
+    return out
