@@ -23,7 +23,7 @@ except ImportError as exc:  # the engine lands separately; say why these tests d
     pytest.skip(f"flexgen.engine cannot be imported ({exc})", allow_module_level=True)
 
 from flexgen import registry
-from flexgen.testing.reference import hf_greedy, round_tripped, write_random_checkpoint
+from flexgen.testing.reference import agreement, hf_greedy, round_tripped, write_random_checkpoint
 
 CONFIG = dict(
     vocab_size=320, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
@@ -62,12 +62,6 @@ def policy(weights: str = "gpu", cache: str = "gpu") -> Policy:
 def run(path: Path, offload: Path, pol: Policy, plugins: dict, prompts=PROMPTS) -> list[list[int]]:
     with load_engine(path, policy=pol, plugins=plugins, device="cpu", dtype="float32", offload_dir=offload) as engine:
         return engine.generate(prompts, max_new_tokens=NEW_TOKENS)
-
-
-def agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    """Fraction of generated tokens equal position by position."""
-    pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
-    return sum(x == y for x, y in pairs) / len(pairs)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ except ImportError as exc:
     pytest.skip(f"flexgen.engine cannot be imported ({exc})", allow_module_level=True)
 
 from flexgen import registry  # noqa: E402
-from flexgen.testing.reference import hf_greedy, round_tripped, write_random_checkpoint  # noqa: E402
+from flexgen.testing.reference import agreement, hf_greedy, round_tripped, write_random_checkpoint  # noqa: E402
 
 CONFIG = dict(
     vocab_size=320, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=2,
@@ -113,8 +113,7 @@ def test_cache_runs_in_every_tier(checkpoint, uncompressed, name, cache, attenti
     assert all(0 <= t < CONFIG["vocab_size"] for row in out for t in row)
     assert [row[0] for row in out] == [row[0] for row in uncompressed]
     assert 0 < stats["cache_stored_bytes"] < stats["cache_raw_bytes"]
-    pairs = [(a, b) for ra, rb in zip(out, uncompressed) for a, b in zip(ra, rb)]
-    print(f"\n{name} cache, tier {cache}, attention {attention}: agreement {sum(a == b for a, b in pairs) / len(pairs):.3f}, "
+    print(f"\n{name} cache, tier {cache}, attention {attention}: agreement {agreement(out, uncompressed):.3f}, "
           f"stored/raw {stats['cache_stored_bytes'] / stats['cache_raw_bytes']:.3f}")
 
 

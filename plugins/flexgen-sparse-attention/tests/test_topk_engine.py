@@ -23,7 +23,7 @@ try:
 except ImportError as exc:
     pytest.skip(f"flexgen.engine cannot be imported ({exc})", allow_module_level=True)
 
-from flexgen.testing.reference import hf_greedy, write_random_checkpoint  # noqa: E402
+from flexgen.testing.reference import agreement, hf_greedy, write_random_checkpoint  # noqa: E402
 
 CONFIG = dict(
     vocab_size=320, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
@@ -82,8 +82,7 @@ def test_sparse_runs_in_every_tier(checkpoint, dense, sparse_gpu_tier, cache, de
     assert all(0 <= t < CONFIG["vocab_size"] for row in out for t in row)
     assert out == sparse_gpu_tier  # where the cache lives does not change the arithmetic
     assert [row[0] for row in out] == [row[0] for row in dense]  # the prefill stays dense
-    pairs = [(a, b) for ra, rb in zip(out, dense) for a, b in zip(ra, rb)]
-    print(f"\ntopk 0.1, cache {cache}, device {device}: agreement with dense {sum(a == b for a, b in pairs) / len(pairs):.3f}")
+    print(f"\ntopk 0.1, cache {cache}, device {device}: agreement with dense {agreement(out, dense):.3f}")
 
 
 def test_sparse_changes_outputs(checkpoint, dense, sparse_gpu_tier):
