@@ -23,12 +23,8 @@ except ImportError as exc:  # the engine lands separately; say why these tests d
     pytest.skip(f"flexgen.engine cannot be imported ({exc})", allow_module_level=True)
 
 from flexgen import registry
-from flexgen.testing.reference import agreement, hf_greedy, round_tripped, write_random_checkpoint
+from flexgen.testing.reference import TINY_CONFIG, agreement, hf_greedy, round_tripped, write_random_checkpoint
 
-CONFIG = dict(
-    vocab_size=320, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
-    max_position_embeddings=64,
-)
 PROMPTS = [[2, 15, 16, 17, 18, 19], [2, 40, 41], [2, 7, 8, 9, 10, 11, 12, 13, 14], [2, 99], [2, 50, 51, 52, 53]]
 NEW_TOKENS = 8
 
@@ -42,7 +38,7 @@ CACHE_TIERS = {"gpu": (100, 0), "cpu": (0, 100), "disk": (0, 0)}
 def checkpoint(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     """A tiny random OPT written by HF's ``save_pretrained``, and the HF model itself."""
     path = tmp_path_factory.mktemp("ckpt-compression")
-    return path, write_random_checkpoint(path, **CONFIG)
+    return path, write_random_checkpoint(path, max_position_embeddings=64)
 
 
 def quantized_copy(model: torch.nn.Module, compressor_spec) -> torch.nn.Module:
@@ -138,7 +134,7 @@ def test_compressed_cache_runs_in_every_tier(checkpoint, uncompressed, compresso
     path, _ = checkpoint
     out = run(path, tmp_path, policy(cache=cache), {"cache_compressor": compressor, "attention": attention})
     assert [len(row) for row in out] == [NEW_TOKENS] * len(PROMPTS)
-    assert all(0 <= t < CONFIG["vocab_size"] for row in out for t in row)
+    assert all(0 <= t < TINY_CONFIG["vocab_size"] for row in out for t in row)
     # The prefill attends over fresh keys and values, so the first token cannot differ.
     assert [row[0] for row in out] == [row[0] for row in uncompressed]
     print(f"\n{compressor} cache, tier {cache}, attention {attention}: "

@@ -28,12 +28,10 @@ except ImportError as exc:
     pytest.skip(f"flexgen.engine cannot be imported ({exc})", allow_module_level=True)
 
 from flexgen import registry  # noqa: E402
-from flexgen.testing.reference import agreement, hf_greedy, round_tripped, write_random_checkpoint  # noqa: E402
-
-CONFIG = dict(
-    vocab_size=320, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=2,
-    max_position_embeddings=64,
+from flexgen.testing.reference import (  # noqa: E402
+    TINY_CONFIG, agreement, hf_greedy, round_tripped, write_random_checkpoint,
 )
+
 PROMPTS = [[2, 15, 16, 17, 18, 19], [2, 40, 41], [2, 7, 8, 9, 10, 11, 12, 13, 14], [2, 99], [2, 50, 51, 52, 53]]
 NEW_TOKENS = 8
 COMPRESSORS = ["bnb-nf4", "bnb-fp4", "bnb-int8"]
@@ -45,7 +43,7 @@ TIERS = {"gpu": (100, 0), "cpu": (0, 100), "disk": (0, 0), "mix": (30, 30)}
 def checkpoint(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     """A tiny random OPT saved with ``save_pretrained`` (head size 32)."""
     path = tmp_path_factory.mktemp("bnb-ckpt")
-    return path, write_random_checkpoint(path, **CONFIG)
+    return path, write_random_checkpoint(path, num_attention_heads=2, max_position_embeddings=64)
 
 
 def quantized_copy(model: torch.nn.Module, spec) -> torch.nn.Module:
@@ -110,7 +108,7 @@ def test_cache_runs_in_every_tier(checkpoint, uncompressed, name, cache, attenti
     path, _ = checkpoint
     out, stats = run(path, tmp_path, {"cache_compressor": name, "attention": attention}, cache=cache)
     assert [len(row) for row in out] == [NEW_TOKENS] * len(PROMPTS)
-    assert all(0 <= t < CONFIG["vocab_size"] for row in out for t in row)
+    assert all(0 <= t < TINY_CONFIG["vocab_size"] for row in out for t in row)
     assert [row[0] for row in out] == [row[0] for row in uncompressed]
     assert 0 < stats["cache_stored_bytes"] < stats["cache_raw_bytes"]
     print(f"\n{name} cache, tier {cache}, attention {attention}: agreement {agreement(out, uncompressed):.3f}, "

@@ -23,12 +23,8 @@ try:
 except ImportError as exc:
     pytest.skip(f"flexgen.engine cannot be imported ({exc})", allow_module_level=True)
 
-from flexgen.testing.reference import agreement, hf_greedy, write_random_checkpoint  # noqa: E402
+from flexgen.testing.reference import TINY_CONFIG, agreement, hf_greedy, write_random_checkpoint  # noqa: E402
 
-CONFIG = dict(
-    vocab_size=320, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
-    max_position_embeddings=96,
-)
 PROMPTS = [[2, 15, 16, 17, 18, 19, 20, 21], [2, 40, 41], [2, 7, 8, 9, 10, 11, 12, 13, 14, 30, 31], [2, 99], [2, 5, 6]]
 NEW_TOKENS = 12
 #: cache tier -> (cache_gpu, cache_cpu); disk is the rest
@@ -39,7 +35,7 @@ CACHE_TIERS = {"gpu": (100, 0), "cpu": (0, 100), "disk": (0, 0), "mix": (40, 30)
 def checkpoint(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     """A tiny random OPT saved with ``save_pretrained``."""
     path = tmp_path_factory.mktemp("topk-ckpt")
-    return path, write_random_checkpoint(path, **CONFIG)
+    return path, write_random_checkpoint(path)
 
 
 def run(path: Path, offload: Path, cache: str, attention) -> list[list[int]]:
@@ -79,7 +75,7 @@ def test_sparse_runs_in_every_tier(checkpoint, dense, sparse_gpu_tier, cache, de
     path, _ = checkpoint
     out = run(path, tmp_path, cache, {"name": "topk", "ratio": 0.1, "device": device})
     assert [len(row) for row in out] == [NEW_TOKENS] * len(PROMPTS)
-    assert all(0 <= t < CONFIG["vocab_size"] for row in out for t in row)
+    assert all(0 <= t < TINY_CONFIG["vocab_size"] for row in out for t in row)
     assert out == sparse_gpu_tier  # where the cache lives does not change the arithmetic
     assert [row[0] for row in out] == [row[0] for row in dense]  # the prefill stays dense
     print(f"\ntopk 0.1, cache {cache}, device {device}: agreement with dense {agreement(out, dense):.3f}")
