@@ -143,16 +143,19 @@ def append_durably(fd: int, data: bytes) -> None:
     os.fsync(fd)
 
 
-def merge_parts(path: Path, parts: list[Path]) -> int:
+def merge_parts(path: Path, parts: list[Path], done: set | None = None) -> int:
     """Append the lines of ``parts`` whose ids ``path`` lacks to ``path``; delete the parts.
 
-    The caller holds the lock on ``path`` and has repaired its torn tail. Each part is locked
-    while it is merged, so a process still writing one (a rank of a run that lost its rank 0)
-    makes this a ConfigError instead of a race. Returns the number of lines appended.
+    The caller holds the lock on ``path`` and has repaired its torn tail. ``done`` is the set of
+    ids ``path`` holds, when the caller has just scanned it (the merged ids are added to it);
+    otherwise ``path`` is scanned here. Each part is locked while it is merged, so a process
+    still writing one (a rank of a run that lost its rank 0) makes this a ConfigError instead of
+    a race. Returns the number of lines appended.
     """
     if not parts:
         return 0
-    done = scan_output(path).done_ids
+    if done is None:
+        done = scan_output(path).done_ids
     appended = 0
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -178,13 +181,18 @@ def merge_parts(path: Path, parts: list[Path]) -> int:
 
 
 def prepare_output(path: Path) -> set:
-    """Rank 0, holding the lock on ``path``: cut its torn tail, merge leftover parts; the ids done."""
-    repair_output(path, scan_output(path))
+    """Rank 0, holding the lock on ``path``: cut its torn tail, merge leftover parts; the ids done.
+
+    One scan of the output: cutting the torn tail removes no done id, and the merge adds the ids
+    it appends to the same set.
+    """
+    state = scan_output(path)
+    repair_output(path, state)
     parts = leftover_parts(path)
     if parts:
-        count = merge_parts(path, parts)
+        count = merge_parts(path, parts, state.done_ids)
         log.info("merged %d line(s) from %d part file(s) of an interrupted run into %s", count, len(parts), path)
-    return scan_output(path).done_ids
+    return state.done_ids
 
 
 def check_writable(path: Path) -> None:
