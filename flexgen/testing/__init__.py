@@ -29,7 +29,8 @@ every registered built-in). Inputs are fresh random tensors on every run, and ev
 message names its seed: ``FLEXGEN_TEST_SEED=<seed> pytest ...`` replays it. The disk tier uses
 pytest's ``tmp_path``. Helpers for suites of your own: ``flexgen.testing._random.fresh_generator``,
 ``flexgen.testing.attention.reference_attention`` / ``random_valid``,
-``flexgen.testing.compression.relative_error``.
+``flexgen.testing.compression.relative_error``; and for tests inside the real engine,
+:mod:`flexgen.testing.reference` (a tiny random HF checkpoint, HF's greedy tokens to match).
 """
 
 from flexgen.testing.attention import AttentionBackendContract
