@@ -4,8 +4,10 @@ Every plugin, built-in or third-party, is found the same way: an entry point in 
 groups below, named by the short name a config uses. flexgen's own ``pyproject.toml``
 registers the built-ins, so there is no second, private path.
 
-A plugin's module is imported only when it is selected (or when ``flexgen plugins`` checks
-them all), so a broken third-party package costs a one-line warning, not every run. The
+A broken third-party package costs a one-line warning, not every run: when ``flexgen predict``
+or ``flexgen bench`` starts (and in ``flexgen plugins``), every allowed third-party plugin is
+imported once and each failure is logged in one line; the run fails only if its config selects
+the broken plugin. From Python, a plugin's module is imported when it is first selected. The
 environment variable ``FLEXGEN_PLUGINS`` is an allow-list: a comma-separated list of
 distribution names (or ``kind:name`` pairs) whose plugins may load; flexgen's own built-ins
 are always allowed. Unset means every installed plugin is allowed.
