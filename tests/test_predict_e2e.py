@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from flexgen.config import load_config
 from flexgen.predict.run import run_predict
+from flexgen.testing.reference import hf_greedy
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -48,15 +48,6 @@ def read_lines(path: Path) -> dict:
     return {line["id"]: line for line in lines}
 
 
-def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    """Plain greedy decoding with HF's model, past </s> too (generate() would stop or suppress it)."""
-    tokens = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
-    return tokens[len(ids):]
-
-
 def test_quickstart_matches_hf_greedy(env_cache, tmp_path):
     from transformers import AutoTokenizer, OPTForCausalLM
 
@@ -77,7 +68,7 @@ def test_quickstart_matches_hf_greedy(env_cache, tmp_path):
         line = lines[p["id"]]
         ids = tokenizer(p["text"])["input_ids"]
         assert line["input_ids"] == ids
-        reference = hf_greedy(model, ids, n)
+        reference = hf_greedy(model, [ids], n)[0]  # past </s> too: the stop is applied below
         if 2 in reference:  # the quickstart stops after </s>
             reference = reference[: reference.index(2) + 1]
         assert line["output_ids"] == reference, p["id"]
