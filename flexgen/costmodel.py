@@ -7,16 +7,20 @@ formulas, so that its byte counts can be checked against ``engine.stats``:
   of each model layer are cut into tiers by :func:`flexgen.policy.split_by_percent` over their
   sizes, each tensor whole; so every attention layer has the same placement, and so has every
   MLP layer. A layer whose tensors are all on the GPU and uncompressed is used in place; any
-  other layer is fetched (and decompressed) on the copy thread once per step with the zig-zag
-  schedule (once per step *and GPU batch* with the row schedule). Compressors pack every
-  weight with two or more dimensions.
+  other layer is fetched (and decompressed) on the weight I/O thread once per step with the
+  zig-zag schedule (once per step *and GPU batch* with the row schedule), starting when the
+  layer before it starts computing. Compressors pack every weight with two or more dimensions.
 * The KV cache is one unit per (decoder layer, GPU batch), ``prompt_len + gen_len`` tokens
   long, placed by count. During decode a unit that does not live where attention runs has its
-  prefix ``[0, t)`` fetched there; the new token's keys and values are written to the unit's
-  home tier synchronously on the compute thread, as are activations of a GPU batch whose next
-  task is another batch (zig-zag with several GPU batches).
-* Time per model layer = max(copy-thread loads, compute + synchronous stores) when the policy
-  overlaps, their sum otherwise; a phase is the sum over layers. This is the *prediction*.
+  prefix ``[0, t)`` fetched there on the cache I/O thread; the new token's keys and values are
+  written to the unit's home tier, on the store stream when that is pinned CPU memory on CUDA
+  (but CPU attention's decode waits for them), else synchronously on the compute thread, as
+  are activations of a GPU batch whose next task is another batch (zig-zag with several GPU
+  batches).
+* Time per model layer = max(its cache and activation loads + the next layer's weight load,
+  its compute + the next layer's decompression + synchronous stores, its store-stream writes)
+  when the policy overlaps; the first layer's weights load before anything computes; without
+  overlap everything adds up. A phase is the sum over layers. This is the *prediction*.
   The *bound* ("roofline", what ``flexgen bench`` prints) is the largest single resource total
   of a phase: bytes ÷ bandwidth for each link, FLOPs ÷ rate for each processor.
 * Compute time of an operation is max(FLOPs ÷ matmul rate, bytes touched ÷ memory bandwidth):
@@ -481,6 +485,13 @@ def estimate(
     act_tiers = split_by_percent([1] * K, policy.percents("act"))
     parks_act = scheduler == "zigzag" and K > 1
     attention_on_gpu = attention == "gpu"  # attention device is the compute device
+    # per layer kind: (link seconds, decompression seconds) of one load of its weights
+    weight_load: dict[str, tuple[float, float]] = {}
+
+    def stores_async(tier: str, prefill: bool) -> bool:
+        """Cache writes the store stream overlaps with compute: to pinned CPU memory on CUDA,
+        unless CPU attention reads them at once (decode), when the host waits for them."""
+        return cuda and policy.overlap and policy.pin_weights and tier == "cpu" and (prefill or attention_on_gpu)
 
     def resident_where_attended(tier: str) -> bool:
         if not cuda:  # one memory: gpu and cpu tiers are both where compute runs
@@ -491,10 +502,13 @@ def estimate(
         """Cost of ``steps`` steps with ``t`` tokens already in the cache (0 for prefill)."""
         tokens = s if prefill else 1
         out = PhaseCost(steps=steps)
-        predicted = 0.0
+        # Per model layer kind, what the layer itself costs: [(how many such layers, loads of its
+        # cache and activations, compute + synchronous stores + overhead, stores on the store
+        # stream)]; the weights it loads for the *next* layer are paired with it below.
+        own: dict[str, list[tuple[int, float, float, float]]] = {}
         for kind in ("embed", "attn", "mlp", "head"):
             lw = layers[kind]
-            # Loads of this layer's weights (copy thread).
+            # Loads of this layer's weights (weight I/O thread), ``reloads`` times per step.
             wbytes = dict.fromkeys(LINKS, 0.0)
             if not lw.resident:
                 for tier in ("cpu", "disk"):
@@ -504,6 +518,7 @@ def estimate(
                 wbytes[link] *= reloads
             w_decompress = reloads * (rates.codec(lw.decompressed_raw, False) if not lw.resident else 0.0)
             w_load_s = _link_seconds(wbytes, hw)
+            weight_load[kind] = (w_load_s / reloads, w_decompress / reloads)
 
             # Compute per GPU batch.
             if kind == "embed":
@@ -533,9 +548,11 @@ def estimate(
                         _move(act_load, act_tiers[k], True, hidden, cuda)
 
             groups = cache_groups.items() if kind == "attn" else [((), multiplicity[kind])]
+            own[kind] = []
             for mix, count in groups:
                 c_load = dict.fromkeys(LINKS, 0.0)
                 c_store = dict.fromkeys(LINKS, 0.0)
+                c_store_async = dict.fromkeys(LINKS, 0.0)
                 att_gpu_s = att_cpu_s = extra_load_s = extra_store_s = 0.0
                 att_gpu_flops = att_cpu_flops = 0.0
                 for tier, units in mix:
@@ -544,7 +561,7 @@ def estimate(
                         fl = 4 * B * s * s * h
                         att_gpu_flops += units * fl
                         att_gpu_s += units * rates.gpu_op(fl, 4 * B * s * h * dsize)
-                        _store(c_store, tier, units * s * cache_token, cuda)
+                        _store(c_store_async if stores_async(tier, prefill) else c_store, tier, units * s * cache_token, cuda)
                         if ccomp != "none":
                             att_gpu_s += units * rates.codec(s * cache_token_raw, False)
                         continue
@@ -557,7 +574,7 @@ def estimate(
                         copy_s = units * rates.mem_pass(2 * t * cache_token_raw, on_host)
                         att_cpu_s, att_gpu_s = (att_cpu_s + copy_s, att_gpu_s) if on_host else (att_cpu_s, att_gpu_s + copy_s)
                     if ccomp != "none":
-                        # decompressed where attention runs (on the copy thread when fetched, but on
+                        # decompressed where attention runs (on the cache I/O thread when fetched, but on
                         # the same processor as the compute, so it is counted there)
                         codec_s = units * rates.codec(t * cache_token_raw, on_host)
                         att_cpu_s, att_gpu_s = (att_cpu_s + codec_s, att_gpu_s) if on_host else (att_cpu_s, att_gpu_s + codec_s)
@@ -570,30 +587,26 @@ def estimate(
                     else:
                         att_gpu_flops += units * fl
                         att_gpu_s += units * rates.gpu_op(fl, 2 * t * cache_token_raw)
-                    _store(c_store, tier, units * cache_token, cuda)
+                    _store(c_store_async if stores_async(tier, prefill) else c_store, tier, units * cache_token, cuda)
 
                 loads = dict(wbytes)
                 stores = dict.fromkeys(LINKS, 0.0)
                 for link in LINKS:
                     loads[link] += act_load[link] + c_load[link]
                     stores[link] += act_store[link] + c_store[link]
-                load_s = w_load_s + _link_seconds(act_load, hw) + _link_seconds(c_load, hw) + extra_load_s
+                load_s = _link_seconds(act_load, hw) + _link_seconds(c_load, hw) + extra_load_s
                 store_s = _link_seconds(stores, hw) + extra_store_s
-                # decompression runs on the copy stream but on the same GPU (memory-bound): count it here
-                compute_s = K * gpu_s + att_gpu_s + att_cpu_s + w_decompress
+                compute_s = K * gpu_s + att_gpu_s + att_cpu_s
                 overhead_s = K * hw.task_overhead_s
-                if policy.overlap:
-                    layer_s = max(load_s, compute_s + store_s + overhead_s)
-                else:
-                    layer_s = load_s + compute_s + store_s + overhead_s
-                predicted += count * layer_s
+                own[kind].append((count, load_s, compute_s + store_s + overhead_s, _link_seconds(c_store_async, hw)))
                 for link in LINKS:
-                    out.bytes[link] += count * (loads[link] + stores[link])
+                    out.bytes[link] += count * (loads[link] + stores[link] + c_store_async[link])
                 out.gpu_flops += count * (K * gpu_flops + att_gpu_flops)
                 out.cpu_flops += count * att_cpu_flops
                 out.times["gpu_compute"] += count * (K * gpu_s + att_gpu_s + w_decompress)
                 out.times["cpu_compute"] += count * att_cpu_s
                 out.times["overhead"] += count * overhead_s
+        predicted = _step_seconds(own, weight_load, 1 if scheduler == "zigzag" else K, L, policy.overlap)
         out.times["disk->cpu"] = out.bytes["disk->cpu"] / hw.disk_read_bandwidth
         out.times["cpu->gpu"] = out.bytes["cpu->gpu"] / hw.h2d_bandwidth
         out.times["gpu->cpu"] = out.bytes["gpu->cpu"] / hw.d2h_bandwidth
@@ -634,6 +647,37 @@ def estimate(
         num_blocks=blocks,
         generated_tokens=generated,
     )
+
+
+def _step_seconds(own: dict[str, list[tuple[int, float, float, float]]], weight_load: dict[str, tuple[float, float]],
+                  reloads: int, L: int, overlap: bool) -> float:
+    """Predicted seconds of one step, from each layer's own costs and its weights' load.
+
+    As the engine schedules it: the weights of the next layer in the order load (and are
+    decompressed) while the current layer computes, every GPU batch of it, on their own I/O
+    thread; cache and activation loads of the current layer run beside them on the other I/O
+    thread, cache stores to pinned memory on the store stream. So a layer takes
+    max(its cache and activation loads + the next layer's weight load, its compute + the next
+    layer's decompression + synchronous stores + overhead, its asynchronous stores). The
+    first layer's weights load before anything computes. With the row schedule every GPU
+    batch runs through all layers, so each load happens ``reloads`` (= GPU batches) times and
+    the head's batches also load the embedding of the batch after them. Without overlap,
+    everything adds up.
+    """
+    per_step = {"embed": 1, "attn": L, "mlp": L, "head": 1}
+    if not overlap:
+        weights = sum(per_step[kind] * reloads * (io + decompress) for kind, (io, decompress) in weight_load.items())
+        return weights + sum(n * (load + busy + stored) for entries in own.values() for n, load, busy, stored in entries)
+    embed_io, embed_decompress = weight_load["embed"]
+    total = embed_io + embed_decompress
+    # (layer kind, how many of it, or None for the counts of its entries; the kind loading meanwhile)
+    for kind, times, ahead in (("embed", None, "attn"), ("attn", None, "mlp"), ("mlp", L - 1, "attn"), ("mlp", 1, "head")):
+        io, decompress = (reloads * x for x in weight_load[ahead])
+        for count, load, busy, stored in own[kind]:
+            total += (count if times is None else times) * max(load + io, busy + decompress, stored)
+    for count, load, busy, stored in own["head"]:
+        total += count * max(load + (reloads - 1) * embed_io, busy + (reloads - 1) * embed_decompress, stored)
+    return total
 
 
 def _memory(spec, policy, layers, cache_units, cache_token, act_tiers, parks_act, s, n, dsize, attention_on_gpu, cuda,

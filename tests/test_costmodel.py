@@ -256,3 +256,27 @@ def test_measure_hardware_quick_and_cached(tmp_path, monkeypatch):
     cached = list(tmp_path.glob("hardware-cpu-*.json"))
     assert len(cached) == 1
     assert measure_hardware("cpu", quick=True) == hw  # read back, not measured again
+
+
+def test_next_layers_weights_load_while_the_current_layer_computes():
+    """The engine starts loading layer j+1's weights when layer j starts, so a slow attention
+    layer hides the (larger) MLP weights after it; the embedding's weights load before anything."""
+    from flexgen.costmodel import _step_seconds
+
+    L = 2
+    # (count, cache/activation loads, compute + synchronous stores, store-stream writes)
+    own = {"embed": [(1, 0.0, 1.0, 0.0)], "attn": [(L, 0.0, 10.0, 0.0)], "mlp": [(L, 0.0, 1.0, 0.0)],
+           "head": [(1, 0.0, 1.0, 0.0)]}
+    load = {"embed": (2.0, 0.0), "attn": (3.0, 0.0), "mlp": (8.0, 0.0), "head": (2.0, 0.0)}
+    # embed first; embed | attn weights; attn | mlp weights (x2); mlp | attn weights; mlp | head weights; head
+    assert _step_seconds(own, load, 1, L, overlap=True) == 2 + 3 + 2 * 10 + 3 + 2 + 1
+    # row over 3 GPU batches: every load three times, the head's batches load the next embedding
+    assert _step_seconds(own, load, 3, L, overlap=True) == 2 + 9 + 2 * 24 + 9 + 6 + 4
+    # without overlap everything adds up
+    assert _step_seconds(own, load, 1, L, overlap=False) == (2 + 2 * 3 + 2 * 8 + 2) + (1 + 2 * 10 + 2 * 1 + 1)
+    # decompression of the next layer's weights runs on the GPU beside the current layer's compute
+    compressed = {**load, "mlp": (8.0, 5.0)}
+    assert _step_seconds(own, compressed, 1, L, overlap=True) == 2 + 3 + 2 * 15 + 3 + 2 + 1
+    # cache writes on the store stream are a resource of their own
+    slow_stores = {**own, "head": [(1, 0.0, 1.0, 7.0)]}
+    assert _step_seconds(slow_stores, load, 1, L, overlap=True) == 2 + 3 + 2 * 10 + 3 + 2 + 7
