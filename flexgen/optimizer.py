@@ -27,7 +27,6 @@ solver dependency, and never returns a policy the model has not checked to fit.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass, field
@@ -550,7 +549,9 @@ def format_choice(choice: PolicyChoice) -> str:
 
 def policy_command(argv: list[str]) -> int:
     """``flexgen policy --model NAME --prompt-len P --gen-len G [--hardware FILE|preset] [--json]``."""
-    parser = argparse.ArgumentParser(
+    from flexgen.predict.run import _Parser  # argparse whose mistakes are one-line ConfigErrors
+
+    parser = _Parser(
         prog="flexgen policy",
         description="Choose the offloading policy with the highest predicted throughput that fits the machine.",
     )

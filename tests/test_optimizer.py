@@ -201,6 +201,8 @@ def test_cli_reads_a_checkpoint_dir(tiny_checkpoint, capsys):
     (["--model", "opt-125m", "--hardware", "t4-paper", "--gpu-memory", "24XB"], "hardware.gpu_memory"),
     (["--model", "opt-125m", "--hardware", "t4-paper", "--prompt-len", "2045"], "positions"),
     (["--model", "opt-125m", "--hardware", "t4-paper", "--compression", "zip"], "--compression"),
+    (["--model", "opt-125m", "--prompt-len", "abc"], "argument --prompt-len: invalid int value"),
+    (["--hardware", "t4-paper"], "the following arguments are required: --model"),
     (["--model", "opt-66b", "--hardware", "t4-paper", "--cpu-memory", "1GiB", "--disk-memory", "1GiB",
       "--gpu-batch-sizes", "1", "--num-gpu-batches", "1"], "no policy fits"),
 ])
