@@ -51,16 +51,10 @@ from typing import Any
 
 from flexgen.config import FlexGenConfig, load_config
 from flexgen.errors import ConfigError, FlexGenError
+from flexgen.predict.run import _Parser  # argparse whose mistakes are one-line ConfigErrors
 
 BASELINES = ("hf",)
 DISK_CACHE_MODES = ("auto", "warm", "cold")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose mistakes are a one-line ConfigError (the CLI prints it, exit status 2)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise ConfigError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
