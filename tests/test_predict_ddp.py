@@ -30,9 +30,9 @@ from flexgen.predict.run import run_predict
 from flexgen.predict.writer import leftover_parts, part_path
 
 from tests.test_predict import Factory, config, expected_output, read_out, write_prompts
+from tests.test_predict_e2e import QUICKSTART
+from tests.test_predict_e2e import read_lines as by_id
 
-REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO / "configs" / "quickstart.yaml"
 TWO = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
 # One block per prompt and long outputs: a run lasts long enough to be killed mid-way.
 SLOW = ["policy.gpu_batch_size=1", "policy.num_gpu_batches=1", "generation.max_new_tokens=64", "generation.stop=null",
@@ -52,23 +52,10 @@ def cache(tmp_path_factory):
 def reference(cache, tmp_path_factory):
     """The quickstart's lines from one process (in this process)."""
     out = tmp_path_factory.mktemp("reference") / "one.jsonl"
-    old = os.environ.get("FLEXGEN_CACHE")
-    os.environ["FLEXGEN_CACHE"] = str(cache)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FLEXGEN_CACHE", str(cache))
         run_predict(load_config(QUICKSTART, SLOW + [f"output.path={out}"]))
-    finally:
-        if old is None:
-            del os.environ["FLEXGEN_CACHE"]
-        else:
-            os.environ["FLEXGEN_CACHE"] = old
     return by_id(out)
-
-
-def by_id(path: Path) -> dict:
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    ids = [line["id"] for line in lines]
-    assert len(ids) == len(set(ids)), "an id appears twice"
-    return {line["id"]: line for line in lines}
 
 
 def command(out: Path, *extra: str) -> list[str]:
