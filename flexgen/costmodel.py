@@ -216,17 +216,10 @@ def _cache_counts(L: int, K: int, gpu: float, cpu: float) -> tuple[tuple[tuple[s
     return tuple(out)
 
 
-_UNPINNED: dict[int, tuple[HardwareProfile, HardwareProfile]] = {}
-
-
+@lru_cache(maxsize=64)
 def _unpinned(hardware: HardwareProfile) -> HardwareProfile:
-    """``hardware.unpinned()``, remembered per profile object."""
-    hit = _UNPINNED.get(id(hardware))
-    if hit is None or hit[0] is not hardware:
-        if len(_UNPINNED) > 64:
-            _UNPINNED.clear()
-        hit = _UNPINNED[id(hardware)] = (hardware, hardware.unpinned())
-    return hit[1]
+    """``hardware.unpinned()``, remembered (profiles are frozen, so hashable)."""
+    return hardware.unpinned()
 
 
 # --------------------------------------------------------------------------- results
