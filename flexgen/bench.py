@@ -51,6 +51,7 @@ from typing import Any
 
 from flexgen.config import FlexGenConfig, load_config
 from flexgen.errors import ConfigError, FlexGenError
+from flexgen.hardware import HardwareProfile
 from flexgen.predict.run import _Parser  # argparse whose mistakes are one-line ConfigErrors
 
 BASELINES = ("hf",)
@@ -615,7 +616,7 @@ def format_report(r: BenchReport) -> str:
         f"  hardware: {hw['name']} [{hw['source']}]",
         f"    host->device {hw['h2d_bandwidth'] / 1e9:.1f} GB/s, device->host {hw['d2h_bandwidth'] / 1e9:.1f} GB/s, "
         f"disk read {hw['disk_read_bandwidth'] / 1e9:.2f} GB/s ({r.disk_cache}), "
-        f"matmul {hw[_flops_key(r.dtype)] / 1e12:.2f} TFLOP/s ({r.dtype}), "
+        f"matmul {HardwareProfile(**hw).gpu_flops(r.dtype) / 1e12:.2f} TFLOP/s ({r.dtype}), "
         f"cpu attention {hw['cpu_attention_flops'] / 1e9:.1f} GFLOP/s",
         f"    memory: gpu {hw['gpu_memory'] / 2**30:.1f} GiB, cpu {hw['cpu_memory'] / 2**30:.1f} GiB, "
         f"disk {hw['disk_memory'] / 2**30:.1f} GiB",
@@ -657,10 +658,6 @@ def format_report(r: BenchReport) -> str:
 
 def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n < 1e12 else f"{n / 1e12:.2f} TB"
-
-
-def _flops_key(dtype: str) -> str:
-    return {"float16": "gpu_flops_fp16", "bfloat16": "gpu_flops_bf16", "float32": "gpu_flops_fp32"}[dtype]
 
 
 def _check_writable(path: Path) -> None:
