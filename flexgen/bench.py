@@ -338,12 +338,11 @@ def _disk_is_warm(mode: str, spec, policy, dtype: str, memory: int) -> bool:
     """Whether disk-tier reads come from the page cache: the weights on disk fit in half of ``memory``."""
     if mode != "auto":
         return mode == "warm"
-    import torch
-
+    from flexgen.engine import DTYPES
     from flexgen.models.opt import weight_bytes
 
     disk_share = policy.percents("weights")["disk"] / 100
-    on_disk = weight_bytes(spec, getattr(torch, dtype)) * disk_share
+    on_disk = weight_bytes(spec, DTYPES[dtype]) * disk_share
     return policy.percents("cache")["disk"] == 0 and on_disk <= memory / 2
 
 
@@ -452,10 +451,11 @@ def hf_model(model: str, spec, dtype: str, seed: int, device: str | None = None)
     from concurrent.futures import ThreadPoolExecutor
     from transformers import OPTConfig, OPTForCausalLM
 
+    from flexgen.engine import DTYPES
     from flexgen.models import opt
     from flexgen.models.checkpoint import open_source
 
-    torch_dtype = getattr(torch, dtype)
+    torch_dtype = DTYPES[dtype]
     config = OPTConfig(**{**spec.to_hf_config(), "tie_word_embeddings": False})
     config.dtype = torch_dtype
     with torch.device("meta"):
