@@ -9,7 +9,10 @@ placement of weights and cache, the attention backend, the schedule and the over
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,14 +84,11 @@ def test_cuda_stats_count_pcie_bytes(tmp_path):
 
 
 def _bench(tmp_path, config: str, *args: str) -> str:
-    import subprocess
-    import sys
-
     cmd = [sys.executable, "-m", "flexgen.cli", "bench", "--config", str(REPO / "configs" / "bench" / config),
            f"model.synthetic={MODEL}", "data.num_prompts=8", "data.prompt_len=32", "generation.max_new_tokens=4",
            f"output.offload_dir={tmp_path / 'offload'}", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "FLEXGEN_CACHE": str(tmp_path / "cache")})
+                          env={**os.environ, "FLEXGEN_CACHE": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr
     return done.stdout
 
