@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,9 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 class FakeStats:
     def __init__(self):
-        self.reset()
-
-    def reset(self):
         self.prompt_tokens = self.generated_tokens = 0
 
     def to_dict(self):
@@ -43,10 +39,9 @@ class FakeStats:
 class FakeEngine:
     """Deterministic stand-in: each output depends only on its own prompt (like greedy decoding)."""
 
-    def __init__(self, model="opt-125m", delay: float = 0.0, **kwargs):
+    def __init__(self, model="opt-125m", **kwargs):
         self.spec = spec_for_size("opt-125m")
         self.kwargs = kwargs
-        self.delay = delay
         self.calls: list[dict] = []
         self.stats = FakeStats()
         self.closed = False
@@ -54,7 +49,6 @@ class FakeEngine:
 
     def generate(self, input_ids, max_new_tokens=32, **kwargs):
         self.calls.append({"input_ids": [list(p) for p in input_ids], "max_new_tokens": max_new_tokens, **kwargs})
-        time.sleep(self.delay)
         self.stats.prompt_tokens += sum(map(len, input_ids))
         self.stats.generated_tokens += max_new_tokens * len(input_ids)
         return [expected_output(p, max_new_tokens) for p in input_ids]
@@ -70,13 +64,13 @@ def expected_output(prompt, max_new_tokens):
 class Factory:
     """An engine factory that remembers the engine it made (or refuses to make one)."""
 
-    def __init__(self, delay: float = 0.0, forbid: bool = False):
+    def __init__(self, forbid: bool = False):
         self.engine: FakeEngine | None = None
-        self.delay, self.forbid = delay, forbid
+        self.forbid = forbid
 
     def __call__(self, model, **kwargs):
         assert not self.forbid, "the engine should not have been loaded"
-        self.engine = FakeEngine(model, delay=self.delay, **kwargs)
+        self.engine = FakeEngine(model, **kwargs)
         return self.engine
 
 
@@ -439,12 +433,10 @@ def test_policy_auto_plans_for_the_configured_hardware(tmp_path):
 
 
 def test_hardware_profile_in_a_config_file_is_relative_to_it(tmp_path, monkeypatch):
-    from flexgen.config import load_config as load
-
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "machine.yaml").write_text("base: t4-paper\ngpu_memory: 8GiB\n")
     (tmp_path / "sub" / "c.yaml").write_text(
         "model: {synthetic: opt-125m}\ndata: {num_prompts: 2, prompt_len: 4}\nhardware: {profile: machine.yaml}\n")
     monkeypatch.chdir(tmp_path)
-    assert load("sub/c.yaml").hardware.profile == str(tmp_path / "sub" / "machine.yaml")
-    assert load("sub/c.yaml", ["hardware.profile=h200"]).hardware.profile == "h200"  # a preset name stays a name
+    assert load_config("sub/c.yaml").hardware.profile == str(tmp_path / "sub" / "machine.yaml")
+    assert load_config("sub/c.yaml", ["hardware.profile=h200"]).hardware.profile == "h200"  # a preset name stays a name
