@@ -593,10 +593,9 @@ def policy_command(argv: list[str]) -> int:
     )
     grid = []
     if args.grid:
-        workload = (args.prompt_len, args.gen_len, args.num_prompts)
+        workload = Workload(args.prompt_len, args.gen_len, args.num_prompts)
         for policy, plugins in hand_written_grid():
-            est = estimate(spec, policy, Workload(*workload), hardware, dtype=args.dtype,
-                           **estimate_options(plugins))
+            est = estimate(spec, policy, workload, hardware, dtype=args.dtype, **estimate_options(plugins))
             grid.append((policy, plugins, est, violations(est, hardware)))
     if args.json:
         out = choice.to_dict()
