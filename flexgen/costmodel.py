@@ -55,6 +55,10 @@ RESOURCES = LINKS + ("gpu_compute", "cpu_compute", "overhead")
 _DTYPE_SIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
+def _layers_of_kind(num_layers: int) -> dict[str, int]:
+    """How many model layers of each kind a model with ``num_layers`` decoder layers has."""
+    return {"embed": 1, "attn": num_layers, "mlp": num_layers, "head": 1}
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -466,7 +470,7 @@ def estimate(
     # Weights, per layer kind (all attention layers alike, all MLP layers alike).
     wpct = policy.percents("weights")
     layers = _place_layers(spec, wcomp, dtype, wpct["gpu"], wpct["cpu"], cuda)
-    multiplicity = {"embed": 1, "attn": L, "mlp": L, "head": 1}
+    multiplicity = _layers_of_kind(L)
 
     # Cache: bytes per token of one unit (k and v), grouped layers with the same tier mix.
     cache_token = 2 * stored_bytes((1, B, H, D), ccomp, dtype)
@@ -657,8 +661,8 @@ def _step_seconds(own: dict[str, list[tuple[int, float, float, float]]], weight_
     the head's batches also load the embedding of the batch after them. Without overlap,
     everything adds up.
     """
-    per_step = {"embed": 1, "attn": L, "mlp": L, "head": 1}
     if not overlap:
+        per_step = _layers_of_kind(L)
         weights = sum(per_step[kind] * reloads * (io + decompress) for kind, (io, decompress) in weight_load.items())
         return weights + sum(n * (load + busy + stored) for entries in own.values() for n, load, busy, stored in entries)
     embed_io, embed_decompress = weight_load["embed"]
@@ -685,7 +689,7 @@ def _memory(spec, policy, layers, cache_units, cache_token, act_tiers, parks_act
     h, H, ffn, V = spec.hidden_size, spec.num_heads, spec.ffn_dim, spec.vocab_size
     T = s + n
     mem = {tier: dict.fromkeys(("weights", "cache", "act", "staging", "working"), 0.0) for tier in ("gpu", "cpu", "disk")}
-    counts = {"embed": 1, "attn": spec.num_layers, "mlp": spec.num_layers, "head": 1}
+    counts = _layers_of_kind(spec.num_layers)
     for kind, lw in layers.items():
         for tier in ("gpu", "cpu", "disk"):
             mem[tier]["weights"] += counts[kind] * lw.stored[tier]
