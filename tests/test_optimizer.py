@@ -101,17 +101,10 @@ def test_weight_edges_realise_distinct_placements():
 # --------------------------------------------------------------------------- against the engine
 
 
-TINY_CONFIG = dict(model_type="opt", vocab_size=320, hidden_size=64, num_hidden_layers=3, ffn_dim=128,
-                   num_attention_heads=4, max_position_embeddings=96)
-
-
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    from tests.conftest import make_checkpoint
-
-    path = tmp_path_factory.mktemp("tiny-opt")
-    make_checkpoint(path, "pre_ln")
-    return path
+def checkpoint(tiny_checkpoint) -> Path:
+    """The folder of conftest's tiny HF checkpoint."""
+    return tiny_checkpoint[0]
 
 
 def _run_engine(path, policy, plugins, offload, prompts=None, s=12, n=4):
@@ -133,9 +126,9 @@ def _run_engine(path, policy, plugins, offload, prompts=None, s=12, n=4):
     (Policy(3, 2, 50, 50, 0, 100, 100, 0), {"attention": "cpu"}),
     (Policy(2, 2, 50, 0, 50, 0, 100, 0), {"attention": "gpu", "weight_compressor": "int4", "cache_compressor": "int4"}),
 ])
-def test_bytes_and_memory_match_the_engine(tiny_checkpoint, tmp_path, policy, plugins):
-    spec = OPTSpec.from_hf_config(json.loads((tiny_checkpoint / "config.json").read_text()))
-    stats = _run_engine(tiny_checkpoint, policy, plugins, tmp_path)
+def test_bytes_and_memory_match_the_engine(checkpoint, tmp_path, policy, plugins):
+    spec = OPTSpec.from_hf_config(json.loads((checkpoint / "config.json").read_text()))
+    stats = _run_engine(checkpoint, policy, plugins, tmp_path)
     est = estimate(spec, policy, (12, 4), FAKE_CPU, attention=plugins["attention"],
                    weight_compression=plugins.get("weight_compressor"), cache_compression=plugins.get("cache_compressor"),
                    dtype="float32")
@@ -148,14 +141,14 @@ def test_bytes_and_memory_match_the_engine(tiny_checkpoint, tmp_path, policy, pl
         assert resident - est.memory[tier]["act"] <= peak <= resident + 1, tier
 
 
-def test_chosen_policy_runs_under_caps_without_exceeding_them(tiny_checkpoint, tmp_path):
-    spec = OPTSpec.from_hf_config(json.loads((tiny_checkpoint / "config.json").read_text()))
+def test_chosen_policy_runs_under_caps_without_exceeding_them(checkpoint, tmp_path):
+    spec = OPTSpec.from_hf_config(json.loads((checkpoint / "config.json").read_text()))
     hw = dataclasses.replace(FAKE_CPU, gpu_memory=300 * KiB, cpu_memory=900 * KiB, disk_memory=64 * MiB)
     choice = auto_policy(spec, 12, 4, hw, num_prompts=8, dtype="float32", gpu_batch_sizes=(1, 2, 4, 8),
                          num_gpu_batches=(1, 2))
     policy = choice.policy
     assert policy.weights_gpu < 100  # the caps bite: the weights (~0.6 MiB) do not fit the "GPU"
-    stats = _run_engine(tiny_checkpoint, policy, choice.plugins, tmp_path, prompts=8)
+    stats = _run_engine(checkpoint, policy, choice.plugins, tmp_path, prompts=8)
     peak = stats["peak_memory"]
     assert peak["gpu"] <= hw.gpu_memory and peak["disk"] <= hw.disk_memory
     assert peak["gpu"] + peak["cpu"] <= hw.cpu_memory  # one memory without CUDA
@@ -188,8 +181,8 @@ def test_cli_json(capsys, tmp_path):
     assert out["predicted_throughput"] > 0 and out["estimate"]["decode"]["bottleneck"]
 
 
-def test_cli_reads_a_checkpoint_dir(tiny_checkpoint, capsys):
-    rc = main(["policy", "--model", str(tiny_checkpoint), "--prompt-len", "8", "--gen-len", "4", "--hardware", "t4-paper",
+def test_cli_reads_a_checkpoint_dir(checkpoint, capsys):
+    rc = main(["policy", "--model", str(checkpoint), "--prompt-len", "8", "--gen-len", "4", "--hardware", "t4-paper",
                "--gpu-batch-sizes", "1,2", "--num-gpu-batches", "1", "--compression", "none"])
     assert rc == 0
     assert "policy:" in capsys.readouterr().out
