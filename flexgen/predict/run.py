@@ -443,12 +443,9 @@ def resolve_policy(cfg: FlexGenConfig, spec: Any, prompts: list[Prompt]) -> tupl
             f"policy: auto needs the cost-model optimizer (flexgen.optimizer), which cannot be imported ({exc}); "
             "set the policy keys instead"
         ) from exc
-    import torch
-
     # The machine the cost model plans for: hardware.profile (a preset or file; null measures
     # this machine's compute device, cached), with the config's hardware.*_memory caps applied.
-    accelerator = cfg.trainer.accelerator
-    device = "cuda" if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()) else "cpu"
+    device = "cuda" if _accelerator(cfg) == "gpu" else "cpu"
     choice = auto_policy_for_run(
         spec, prompt_len=max(len(p.input_ids) for p in prompts), gen_len=cfg.generation.max_new_tokens,
         num_prompts=len(prompts), device=device, dtype=cfg.model.dtype, hardware=cfg.hardware.profile,
@@ -476,15 +473,22 @@ def resolve_accelerator(cfg: FlexGenConfig) -> tuple[str, Any]:
     """
     import torch
 
-    t = cfg.trainer
-    accelerator = t.accelerator
+    accelerator = _accelerator(cfg)
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={cfg.trainer.accelerator} but no CUDA device is available; use trainer.accelerator=cpu"
+        )
+    return accelerator, _plain_devices(cfg.trainer.devices)
+
+
+def _accelerator(cfg: FlexGenConfig) -> str:
+    """``trainer.accelerator`` as Lightning's ``gpu`` or ``cpu``; ``auto`` is ``gpu`` where CUDA is available."""
+    accelerator = cfg.trainer.accelerator
     if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    if accelerator in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.accelerator={t.accelerator} but no CUDA device is available; use trainer.accelerator=cpu")
-        return "gpu", _plain_devices(t.devices)
-    return "cpu", _plain_devices(t.devices)
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "gpu" if accelerator in ("gpu", "cuda") else "cpu"
 
 
 def _plain_devices(devices: Any) -> Any:
