@@ -242,24 +242,17 @@ def run_bench(
 def _bench_device(cfg: FlexGenConfig) -> str:
     """The one compute device of a bench run, from ``trainer.accelerator`` (and ``trainer.devices``).
 
-    A bench measures one engine in one process: ``auto`` is CUDA when present, else the CPU;
-    ``gpu``/``cuda`` take the first index of ``trainer.devices`` when it is a list.
+    A bench measures one engine in one process: the accelerator is predict's
+    (:func:`flexgen.predict.run.resolve_accelerator`: ``auto`` is CUDA when present, and a GPU
+    asked for without CUDA is a one-line error); a GPU takes the first index of
+    ``trainer.devices`` when it is a list.
     """
-    import torch
+    from flexgen.predict.run import resolve_accelerator
 
-    accelerator = cfg.trainer.accelerator
-    if accelerator == "auto":
-        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    accelerator, devices = resolve_accelerator(cfg)
     if accelerator == "cpu":
         return "cpu"
-    if not torch.cuda.is_available():
-        raise ConfigError(f"trainer.accelerator={cfg.trainer.accelerator} but no CUDA device is available; use trainer.accelerator=cpu")
-    devices = cfg.trainer.devices
-    if hasattr(devices, "__iter__") and not isinstance(devices, str):
-        devices = list(devices)
-        index = int(devices[0]) if devices else 0
-    else:
-        index = 0
+    index = int(devices[0]) if isinstance(devices, (list, tuple)) and devices else 0
     return f"cuda:{index}"
 
 
