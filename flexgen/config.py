@@ -508,6 +508,13 @@ def resolve_output_path(cfg: FlexGenConfig) -> Path:
     return Path(os.path.expanduser(cfg.output.path)).absolute()
 
 
+def resolve_offload_dir(cfg: FlexGenConfig) -> str | None:
+    """``output.offload_dir`` as an absolute path (relative to the current directory); None: the engine's default."""
+    if cfg.output.offload_dir is None:
+        return None
+    return str(Path(os.path.expanduser(cfg.output.offload_dir)).absolute())
+
+
 def to_yaml(cfg: FlexGenConfig) -> str:
     """The resolved config as YAML (``flexgen predict --print-config``)."""
     data = cfg.to_dict()

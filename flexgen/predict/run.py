@@ -36,7 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flexgen.config import BUILTIN_PREFIX, PLUGIN_KEYS, FlexGenConfig, load_config, resolve_output_path, to_yaml
+from flexgen.config import (
+    BUILTIN_PREFIX, PLUGIN_KEYS, FlexGenConfig, load_config, resolve_offload_dir, resolve_output_path, to_yaml,
+)
 from flexgen.errors import CheckpointError, ConfigError
 from flexgen.policy import Policy
 
@@ -211,7 +213,7 @@ class _RunHooks:
         """This rank's engine. All ranks share ``output.offload_dir`` (see docs/distributed.md)."""
         cfg = self.cfg
         return self.engine_factory(self.plan.model, policy=policy, plugins=plugins, device=device,
-                                   offload_dir=_offload_dir(cfg), dtype=cfg.model.dtype, seed=cfg.model.seed)
+                                   offload_dir=resolve_offload_dir(cfg), dtype=cfg.model.dtype, seed=cfg.model.seed)
 
     def finish(self, ranks: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
         """Rank 0, at the end: write the metrics of all ranks atomically."""
@@ -495,12 +497,6 @@ def _plain_devices(devices: Any) -> Any:
     from omegaconf import ListConfig, OmegaConf
 
     return OmegaConf.to_container(devices) if isinstance(devices, ListConfig) else devices
-
-
-def _offload_dir(cfg: FlexGenConfig) -> str | None:
-    if cfg.output.offload_dir is None:
-        return None
-    return str(Path(os.path.expanduser(cfg.output.offload_dir)).absolute())
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
