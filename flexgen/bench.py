@@ -285,24 +285,22 @@ def _bound(report, cfg, spec, policy, plugins, profile, disk_cache, offload_dir,
     """Fill ``report.bound`` from the cost model; a note instead when it cannot price the config."""
     from flexgen.costmodel import Workload, estimate, estimate_options
 
-    weights_disk = policy.percents("weights")["disk"] > 0
-    cache_disk = policy.percents("cache")["disk"] > 0
-    if weights_disk or cache_disk:
-        warm = _disk_is_warm(disk_cache, spec, policy, cfg.model.dtype, profile.cpu_memory)
-        if warm:
-            rate, how = _warm_read_rate(profile, offload_dir, measured_here)
-            profile = dataclasses.replace(profile, disk_read_bandwidth=rate)
-            report.hardware = profile.to_dict()
-            report.disk_cache = f"warm: {how}"
-            report.notes.append(
-                f"disk reads priced at {rate / 1e9:.1f} GB/s, the page cache's rate ({how}); --disk-cache cold for the device's"
-            )
     try:
         options = estimate_options(plugins)
-        est = estimate(
-            spec, policy, Workload(report.prompt_len, report.gen_len, report.num_prompts), profile,
-            dtype=cfg.model.dtype, **options,
-        )
+        workload = Workload(report.prompt_len, report.gen_len, report.num_prompts)
+        if policy.percents("weights")["disk"] > 0 or policy.percents("cache")["disk"] > 0:
+            # what the disk tier holds, exactly (whole tensors, compressed bytes), as the model places it
+            on_disk = estimate(spec, policy, workload, profile, dtype=cfg.model.dtype, memory_only=True,
+                               **options).memory["disk"]
+            if _disk_is_warm(disk_cache, on_disk, profile.cpu_memory):
+                rate, how = _warm_read_rate(profile, offload_dir, measured_here)
+                profile = dataclasses.replace(profile, disk_read_bandwidth=rate)
+                report.hardware = profile.to_dict()
+                report.disk_cache = f"warm: {how}"
+                report.notes.append(
+                    f"disk reads priced at {rate / 1e9:.1f} GB/s, the page cache's rate ({how}); --disk-cache cold for the device's"
+                )
+        est = estimate(spec, policy, workload, profile, dtype=cfg.model.dtype, **options)
     except FlexGenError as exc:
         report.bound_note = f"no bound: {exc}"
         return
@@ -327,16 +325,12 @@ def _bound(report, cfg, spec, policy, plugins, profile, disk_cache, offload_dir,
             )
 
 
-def _disk_is_warm(mode: str, spec, policy, dtype: str, memory: int) -> bool:
-    """Whether disk-tier reads come from the page cache: the weights on disk fit in half of ``memory``."""
+def _disk_is_warm(mode: str, on_disk: dict[str, float], memory: int) -> bool:
+    """Whether disk-tier reads come from the page cache: no cache on disk (written every step),
+    and the weights on disk (``on_disk``: the cost model's bytes per kind) fit in half of ``memory``."""
     if mode != "auto":
         return mode == "warm"
-    from flexgen.engine import DTYPES
-    from flexgen.models.opt import weight_bytes
-
-    disk_share = policy.percents("weights")["disk"] / 100
-    on_disk = weight_bytes(spec, DTYPES[dtype]) * disk_share
-    return policy.percents("cache")["disk"] == 0 and on_disk <= memory / 2
+    return on_disk["cache"] == 0 and on_disk["weights"] <= memory / 2
 
 
 def _warm_read_rate(profile, offload_dir: str | None, measured_here: bool) -> tuple[float, str]:

@@ -211,6 +211,19 @@ def test_disk_cache_warm_and_cold_price_disk_differently(env, tiny_checkpoint):
     assert warm.hardware["disk_read_bandwidth"] != cold.hardware["disk_read_bandwidth"]
 
 
+def test_disk_cache_auto_counts_the_bytes_the_disk_holds(env, tiny_checkpoint):
+    """``auto`` asks the cost model what the disk tier holds: int4 weights (~0.1 MB here) fit in
+    half of a 400 KiB memory, where the same weights in float32 (~0.6 MB) do not."""
+    tmp_path, _ = env
+    small = tmp_path / "small.yaml"
+    small.write_text(CPU_PROFILE.replace("cpu_memory: 8GiB", "cpu_memory: 400KiB"))
+    config = tiny_config(tmp_path, tiny_checkpoint[0], weights_gpu=0, weights_cpu=0)
+    raw = run_bench(load_config(config, []), hardware=str(small), bound_only=True)
+    packed = run_bench(load_config(config, ["plugins.weight_compressor=int4"]), hardware=str(small), bound_only=True)
+    assert raw.disk_cache == "cold"
+    assert packed.disk_cache.startswith("warm")
+
+
 def test_workload_configs_load_and_have_bounds():
     """configs/bench/w*.yaml: valid configs whose bound the cost model prices for an H200."""
     configs = sorted((REPO / "configs" / "bench").glob("w*.yaml"))
