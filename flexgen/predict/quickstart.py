@@ -38,7 +38,7 @@ SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim
 TRAIN_STEPS = 300
 SEED = 0
 
-#: name after ``builtin:`` -> builder
+#: the names ``model.path: builtin:<name>`` accepts
 BUILTINS = ("quickstart",)
 
 
@@ -49,7 +49,7 @@ def cache_root() -> Path:
 
 def resolve_builtin(name: str, root: Path | None = None) -> Path:
     """The checkpoint folder of a built-in model, building it on first use."""
-    if name != "quickstart":
+    if name not in BUILTINS:
         from flexgen.errors import ConfigError
 
         raise ConfigError(f"model.path: unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}")
