@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flexgen.config import FlexGenConfig, load_config
+from flexgen.config import FlexGenConfig, load_config, resolve_offload_dir
 from flexgen.errors import ConfigError, FlexGenError
 from flexgen.hardware import HardwareProfile
 from flexgen.predict.run import _Parser  # argparse whose mistakes are one-line ConfigErrors
@@ -198,7 +198,7 @@ def run_bench(
     prompts = load_prompts(cfg, tokenizer, spec)
     policy, plugins, _ = resolve_policy(cfg, spec, prompts)
     device = _bench_device(cfg)
-    offload_dir = _offload_dir(cfg)
+    offload_dir = resolve_offload_dir(cfg)
     prompt_len = max(len(p.input_ids) for p in prompts)
     gen_len = cfg.generation.max_new_tokens
 
@@ -254,12 +254,6 @@ def _bench_device(cfg: FlexGenConfig) -> str:
         return "cpu"
     index = int(devices[0]) if isinstance(devices, (list, tuple)) and devices else 0
     return f"cuda:{index}"
-
-
-def _offload_dir(cfg: FlexGenConfig) -> str | None:
-    if cfg.output.offload_dir is None:
-        return None
-    return str(Path(os.path.expanduser(cfg.output.offload_dir)).absolute())
 
 
 def _generation_kwargs(cfg: FlexGenConfig) -> dict[str, Any]:
