@@ -577,15 +577,18 @@ class Engine:
         loads = {tasks[0].layer: self._submit_layer(tasks[0].layer)}
         pending = self._prefetch(block, tasks[0], None, step, length)
         for t, (task, ahead) in enumerate(zip(tasks, _next_layers(tasks))):
-            if ahead is not None and ahead not in loads:
-                loads[ahead] = self._submit_layer(ahead)
             hidden_f, cache_f = pending
             following = tasks[t + 1] if t + 1 < len(tasks) else None
             if following is not None:
                 # Issue the next task's I/O before computing this one, so the two overlap.
                 pending = self._prefetch(block, following, task, step, length)
             batch = block.batches[task.batch]
+            # Take this layer's weights (letting go of the previous layer's) before asking for
+            # the next layer's: compute memory holds two layers, never three. The weight
+            # thread could not start the next load earlier anyway: it was busy with this one.
             weights = self._wait(loads[task.layer])
+            if ahead is not None and ahead not in loads:
+                loads[ahead] = self._submit_layer(ahead)
             if following is None or following.layer != task.layer:
                 del loads[task.layer]  # done with this layer: its buffers go once computed
             x = self._wait(hidden_f) if hidden_f is not None else batch.hidden
