@@ -36,6 +36,9 @@ from lightning.pytorch.callbacks import Callback
 
 from flexgen.errors import ConfigError, FlexGenError
 from flexgen.policy import Policy
+from flexgen.predict.writer import (
+    JsonlPredictionWriter, OutputLock, leftover_parts, merge_parts, part_path, prepare_output,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +75,6 @@ class RunCoordinator(Callback):
     # -- setup ---------------------------------------------------------------------------
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        from flexgen.predict.writer import JsonlPredictionWriter, OutputLock, part_path, prepare_output
-
         rank, world_size = trainer.global_rank, trainer.world_size
         decision: dict[str, Any] | None = None
         if rank == 0:
@@ -133,10 +134,8 @@ class RunCoordinator(Callback):
         }
         ranks = gather_objects(mine, trainer.world_size)
         if rank == 0:
-            from flexgen.predict.writer import leftover_parts, merge_parts, part_path
-
-            missing = [part_path(self.out_path, r["rank"]) for r in ranks
-                       if r["rank"] > 0 and r["prompts_generated"] and not part_path(self.out_path, r["rank"]).exists()]
+            written = [part_path(self.out_path, r["rank"]) for r in ranks if r["rank"] > 0 and r["prompts_generated"]]
+            missing = [part for part in written if not part.exists()]
             if missing:
                 # Another node wrote it on a disk rank 0 cannot see: say so rather than lose it.
                 raise ConfigError(
