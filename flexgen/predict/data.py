@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from flexgen.errors import ConfigError, PromptError
 
@@ -188,17 +188,6 @@ def block_batch(index: int, block: Sequence[Prompt]) -> dict[str, Any]:
     return {"block": index, "ids": [p.id for p in block], "input_ids": [list(p.input_ids) for p in block]}
 
 
-class _Blocks(Dataset):
-    def __init__(self, batches: list[dict[str, Any]]):
-        self.batches = batches
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.batches[index]
-
-
 def _as_is(item: Any) -> Any:
     return item
 
@@ -253,6 +242,5 @@ class PromptDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        # batch_size=None: each dataset item is already a whole block.
-        return DataLoader(_Blocks(self.shard(rank, world_size)), batch_size=None, shuffle=False, collate_fn=_as_is,
-                          num_workers=0)
+        # The list of blocks is the (map-style) dataset; batch_size=None: each item is already a whole block.
+        return DataLoader(self.shard(rank, world_size), batch_size=None, shuffle=False, collate_fn=_as_is, num_workers=0)
