@@ -337,9 +337,9 @@ def _warm_read_rate(profile, offload_dir: str | None, measured_here: bool) -> tu
         return profile.cpu_memory_bandwidth / 2, "half the profile's host memory copy rate"
     from concurrent.futures import ThreadPoolExecutor
 
-    from flexgen.hardware import cache_dir
+    from flexgen.paths import cache_root
 
-    directory = Path(offload_dir) if offload_dir else cache_dir()
+    directory = Path(offload_dir) if offload_dir else cache_root()
     directory.mkdir(parents=True, exist_ok=True)
     threads = max(1, min(8, os.cpu_count() or 1))
     chunk = 16 << 20

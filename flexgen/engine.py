@@ -33,6 +33,7 @@ from flexgen.compression.none import NoCompression
 from flexgen.errors import FlexGenError, PluginError, PolicyError, PromptError
 from flexgen.models import opt
 from flexgen.models.checkpoint import WeightSource, open_source
+from flexgen.paths import cache_root
 from flexgen.policy import TIERS, Policy, split_by_percent
 from flexgen.scheduling.base import Task
 
@@ -54,8 +55,7 @@ LINKS = ("disk->cpu", "cpu->gpu", "gpu->cpu", "cpu->disk")
 
 def default_offload_dir() -> Path:
     """Where disk-tier tensors live unless the user says otherwise."""
-    cache = os.environ.get("FLEXGEN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "flexgen")
-    return Path(cache) / "offload"
+    return cache_root() / "offload"
 
 
 @dataclass

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from flexgen.errors import ConfigError
+from flexgen.paths import cache_root
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 GB = 10**9
@@ -363,11 +364,6 @@ def save_hardware(profile: HardwareProfile, path: str | os.PathLike) -> None:
 # --------------------------------------------------------------------------- measurement
 
 
-def cache_dir() -> Path:
-    """``$FLEXGEN_CACHE`` or ``~/.cache/flexgen``."""
-    return Path(os.environ.get("FLEXGEN_CACHE") or Path.home() / ".cache" / "flexgen")
-
-
 def machine_key(device: str) -> str:
     """A short stable id of this machine and compute device, naming its cached profile."""
     import torch
@@ -528,7 +524,7 @@ def measure_hardware(
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was asked for, but PyTorch sees no CUDA device")
 
-    cache_file = cache_dir() / f"hardware-{device}-{machine_key(device)}.json"
+    cache_file = cache_root() / f"hardware-{device}-{machine_key(device)}.json"
     if use_cache and not refresh and cache_file.is_file():
         try:
             values = json.loads(cache_file.read_text())
@@ -537,7 +533,7 @@ def measure_hardware(
         except (ValueError, TypeError):
             pass  # a corrupt or old cache is measured again
 
-    disk_path = Path(disk_dir) if disk_dir is not None else cache_dir()
+    disk_path = Path(disk_dir) if disk_dir is not None else cache_root()
     disk_path.mkdir(parents=True, exist_ok=True)
     copy_bytes = (16 if quick else 128) * MiB
     cpu_n = 256 if quick else 1024

@@ -28,6 +28,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from flexgen.paths import cache_root
+
 log = logging.getLogger(__name__)
 
 VERSION = 1
@@ -40,11 +42,6 @@ SEED = 0
 
 #: the names ``model.path: builtin:<name>`` accepts
 BUILTINS = ("quickstart",)
-
-
-def cache_root() -> Path:
-    """``$FLEXGEN_CACHE`` or ``~/.cache/flexgen``."""
-    return Path(os.environ.get("FLEXGEN_CACHE") or Path.home() / ".cache" / "flexgen").expanduser()
 
 
 def resolve_builtin(name: str, root: Path | None = None) -> Path:
