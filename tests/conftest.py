@@ -59,6 +59,16 @@ def tiny_checkpoint(tmp_path_factory):
     return path, make_checkpoint(path, "pre_ln")
 
 
+@pytest.fixture(scope="session")
+def quickstart_cache(tmp_path_factory):
+    """A private FLEXGEN_CACHE with the quickstart checkpoint, built once per test session."""
+    from flexgen.predict.quickstart import ensure_quickstart
+
+    root = tmp_path_factory.mktemp("flexgen-cache")
+    ensure_quickstart(root)
+    return root
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -40,20 +40,11 @@ SLOW = ["policy.gpu_batch_size=1", "policy.num_gpu_batches=1", "generation.max_n
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    from flexgen.predict.quickstart import ensure_quickstart
-
-    root = tmp_path_factory.mktemp("flexgen-cache")
-    ensure_quickstart(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def reference(cache, tmp_path_factory):
+def reference(quickstart_cache, tmp_path_factory):
     """The quickstart's lines from one process (in this process)."""
     out = tmp_path_factory.mktemp("reference") / "one.jsonl"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FLEXGEN_CACHE", str(cache))
+        patch.setenv("FLEXGEN_CACHE", str(quickstart_cache))
         run_predict(load_config(QUICKSTART, SLOW + [f"output.path={out}"]))
     return by_id(out)
 
@@ -67,10 +58,10 @@ def environment(cache: Path) -> dict:
     return {**os.environ, "FLEXGEN_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
 
 
-def test_two_processes_write_what_one_does(cache, reference, tmp_path):
+def test_two_processes_write_what_one_does(quickstart_cache, reference, tmp_path):
     out = tmp_path / "two.jsonl"
-    result = subprocess.run(command(out), cwd=tmp_path, env=environment(cache), capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(command(out), cwd=tmp_path, env=environment(quickstart_cache), capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert by_id(out) == reference
     assert leftover_parts(out) == []
@@ -87,19 +78,19 @@ def test_two_processes_write_what_one_does(cache, reference, tmp_path):
           f"{metrics['wall_throughput']:.0f} tok/s over the loop")
 
 
-def test_ddp_spawn_writes_the_same(cache, reference, tmp_path):
+def test_ddp_spawn_writes_the_same(quickstart_cache, reference, tmp_path):
     """``ddp_spawn``: the processes are spawned from trainer.predict; the parent prints rank 0's summary."""
     out = tmp_path / "spawn.jsonl"
-    result = subprocess.run(command(out, "trainer.strategy=ddp_spawn"), cwd=tmp_path, env=environment(cache),
+    result = subprocess.run(command(out, "trainer.strategy=ddp_spawn"), cwd=tmp_path, env=environment(quickstart_cache),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert by_id(out) == reference and leftover_parts(out) == []
     assert "12 prompts generated" in result.stdout and "processes: 2" in result.stdout
 
 
-def test_kill_9_mid_way_then_rerun(cache, reference, tmp_path):
+def test_kill_9_mid_way_then_rerun(quickstart_cache, reference, tmp_path):
     out = tmp_path / "killed.jsonl"
-    cmd, env = command(out), environment(cache)
+    cmd, env = command(out), environment(quickstart_cache)
     # Its own session, so that the kill reaches every process of the run (the launcher's child too).
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

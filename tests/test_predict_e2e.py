@@ -25,20 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A private FLEXGEN_CACHE with the quickstart checkpoint built once for this module."""
-    from flexgen.predict.quickstart import ensure_quickstart
-
-    root = tmp_path_factory.mktemp("flexgen-cache")
-    ensure_quickstart(root)
-    return root
-
-
 @pytest.fixture
-def env_cache(cache, monkeypatch):
-    monkeypatch.setenv("FLEXGEN_CACHE", str(cache))
-    return cache
+def env_cache(quickstart_cache, monkeypatch):
+    monkeypatch.setenv("FLEXGEN_CACHE", str(quickstart_cache))
+    return quickstart_cache
 
 
 def read_lines(path: Path) -> dict:
