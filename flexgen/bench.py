@@ -154,6 +154,8 @@ class BenchReport:
     bound_bytes: dict[str, float] = field(default_factory=dict)
     bound_peak: dict[str, float] = field(default_factory=dict)
     measured: Rates | None = None
+    #: seconds load_engine took: placing (synthetic weights: making) every weight in its tier
+    load_time_s: float | None = None
     engine_stats: dict[str, Any] | None = None
     baseline: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
@@ -376,10 +378,13 @@ def _run_engine(report, cfg, model, policy, plugins, device, offload_dir, ids, k
     """Load the engine, warm it up, generate for every prompt ``repeat`` times; the fastest fills ``report.measured``."""
     from flexgen.engine import load_engine
 
+    started = time.perf_counter()
     engine = load_engine(
         model, policy=policy, plugins=plugins, device=device, offload_dir=offload_dir,
         dtype=cfg.model.dtype, seed=cfg.model.seed,
     )
+    report.load_time_s = time.perf_counter() - started
+    say(f"flexgen bench: engine loaded in {report.load_time_s:.1f} s")
     try:
         if warmup:
             say("flexgen bench: warm-up ...")
@@ -423,10 +428,9 @@ def hf_model(model: str, spec, dtype: str, seed: int, device: str | None = None)
     The module is created on the meta device and every parameter is *assigned* the tensor of
     the engine's weight source (:func:`flexgen.models.checkpoint.open_source`: seeded synthetic
     weights, or the checkpoint's tensors), so memory holds one copy; with ``device`` each
-    tensor goes there as soon as it exists, so host memory never holds the model. Synthetic
-    tensors are drawn on a thread pool (each has its own generator, so the values do not
-    depend on the order): one thread draws ~150 M values/s, minutes for OPT-30B. The output
-    embedding is untied: synthetic weights draw ``lm_head.weight`` separately, as the engine does.
+    tensor is made there (synthetic weights are cut from their seed's table on that device, at
+    its memory speed), so host memory never holds the model. The output embedding is untied:
+    synthetic weights draw ``lm_head.weight`` separately, as the engine does.
     """
     import torch
     from concurrent.futures import ThreadPoolExecutor
@@ -445,11 +449,10 @@ def hf_model(model: str, spec, dtype: str, seed: int, device: str | None = None)
     weights = [w for index in range(spec.num_model_layers) for w in opt.layer_weights(spec, index)]
 
     def load(weight) -> torch.Tensor:
-        tensor = source.get(weight).to(torch_dtype)
-        return tensor.to(device) if device is not None else tensor
+        return source.get(weight, device=device or "cpu").to(torch_dtype)
 
     state = {}
-    with ThreadPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         for weight, tensor in zip(weights, pool.map(load, weights)):
             key = weight.name if weight.name == "lm_head.weight" else f"model.decoder.{weight.name}"
             state[key] = tensor
@@ -616,6 +619,8 @@ def format_report(r: BenchReport) -> str:
         lines.append(f"  {r.bound_note}")
     elif r.predicted_total is not None:
         lines.append(f"  (the cost model's prediction for this schedule, with its overheads: {_rate(r.predicted_total)} tokens/s)")
+    if r.load_time_s is not None:
+        lines.append(f"  engine loaded (weights placed) in {r.load_time_s:.1f} s")
     if r.engine_stats and r.bound_bytes:
         moved = r.engine_stats["bytes_moved"]
         links = [k for k in r.bound_bytes if moved.get(k) or r.bound_bytes[k]]

@@ -20,6 +20,7 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -176,7 +177,7 @@ class Engine:
     ) -> None:
         self.spec = source.spec
         self.policy = policy
-        self.device = device
+        self.device = device = resolve_device(device)
         self.dtype = dtype
         self.offload_dir = offload_dir
         self.plugins = {**DEFAULT_PLUGINS, **{k: v for k, v in plugins.items() if v is not None}}
@@ -239,28 +240,36 @@ class Engine:
         return self.device if tier == "gpu" else torch.device("cpu")
 
     def _place_weights(self, source: WeightSource) -> None:
-        """Put every weight in its tier, layer by layer, converting disk-tier tensors once.
+        """Put every weight in its tier, converting disk-tier tensors once.
 
-        The tensors of one layer are read (or drawn, for synthetic weights), cast, compressed
-        and stored on a few threads at once; layers go one after another, so memory holds at
-        most one layer in flight.
+        Each tensor is made (read from the checkpoint, or drawn for synthetic weights) on the
+        device that uses or compresses it: the compute device for the gpu tier and for a
+        compressed weight, the CPU otherwise; then it is cast, compressed and stored, on a few
+        threads at once. A layer's tensors are queued before the layer before it is waited on,
+        so no layer waits for the slowest tensor of the last, and at most two layers are in
+        flight, which bounds the memory a conversion takes.
         """
         compressor_id = repr(registry.parse_spec(self.plugins["weight_compressor"], "plugins.weight_compressor"))
         folder = f"weights/{source.fingerprint()}-{str(self.dtype).removeprefix('torch.')}-{_short_hash(compressor_id)}"
         percents = self.policy.percents("weights")
         workers = min(4, os.cpu_count() or 1)
+        in_flight: deque[list[Future]] = deque()
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flexgen-place") as pool:
             for index in range(self.spec.num_model_layers):
                 specs = opt.layer_weights(self.spec, index)
                 tiers = split_by_percent([_numel(w.shape) for w in specs], percents)
-                placed = list(pool.map(
-                    lambda weight, tier: self._place_one(source, weight, tier, f"{folder}/{weight.name}"),
-                    specs, tiers,
-                ))
-                self._register_layer(index, placed)
+                in_flight.append([
+                    pool.submit(self._place_one, source, weight, tier, f"{folder}/{weight.name}")
+                    for weight, tier in zip(specs, tiers)
+                ])
+                if len(in_flight) == 2:
+                    self._register_layer([f.result() for f in in_flight.popleft()])
+            while in_flight:
+                self._register_layer([f.result() for f in in_flight.popleft()])
         self._note_memory()
 
-    def _register_layer(self, index: int, placed: list[PlacedWeight]) -> None:
+    def _register_layer(self, placed: list[PlacedWeight]) -> None:
+        index = len(self.layers)
         self.layers.append(placed)
         _release_freed_memory()
         if all(p.tier == "gpu" and not p.compressed for p in placed):
@@ -278,13 +287,17 @@ class Engine:
                 if found is not None:
                     parts[name] = found
         if len(parts) != len(part_names):
-            tensor = source.get(weight).to(self.dtype)
-            if self._prefers_column_major(weight, tier, compressed):
-                tensor = tensor.t().contiguous().t()
-            packed = compressor.compress(tensor)
-            del tensor
-            parts = {name: backend.put(f"{key}.{name}", packed[name]) for name in part_names}
-            del packed
+            made_on = self.device if tier == "gpu" or compressed else torch.device("cpu")
+            column_major = self._prefers_column_major(weight, tier, compressed)
+            made = source.get(weight, device=made_on, column_major=column_major)
+            packed = compressor.compress(made.to(self.dtype))
+            for name in part_names:
+                part = packed.pop(name)
+                # A part that is a fresh tensor nothing else holds can be kept as it is; one
+                # that is a view of a checkpoint's memory map is copied.
+                owned = source.fresh or part.untyped_storage().data_ptr() != made.untyped_storage().data_ptr()
+                parts[name] = (backend.adopt if owned else backend.put)(f"{key}.{name}", part)
+            del made
         with self._stats_lock:  # placement runs on several threads
             self.stats.compression["weights_raw_bytes"] += _numel(weight.shape) * _itemsize(self.dtype)
             self.stats.compression["weights_stored_bytes"] += sum(_nbytes(p) for p in parts.values())
@@ -798,10 +811,13 @@ def _record_stream(result, stream) -> None:
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` means CUDA when present, else the CPU."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FlexGenError(f"device {str(device)!r} asked for, but CUDA is not available here")
+    if device.type == "cuda" and device.index is None:
+        # With an index, the device compares equal to the .device of the tensors made there.
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

@@ -11,7 +11,7 @@ import torch
 from flexgen import Policy, load_engine
 from flexgen.errors import CheckpointError, PluginError, PolicyError, PromptError
 from flexgen.models.checkpoint import SyntheticWeights
-from flexgen.models.opt import OPTSpec
+from flexgen.models.opt import OPTSpec, spec_for_size
 
 PROMPTS = [[2, 15, 16, 17], [2, 40], [2, 7, 8, 9, 10, 11], [2, 99, 98]]
 
@@ -258,6 +258,49 @@ def test_synthetic_weights_are_seeded():
     a, b, c = (SyntheticWeights(spec, seed=s, dtype=torch.float32).get(w) for s in (0, 0, 1))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert 0.005 < a.std().item() < 0.05
+
+
+def _synthetic_matrix(rows: int, cols: int, name: str = "layers.0.fc1.weight"):
+    from flexgen.models.opt import WeightSpec
+
+    return WeightSpec(name, (rows, cols), "normal")
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 7), (63, 5), (64, 3), (130, 129), (300, 40)])
+def test_synthetic_weights_do_not_depend_on_layout_or_table_growth(rows, cols):
+    """The same seed gives the same values whether the tensor is laid out row- or column-major,
+    and whether the seed's table was grown for a larger tensor first (rows not a multiple of the
+    row group included)."""
+    spec = spec_for_size("opt-125m")
+    weight = _synthetic_matrix(rows, cols)
+    fresh = SyntheticWeights(spec, seed=5, dtype=torch.float32)
+    row_major = fresh.get(weight)
+    grown = SyntheticWeights(spec, seed=5, dtype=torch.float32)
+    grown.get(_synthetic_matrix(50_000, 3_000, "lm_head.weight"))  # grows the table past its first chunk
+    column_major = grown.get(weight, column_major=True)
+    assert column_major.stride() == (1, rows)
+    assert torch.equal(row_major, column_major)
+    assert torch.isfinite(row_major).all() and row_major.std().item() > 0.005
+    if rows > 1:
+        assert not torch.equal(row_major[0], row_major[-1])
+
+
+def test_synthetic_weights_differ_per_tensor_and_fingerprint_names_the_fill():
+    spec = spec_for_size("opt-125m")
+    source = SyntheticWeights(spec, seed=0, dtype=torch.float16)
+    a = source.get(_synthetic_matrix(64, 64, "layers.0.fc1.weight"))
+    b = source.get(_synthetic_matrix(64, 64, "layers.0.fc2.weight"))
+    assert a.dtype == torch.float16 and not torch.equal(a, b)
+    assert source.fingerprint() != SyntheticWeights(spec, seed=1, dtype=torch.float16).fingerprint()
+
+
+@pytest.mark.gpu
+def test_synthetic_weights_are_the_same_drawn_on_cuda():
+    spec = spec_for_size("opt-125m")
+    source = SyntheticWeights(spec, seed=2, dtype=torch.float16)
+    for weight in (_synthetic_matrix(130, 129), _synthetic_matrix(768, 3072)):
+        on_cuda = source.get(weight, device="cuda", column_major=True)
+        assert on_cuda.is_cuda and torch.equal(on_cuda.cpu(), source.get(weight))
 
 
 # ---------------------------------------------------------------- the fetched-cache path

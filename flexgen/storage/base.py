@@ -45,6 +45,15 @@ class StorageBackend(ABC):
         by an earlier ``put`` of that key must not be relied on afterwards.
         """
 
+    def adopt(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Keep ``tensor`` itself under ``key`` where this tier can; return the resident tensor.
+
+        The caller gives ``tensor`` up: the engine hands over the tensors it made while placing
+        a model, so a tier that can hold them as they are saves a copy of the whole model. The
+        default keeps a copy, exactly as :meth:`put`.
+        """
+        return self.put(key, tensor)
+
     @abstractmethod
     def empty(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Allocate a zero-filled resident tensor under ``key``, to be written in place."""

@@ -23,6 +23,12 @@ class GPUStorage(StorageBackend):
         self._tensors[key] = resident
         return resident
 
+    def adopt(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device != self.compute_device:
+            return self.put(key, tensor)
+        self._tensors[key] = tensor.detach()
+        return self._tensors[key]
+
     def empty(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         resident = torch.zeros(shape, dtype=dtype, device=self.compute_device)
         self._tensors[key] = resident

@@ -85,6 +85,16 @@ class StorageBackendContract:
         storage.put("nc", x)
         assert _same(storage.get("nc"), x.contiguous()), f"seed {seed}"
 
+    @pytest.mark.parametrize("column_major", [False, True], ids=["row-major", "column-major"])
+    def test_adopt_keeps_the_values(self, storage: StorageBackend, column_major: bool) -> None:
+        """``adopt`` (the caller gives its tensor up) holds the same values as ``put`` would."""
+        gen, seed = fresh_generator()
+        x = randn((5, 7), gen)
+        given = x.t().contiguous().t() if column_major else x.clone()
+        resident = storage.adopt("weights/a/layers.0.w", given)
+        assert _same(resident, x), f"adopt returned a different tensor (seed {seed})"
+        assert _same(storage.get("weights/a/layers.0.w"), x), f"get after adopt differs (seed {seed})"
+
     def test_put_overwrites(self, storage: StorageBackend) -> None:
         storage.put("k", torch.zeros(4))
         storage.put("k", torch.ones(4))
