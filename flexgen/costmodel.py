@@ -120,6 +120,7 @@ class _Tensor:
     raw: int       # bytes in the compute dtype
     stored: int    # bytes at rest (compressed or not)
     compressed: bool
+    row: tuple[int, ...] | None = None  # an embedding table whose rows can be gathered where it lives: one row's shape
 
 
 @lru_cache(maxsize=256)
@@ -130,8 +131,19 @@ def _layer_tensors(spec: OPTSpec, kind: str, compression: str, dtype: str) -> tu
         numel = math.prod(w.shape)
         compressed = len(w.shape) >= 2 and compression != "none"
         comp = compression if compressed else "none"
-        out.append(_Tensor(numel, numel * _DTYPE_SIZE[dtype], stored_bytes(w.shape, comp, dtype), compressed))
+        gatherable = w.name in opt.EMBEDDING_TABLES and (not compressed or _keeps_rows(comp, w.shape, dtype))
+        out.append(_Tensor(numel, numel * _DTYPE_SIZE[dtype], stored_bytes(w.shape, comp, dtype), compressed,
+                           tuple(w.shape[1:]) if gatherable else None))
     return tuple(out)
+
+
+def _keeps_rows(compression: str, shape: tuple[int, ...], dtype: str) -> bool:
+    """The engine's rule (:func:`flexgen.compression.base.keeps_rows`) for a compressor by name."""
+    import torch
+
+    from flexgen.compression.base import keeps_rows
+
+    return keeps_rows(_compressor(compression), shape, getattr(torch, dtype))
 
 
 @dataclass(frozen=True)
@@ -140,6 +152,8 @@ class _LayerWeights:
 
     resident: bool                 # used in place: all on GPU, uncompressed
     stored: dict[str, int]         # tier -> stored bytes
+    loaded: dict[str, int]         # tier -> stored bytes a load of the layer moves (gathered tables aside)
+    gathered: tuple[tuple[str, tuple[int, ...], bool], ...]  # embedding tables read row by row: (tier, row shape, compressed)
     raw_fetched: int               # bytes in compute dtype materialised by a load (staging)
     decompressed_raw: int          # raw bytes produced by decompression per load
     raw_total: int                 # raw bytes of the whole layer (read by its matmuls)
@@ -148,12 +162,22 @@ class _LayerWeights:
 
 @lru_cache(maxsize=65536)
 def _place_layer(tensors: tuple[_Tensor, ...], gpu: float, cpu: float, cuda: bool) -> _LayerWeights:
-    """Bytes per tier of one layer; what a load fetches (a host tensor is used in place without CUDA)."""
+    """Bytes per tier of one layer; what a load fetches (a host tensor is used in place without CUDA).
+
+    An embedding table not usable in place is not loaded with its layer: the engine gathers the
+    rows each step needs where the table lives (see ``gathered``).
+    """
     tiers = split_by_percent([t.numel for t in tensors], {"gpu": gpu, "cpu": cpu, "disk": 100 - gpu - cpu})
     stored = {"gpu": 0, "cpu": 0, "disk": 0}
+    loaded = {"gpu": 0, "cpu": 0, "disk": 0}
+    gathered = []
     raw_fetched = decompressed = 0
     for t, tier in zip(tensors, tiers):
         stored[tier] += t.stored
+        if t.row is not None and (tier != "gpu" or t.compressed):
+            gathered.append((tier, t.row, t.compressed))
+            continue
+        loaded[tier] += t.stored
         if t.compressed:
             decompressed += t.raw
             raw_fetched += t.raw + (t.stored if tier == "disk" or (tier == "cpu" and cuda) else 0)
@@ -161,7 +185,8 @@ def _place_layer(tensors: tuple[_Tensor, ...], gpu: float, cpu: float, cuda: boo
             raw_fetched += t.raw
     resident = all(tier == "gpu" and not t.compressed for t, tier in zip(tensors, tiers))
     largest = max((t.raw for t in tensors if t.compressed), default=0)
-    return _LayerWeights(resident, stored, raw_fetched, decompressed, sum(t.raw for t in tensors), largest)
+    return _LayerWeights(resident, stored, loaded, tuple(gathered), raw_fetched, decompressed,
+                         sum(t.raw for t in tensors), largest)
 
 
 @lru_cache(maxsize=65536)
@@ -509,7 +534,7 @@ def estimate(
             wbytes = dict.fromkeys(LINKS, 0.0)
             if not lw.resident:
                 for tier in ("cpu", "disk"):
-                    _move(wbytes, tier, True, lw.stored[tier], cuda)
+                    _move(wbytes, tier, True, lw.loaded[tier], cuda)
             reloads = 1 if (scheduler == "zigzag" or lw.resident) else K
             for link in LINKS:
                 wbytes[link] *= reloads
@@ -536,6 +561,13 @@ def estimate(
             # Activations parked between tasks (zig-zag, several GPU batches).
             act_load = dict.fromkeys(LINKS, 0.0)
             act_store = dict.fromkeys(LINKS, 0.0)
+            # The embedding rows of each GPU batch's tokens, gathered where their table lives.
+            for tier, row, compressed in lw.gathered:
+                rows = (B * tokens, *row)
+                for _ in range(K):
+                    _move(act_load, tier, True, stored_bytes(rows, wcomp if compressed else "none", dtype), cuda)
+                if compressed:
+                    gpu_s += rates.codec(math.prod(rows) * dsize, False)
             if parks_act:
                 hidden = B * tokens * h * dsize
                 for k in range(K):

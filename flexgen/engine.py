@@ -22,14 +22,16 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from flexgen import registry
+from flexgen.compression.base import keeps_rows
 from flexgen.compression.none import NoCompression
 from flexgen.errors import FlexGenError, PluginError, PolicyError, PromptError
 from flexgen.models import opt
@@ -125,13 +127,29 @@ class CacheUnit:
 
 
 @dataclass
+class HostAttention:
+    """A decode attention running on the host worker for one GPU batch.
+
+    It is finished (the output projection issued on the compute device) when the batch is
+    next used, so the GPU meanwhile computes the other batches' work.
+    """
+
+    future: Future  # -> the attention output (B, H, 1, D) on the host
+    x: torch.Tensor  # the attention layer's input: the residual
+    weights: dict[str, torch.Tensor]  # the attention layer's weights, for the output projection
+
+
+@dataclass
 class GPUBatch:
     """The state of one GPU batch of a block between tasks."""
 
     prompt_ids: torch.Tensor  # (B, n) left-padded, on the compute device
     valid: torch.Tensor  # (B, T) bool: real tokens so far and to come
+    valid_host: torch.Tensor  # the same, on the host (CPU attention reads it with no device wait)
+    prompt_ids_host: torch.Tensor  # prompt_ids on the host (embedding rows gathered there)
     next_ids: torch.Tensor | None = None  # (B, 1) the tokens to embed in this step
     hidden: torch.Tensor | None = None  # resident in the batch's activation tier
+    pending: HostAttention | None = None  # hidden states still being computed on the host
     outputs: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -218,11 +236,21 @@ class Engine:
         self._stores_done: torch.cuda.Event | None = None  # the last store issued
         self._weight_io = _executor("flexgen-weights") if policy.overlap else _Inline()
         self._cache_io = _executor("flexgen-cache") if policy.overlap else _Inline()
+        #: Decode attention on the host runs on its own worker thread, so the main thread goes
+        #: on issuing the other GPU batches' work while it runs (CPU delegation beside GPU
+        #: work). On by default where that pays: a GPU computes and attention runs on the host.
+        #: Tests turn it on to run this path on a machine without CUDA.
+        self.host_attention_on_worker = self._cuda and policy.overlap and self.attention_device.type == "cpu"
+        self._attention_io = _executor("flexgen-attention")
         self._run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._cache: list[list[CacheUnit]] | None = None  # reused by every block that fits
+        self._cache_length = 0
 
         self.layers: list[list[PlacedWeight]] = []
         self._resident: dict[int, dict[str, torch.Tensor]] = {}  # layers needing no load at all
         self._place_weights(source)
+        #: embedding tables whose rows are gathered where they live (name -> placed table)
+        self._gathered = self._gathered_tables()
 
     # ------------------------------------------------------------------ placement
 
@@ -314,6 +342,23 @@ class Engine:
         return (self.device.type == "cpu" and tier == "gpu" and not compressed
                 and len(weight.shape) == 2 and not weight.local.startswith("embed_"))
 
+    def _gathered_tables(self) -> dict[str, PlacedWeight]:
+        """The embedding tables not already usable in compute memory, whose rows can be gathered at home.
+
+        A step embeds a few tokens per sequence, so it needs a few rows of each table: bringing
+        a whole 50k-row table over PCIe every step would waste it. A compressed table qualifies
+        when its compressor keeps the row axis in every part (it groups along the rows' own
+        axis), so rows of the parts decompress to rows of the table.
+        """
+        gathered = {}
+        for placed in self.layers[0] if self.layers else []:
+            if placed.spec.local not in opt.EMBEDDING_TABLES or (placed.tier == "gpu" and not placed.compressed):
+                continue
+            if placed.compressed and not keeps_rows(self.weight_compressor, placed.spec.shape, self.dtype):
+                continue
+            gathered[placed.spec.local] = placed
+        return gathered
+
     def _note_memory(self) -> None:
         for tier, backend in self.storage.items():
             self.stats.peak_memory[tier] = max(self.stats.peak_memory[tier], backend.nbytes())
@@ -355,35 +400,52 @@ class Engine:
         if self._store_stream is None or tier == "gpu" or not value.is_cuda:
             self.storage[tier].write(resident, value)
             return
+        self._store(value, lambda: self.storage[tier].write(resident, value, non_blocking=True))
+
+    def _store(self, value: torch.Tensor, copy) -> None:
+        """Run ``copy`` (a copy of the computed ``value`` to the host) on the store stream, after compute."""
         self._store_stream.wait_stream(torch.cuda.current_stream(self.device))  # value is computed
         with torch.cuda.stream(self._store_stream):
-            self.storage[tier].write(resident, value, non_blocking=True)
+            copy()
             value.record_stream(self._store_stream)
-            self._stores_done = torch.cuda.Event()
-            self._stores_done.record(self._store_stream)
+            self._stores_done = self._store_stream.record_event()
+
+    def _to_host(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` in page-locked host memory; on CUDA the copy runs on the store stream (see ``_stores_done``)."""
+        if not value.is_cuda:
+            return value
+        host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        self._store(value, lambda: host.copy_(value, non_blocking=True))
+        return host
 
     def _wait_for_stores_on_host(self) -> None:
         """Before the host reads a host tier the store stream writes into."""
         if self._stores_done is not None:
             self._stores_done.synchronize()
 
-    def _load(self, executor, stream, fn, *args) -> Future:
+    def _load(self, executor, stream, fn, *args, after_writes: bool = False) -> Future:
         """Run a fetch on an I/O thread and (CUDA) a copy stream; the future holds (result, event).
 
-        The copy stream first waits for the stores issued before this fetch was submitted, so
-        a cache prefix is never read before its last token has landed.
+        ``after_writes``: the fetch reads tensors that compute or the store stream may have
+        written (a cache prefix, parked hidden states). The copy stream then first waits for
+        all the work both streams had been given when the fetch was submitted, so a cache
+        prefix is never read before its last token has landed, wherever the cache lives.
+        Weights are never written, so their loads wait for nothing.
         """
-        stores = self._stores_done
+        waits = []
+        if after_writes and stream is not None:
+            waits.append(torch.cuda.current_stream(self.device).record_event())
+            if self._stores_done is not None:
+                waits.append(self._stores_done)
 
         def run():
             if stream is None:
                 return fn(*args), None
             with torch.cuda.stream(stream):
-                if stores is not None:
-                    stream.wait_event(stores)
+                for event in waits:
+                    stream.wait_event(event)
                 result = fn(*args)
-                event = torch.cuda.Event()
-                event.record(stream)
+                event = stream.record_event()
             return result, event
 
         return executor.submit(run)
@@ -403,6 +465,8 @@ class Engine:
         """The weights of a model layer on the compute device, decompressed."""
         weights = {}
         for placed in self.layers[index]:
+            if index == 0 and placed.spec.local in self._gathered:
+                continue  # its rows are gathered at home when the tokens are known
             parts = {name: self._fetch(placed.tier, t, self.device) for name, t in placed.parts.items()}
             if placed.compressed:
                 weights[placed.spec.local] = self.weight_compressor.decompress(parts, placed.spec.shape, self.dtype)
@@ -419,8 +483,28 @@ class Engine:
 
     # ------------------------------------------------------------------ cache
 
+    def _cache_for(self, length: int) -> list[list[CacheUnit]]:
+        """The KV cache for a block of ``length`` positions, reused from block to block.
+
+        Allocating a host-resident cache means zero-filling and page-locking it (43 GB in the
+        W3 workload), so it is allocated once per engine and kept; a block longer than every
+        block before it makes it anew. Positions a block has not written are never read: the
+        prefill writes the prompt's and each decode step writes its token before attending.
+        """
+        if self._cache is None or self._cache_length < length:
+            if self._cache is not None:
+                self._free_cache(self._cache)
+                self._cache = None
+            self._cache = self._allocate_cache(length)
+            self._cache_length = length
+        L, K, B = self.spec.num_layers, self.policy.num_gpu_batches, self.policy.gpu_batch_size
+        shape = (length, B, self.spec.num_heads, self.spec.head_dim)
+        self.stats.compression["cache_stored_bytes"] += 2 * L * K * self.cache_compressor.nbytes(shape, self.dtype)
+        self.stats.compression["cache_raw_bytes"] += 2 * L * K * _numel(shape) * _itemsize(self.dtype)
+        return self._cache
+
     def _allocate_cache(self, length: int) -> list[list[CacheUnit]]:
-        """Preallocate the KV cache of a block: one unit per (decoder layer, GPU batch)."""
+        """Allocate the KV cache: one unit per (decoder layer, GPU batch)."""
         L, K, B = self.spec.num_layers, self.policy.num_gpu_batches, self.policy.gpu_batch_size
         shape = (length, B, self.spec.num_heads, self.spec.head_dim)
         specs = self.cache_compressor.part_specs(shape, self.dtype)
@@ -438,8 +522,6 @@ class Engine:
                         kv[which][name] = self.storage[tier].empty(key, part_shape, part_dtype)
                         keys.append(key)
                 row.append(CacheUnit(tier, kv["k"], kv["v"], keys))
-                self.stats.compression["cache_stored_bytes"] += 2 * self.cache_compressor.nbytes(shape, self.dtype)
-                self.stats.compression["cache_raw_bytes"] += 2 * _numel(shape) * _itemsize(self.dtype)
             units.append(row)
         self._note_memory()
         return units
@@ -546,9 +628,9 @@ class Engine:
             for r, row in enumerate(rows):
                 ids[r, prompt_len - len(row):] = torch.tensor(row)
                 valid[r, prompt_len - len(row):] = True
-            batches.append(GPUBatch(ids.to(self.device), valid.to(self.device)))
+            batches.append(GPUBatch(ids.to(self.device), valid.to(self.device), valid, ids))
         block = Block(batches, prompt_len, split_by_percent([1] * K, self.policy.percents("act")),
-                      self._allocate_cache(total), sampling, generator)
+                      self._cache_for(total), sampling, generator)
         done = torch.zeros(B * K, dtype=torch.bool, device=self.device)
         try:
             self._sync()
@@ -567,8 +649,14 @@ class Engine:
             self._sync()
             self.stats.decode_time_s += time.perf_counter() - prefill_end
         finally:
+            # On an error, work handed to the worker threads and the device may still read the
+            # cache and the batches' tensors: let it finish before they are reused or freed.
+            for batch in batches:
+                if batch.pending is not None:
+                    wait([batch.pending.future])
+                    batch.pending = None
+            self._sync()
             self._note_memory()
-            self._free_cache(block.cache)
             for k, tier in enumerate(block.act_tiers):
                 self.storage[tier].free(self._act_key(k))
         tokens = torch.cat([torch.cat(b.outputs, dim=1) for b in batches]).tolist()
@@ -588,6 +676,7 @@ class Engine:
         # Weights: the next layer in the order starts loading as soon as the current one
         # starts computing, so it has the whole layer (every GPU batch) to arrive in.
         loads = {tasks[0].layer: self._submit_layer(tasks[0].layer)}
+        previous_layer_done = None  # compute-stream event: the layer before the current one is computed
         pending = self._prefetch(block, tasks[0], None, step, length)
         for t, (task, ahead) in enumerate(zip(tasks, _next_layers(tasks))):
             hidden_f, cache_f = pending
@@ -596,17 +685,22 @@ class Engine:
                 # Issue the next task's I/O before computing this one, so the two overlap.
                 pending = self._prefetch(block, following, task, step, length)
             batch = block.batches[task.batch]
-            # Take this layer's weights (letting go of the previous layer's) before asking for
-            # the next layer's: compute memory holds two layers, never three. The weight
-            # thread could not start the next load earlier anyway: it was busy with this one.
             weights = self._wait(loads[task.layer])
+            x = self._wait(hidden_f) if hidden_f is not None else self._hidden(batch)
+            cached = self._wait(cache_f, on_host=self.attention_device.type == "cpu") if cache_f is not None else None
+            out = self._compute(block, task, step, length, weights, x, cached)
             if ahead is not None and ahead not in loads:
+                # At most three layers' weights in compute memory (the one finishing, this one,
+                # the next): the host may not run further ahead of the device than that, or
+                # buffers freed on the host but still in use on the device pile up.
+                if previous_layer_done is not None:
+                    previous_layer_done.synchronize()
                 loads[ahead] = self._submit_layer(ahead)
             if following is None or following.layer != task.layer:
                 del loads[task.layer]  # done with this layer: its buffers go once computed
-            x = self._wait(hidden_f) if hidden_f is not None else batch.hidden
-            cached = self._wait(cache_f, on_host=self.attention_device.type == "cpu") if cache_f is not None else None
-            out = self._compute(block, task, step, length, weights, x, cached)
+                previous_layer_done = self._compute_event()
+            if batch.pending is not None:
+                continue  # its hidden states arrive when the host attention is finished
             if task.layer == self.spec.num_model_layers - 1:
                 batch.hidden = None
             elif (following is not None and following.batch == task.batch) or block.act_tiers[task.batch] == "gpu":
@@ -615,6 +709,10 @@ class Engine:
                 tier = block.act_tiers[task.batch]
                 self._count_write(tier, out)
                 batch.hidden = self.storage[tier].put(self._act_key(task.batch), out)
+
+    def _compute_event(self):
+        """An event marking all compute issued so far (None off CUDA, where compute is synchronous)."""
+        return torch.cuda.current_stream(self.device).record_event() if self._cuda else None
 
     def _prefetch(self, block: Block, task: Task, previous: Task | None, step: int,
                   length: int) -> tuple[Future | None, Future | None]:
@@ -628,29 +726,28 @@ class Engine:
         tier = block.act_tiers[task.batch]
         if task.layer > 0 and tier != "gpu" and (previous is None or previous.batch != task.batch):
             resident = block.batches[task.batch].hidden
-            hidden = self._load(self._cache_io, self._cache_stream, self._fetch, tier, resident, self.device)
+            hidden = self._load(self._cache_io, self._cache_stream, self._fetch, tier, resident, self.device,
+                                after_writes=True)
         cache_future = None
         kind, layer = opt.layer_kind(self.spec, task.layer)
         if kind == "attn" and step > 0:
             unit = block.cache[layer][task.batch]
             if not self._cache_resident_where_attended(unit):
                 cache_future = self._load(
-                    self._cache_io, self._cache_stream, self._read_cache, unit, length, self.attention_device
+                    self._cache_io, self._cache_stream, self._read_cache, unit, length, self.attention_device,
+                    after_writes=True,
                 )
         return hidden, cache_future
 
     def _compute(self, block: Block, task: Task, step: int, length: int, weights: dict[str, torch.Tensor],
                  x: torch.Tensor | None, cached) -> torch.Tensor | None:
-        """Run one model layer for one GPU batch; returns its hidden states (None after the head)."""
+        """Run one model layer for one GPU batch; returns its hidden states (None after the head,
+        and None while a host attention computes them: ``batch.pending``)."""
         spec, batch = self.spec, block.batches[task.batch]
         kind, layer = opt.layer_kind(spec, task.layer)
         prefill = step == 0
         if kind == "embed":
-            ids = batch.prompt_ids if prefill else batch.next_ids
-            n = ids.shape[1]
-            valid = batch.valid[:, : length + (0 if prefill else 1)]
-            positions = opt.positions_from_mask(valid)[:, -n:]
-            return opt.embed(spec, weights, ids, positions)
+            return self._embed(batch, prefill, length, weights)
         if kind == "mlp":
             return opt.mlp(spec, weights, x)
         if kind == "head":
@@ -665,9 +762,73 @@ class Engine:
             valid = batch.valid[:, :length]
             attn = self.attention.prefill(q, k, v, valid)
             self._write_cache(unit, 0, k, v)
+        elif (self.host_attention_on_worker and self._cache_resident_where_attended(unit)
+              and block.act_tiers[task.batch] == "gpu"):
+            batch.pending = HostAttention(self._start_host_attention(unit, length, q, k, v, batch), x, weights)
+            return None
         else:
             attn = self._decode_attention(unit, length, q, k, v, cached, batch.valid[:, : length + 1])
         return opt.attention_out(spec, weights, x, attn)
+
+    def _embed(self, batch: GPUBatch, prefill: bool, length: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The embedding of this step's tokens; rows of tables that live off compute memory are gathered at home."""
+        ids = batch.prompt_ids if prefill else batch.next_ids
+        n = ids.shape[1]
+        if not self._gathered:
+            positions = opt.positions_from_mask(batch.valid[:, : length + (0 if prefill else 1)])[:, -n:]
+            return opt.embed(self.spec, weights, ids, positions)
+        # The row indices on the host: the prompt's are there already, a decoded token is
+        # copied back from the device (a few bytes, once the sampler has produced it).
+        host_ids = batch.prompt_ids_host if prefill else ids.cpu()
+        positions = opt.positions_from_mask(batch.valid_host[:, : length + (0 if prefill else 1)])[:, -n:]
+        rows = {}
+        for name, index in opt.embedding_rows(host_ids, positions).items():
+            placed = self._gathered.get(name)
+            rows[name] = (self._gather_rows(placed, index) if placed is not None
+                          else F.embedding(index.to(self.device), weights[name]))
+        return opt.embed_rows(self.spec, weights, rows)
+
+    def _gather_rows(self, placed: PlacedWeight, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` (B, n) of an embedding table, gathered where it lives, on the compute device."""
+        flat = index.reshape(-1)
+        home = self._tier_location(placed.tier)
+        parts = {name: self._fetch(placed.tier, t.index_select(0, flat.to(home)), self.device)
+                 for name, t in placed.parts.items()}
+        shape = (flat.numel(), placed.spec.shape[1])
+        rows = self.weight_compressor.decompress(parts, shape, self.dtype) if placed.compressed else parts["data"]
+        return rows.to(self.dtype).reshape(*index.shape, shape[1])
+
+    def _hidden(self, batch: GPUBatch) -> torch.Tensor | None:
+        """The batch's hidden states, finishing its host attention first when one is pending."""
+        pending = batch.pending
+        if pending is not None:
+            batch.pending = None
+            attn = pending.future.result().to(self.device, non_blocking=True)
+            batch.hidden = opt.attention_out(self.spec, pending.weights, pending.x, attn)
+        return batch.hidden
+
+    def _start_host_attention(self, unit: CacheUnit, length: int, q: torch.Tensor, k_new: torch.Tensor,
+                              v_new: torch.Tensor, batch: GPUBatch) -> Future:
+        """Decode attention on the attention worker, over a cache that lives on the host.
+
+        The new keys and values go into the cache and the query to the host on the store
+        stream; the worker waits for those copies alone (an event), never for the whole device,
+        and attends while the main thread issues the next tasks.
+        """
+        self._write_cache(unit, length, k_new, v_new)
+        q_host = self._to_host(q)
+        landed = self._stores_done if self._cuda else None
+        valid = batch.valid_host[:, : length + 1]
+        pin = self._cuda
+
+        def attend() -> torch.Tensor:
+            if landed is not None:
+                landed.synchronize()
+            k, v = self._read_cache(unit, length + 1, self.attention_device)
+            out = self.attention.decode(q_host, k, v, valid)
+            return out.pin_memory() if pin else out  # pinned: the copy back runs asynchronously
+
+        return self._attention_io.submit(attend)
 
     def _decode_attention(self, unit, length, q, k_new, v_new, cached, valid) -> torch.Tensor:
         """Attention of the new token; the cache is read where it lives when attention runs there."""
@@ -698,6 +859,11 @@ class Engine:
         """Release caches, buffers and scratch files; converted disk weights stay for reuse."""
         self._weight_io.shutdown(wait=True)
         self._cache_io.shutdown(wait=True)
+        self._attention_io.shutdown(wait=True)
+        self._sync()  # no copy may still read or write what is freed below
+        if self._cache is not None:
+            self._free_cache(self._cache)
+            self._cache = None
         for backend in self.storage.values():
             backend.close()
         self.layers.clear()

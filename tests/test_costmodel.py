@@ -39,10 +39,22 @@ def weight_bytes(spec: OPTSpec) -> int:
     return opt.weight_bytes(spec, torch.float16)
 
 
+def table_bytes(spec: OPTSpec) -> int:
+    """Bytes of the two embedding tables in float16."""
+    return 2 * (spec.vocab_size * spec.word_embed_proj_dim + (spec.max_positions + 2) * spec.hidden_size)
+
+
+def gathered_bytes(spec: OPTSpec, sequences: int) -> int:
+    """Embedding rows read over a run of ``sequences`` sequences (the prompt's S tokens, then one
+    per decode step), float16: the engine gathers them where the tables live."""
+    return sequences * (S + N - 1) * (spec.word_embed_proj_dim + spec.hidden_size) * 2
+
+
 def test_weights_on_cpu_cross_pcie_once_per_step():
     est = estimate(TINY, Policy(2, 2, 0, 100, 100, 0, 100, 0), (S, N), FAKE_GPU)
     total = est.prefill.bytes["cpu->gpu"] + est.decode.bytes["cpu->gpu"]
-    assert total == N * weight_bytes(TINY)  # zig-zag: once per step, whatever the GPU batches
+    # zig-zag: once per step, whatever the GPU batches; of the embedding tables only the rows read
+    assert total == N * (weight_bytes(TINY) - table_bytes(TINY)) + gathered_bytes(TINY, 4)
     assert est.prefill.bytes["gpu->cpu"] == est.decode.bytes["gpu->cpu"] == 0
     unpinned = estimate(TINY, Policy(2, 2, 0, 100, 100, 0, 100, 0, pin_weights=False), (S, N), FAKE_GPU)
     assert unpinned.memory["cpu"]["weights"] == weight_bytes(TINY)
@@ -72,7 +84,8 @@ def test_pinning_costs_no_memory_but_copies_faster():
 
 def test_row_schedule_reloads_weights_per_batch():
     est = estimate(TINY, Policy(2, 3, 0, 100, 100, 0, 100, 0), (S, N), FAKE_GPU, scheduler="row")
-    assert est.prefill.bytes["cpu->gpu"] + est.decode.bytes["cpu->gpu"] == 3 * N * weight_bytes(TINY)
+    moved = est.prefill.bytes["cpu->gpu"] + est.decode.bytes["cpu->gpu"]
+    assert moved == 3 * N * (weight_bytes(TINY) - table_bytes(TINY)) + gathered_bytes(TINY, 6)
 
 
 def test_cache_on_cpu_hand_count():
@@ -105,7 +118,7 @@ def test_flops_hand_count():
 def test_disk_weights_are_read_then_copied():
     est = estimate(TINY, Policy(2, 1, 0, 0, 100, 0, 100, 0), (S, N), FAKE_GPU)
     total_disk = est.prefill.bytes["disk->cpu"] + est.decode.bytes["disk->cpu"]
-    assert total_disk == N * weight_bytes(TINY)
+    assert total_disk == N * (weight_bytes(TINY) - table_bytes(TINY)) + gathered_bytes(TINY, 2)
     assert est.memory["disk"]["weights"] == weight_bytes(TINY)
 
 

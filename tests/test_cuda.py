@@ -113,3 +113,36 @@ def test_bench_baseline_hf_with_accelerate_offload(tmp_path):
     out = _bench(tmp_path, "w2-opt-30b-cpu-weights.yaml", "policy.gpu_batch_size=4", "--baseline", "hf")
     assert re.search(r"baseline hf: .*Accelerate offload, modules per tier cpu: \d+", out), out
     assert re.search(r"flexgen / hf = [\d.]+x", out), out
+
+
+def test_failed_host_registration_leaves_no_cuda_error():
+    """Registering memory twice fails; the failure must not surface in the next kernel launch."""
+    from flexgen.storage.cpu import register, unregister
+
+    host = torch.empty(1 << 20, dtype=torch.uint8)
+    assert register(host)
+    try:
+        assert not register(host)  # already registered: CUDA refuses and sets its last error
+        x = torch.ones(1024, device="cuda")
+        torch.cuda.synchronize()
+        assert float((x * 2).sum()) == 2048.0  # a launch after the failure raises nothing
+    finally:
+        unregister(host)
+
+
+def test_weight_prefetch_does_not_run_ahead_of_compute(tmp_path):
+    """Weights streamed from the CPU: the device holds a few layers at a time, never the model."""
+    from flexgen.models import opt
+
+    model = "opt-1.3b"
+    spec = opt.spec_for_size(model)
+    layer_bytes = [sum(opt._numel(w.shape) for w in opt.layer_weights(spec, i)) * 2
+                   for i in range(spec.num_model_layers)]
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=1, weights_gpu=0, weights_cpu=100)
+    with load_engine(model, policy=policy, device="cuda", dtype="float16", offload_dir=tmp_path) as engine:
+        engine.generate(PROMPTS[:2], max_new_tokens=2)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        engine.generate(PROMPTS[:2], max_new_tokens=4)
+        peak = torch.cuda.max_memory_allocated()
+    assert peak < 4 * max(layer_bytes) + (64 << 20), (peak, sum(layer_bytes))

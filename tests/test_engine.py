@@ -140,8 +140,15 @@ def test_stats_count_tokens_and_traffic(tiny_checkpoint, tmp_path):
     assert stats["prompt_tokens"] == sum(map(len, PROMPTS[:3]))
     assert stats["generated_tokens"] == 3 * 4  # the padding sequence is not counted
     assert stats["prefill_time_s"] > 0 and stats["decode_time_s"] > 0
-    # Zig-zag reads every disk-resident weight once per step: 4 steps, all weights on disk.
-    assert stats["bytes_moved"]["disk->cpu"] == 4 * stats["compression"]["weights_stored_bytes"]
+    # Zig-zag reads every disk-resident weight once per step (4 steps, all weights on disk),
+    # except the embedding tables: of those each GPU batch reads the rows of its tokens.
+    spec = engine.spec
+    tables = spec.vocab_size * spec.word_embed_proj_dim + (spec.max_positions + 2) * spec.hidden_size
+    row = spec.word_embed_proj_dim + spec.hidden_size
+    prompt_len = max(map(len, PROMPTS[:3]))
+    rows = 2 * 2 * (prompt_len + 3)  # 2 batches x 2 sequences: the prompt, then 3 decode steps of 1 token
+    expected = 4 * (stats["compression"]["weights_stored_bytes"] - 4 * tables) + 4 * rows * row
+    assert stats["bytes_moved"]["disk->cpu"] == expected
     assert stats["peak_memory"]["disk"] >= stats["compression"]["weights_stored_bytes"]
     assert stats["total_throughput"] == pytest.approx(12 / (stats["prefill_time_s"] + stats["decode_time_s"]))
 
@@ -155,7 +162,11 @@ def test_row_schedule_reloads_weights_per_batch(tiny_checkpoint, tmp_path):
                          dtype="float32", offload_dir=tmp_path) as engine:
             engine.generate(PROMPTS[:3], max_new_tokens=2)
             moved[scheduler] = engine.stats.bytes_moved["disk->cpu"]
-    assert moved["row"] == 3 * moved["zigzag"]
+    spec = engine.spec
+    # The embedding rows of each batch's tokens are read once whatever the order: 3 sequences
+    # of the prompt length, then one token each.
+    rows = 3 * (max(map(len, PROMPTS[:3])) + 1) * (spec.word_embed_proj_dim + spec.hidden_size) * 4
+    assert moved["row"] - rows == 3 * (moved["zigzag"] - rows)
 
 
 # ---------------------------------------------------------------- disk-tier conversion
@@ -329,3 +340,23 @@ def test_fetched_cache_path_equals_in_place_path(tiny_checkpoint, tmp_path, monk
                         lambda self, unit: fetched_units.append(unit.tier) or unit.tier == "gpu")
     assert run() == in_place
     assert {"cpu", "disk"} <= set(fetched_units)
+
+
+def test_kv_cache_is_allocated_once_and_reused_by_later_blocks(tiny_checkpoint, tmp_path):
+    """Zero-filling and page-locking a host cache is expensive: an engine allocates it once and
+    reuses it for every block that fits, and allocates anew only for a longer block."""
+    path, _ = tiny_checkpoint
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, cache_gpu=0, cache_cpu=100)
+    with load_engine(path, policy=policy, device="cpu", dtype="float32", offload_dir=tmp_path) as engine:
+        allocations = []
+        empty = engine.storage["cpu"].empty
+        engine.storage["cpu"].empty = lambda *args: allocations.append(args[0]) or empty(*args)
+        first = engine.generate(PROMPTS * 3, max_new_tokens=4)  # three blocks
+        units = len(allocations)
+        assert units == 2 * engine.spec.num_layers * 2 * 1  # k and v, per (layer, batch), one part each
+        assert engine.generate(PROMPTS, max_new_tokens=3) == [row[:3] for row in first[:4]]
+        assert len(allocations) == units  # shorter: reused
+        engine.generate(PROMPTS, max_new_tokens=8)
+        assert len(allocations) == 2 * units  # longer: allocated anew
+        assert engine.storage["cpu"].nbytes() > 0
+    assert engine.storage["cpu"].nbytes() == 0  # freed at close

@@ -41,3 +41,24 @@ def test_greedy_equals_hf(reference, weights, cache, attention, scheduler, num_g
     with load_engine(path, policy=policy, plugins={"attention": attention, "scheduler": scheduler},
                      device="cpu", dtype="float32", offload_dir=offload) as engine:
         assert engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS) == expected
+
+
+@pytest.mark.parametrize("weights,cache,scheduler,num_gpu_batches",
+                         list(itertools.product(PLACEMENTS, PLACEMENTS, ["zigzag", "row"], [1, 3])))
+def test_host_attention_on_its_worker_equals_hf(reference, weights, cache, scheduler, num_gpu_batches):
+    """CPU delegation with decode attention on the attention worker, as on a GPU machine, while
+    the main thread goes on with the other batches: here the compute device is the CPU too."""
+    path, expected, offload = reference
+    policy = Policy(
+        gpu_batch_size=2, num_gpu_batches=num_gpu_batches,
+        weights_gpu=PLACEMENTS[weights][0], weights_cpu=PLACEMENTS[weights][1],
+        cache_gpu=PLACEMENTS[cache][0], cache_cpu=PLACEMENTS[cache][1],
+    )
+    with load_engine(path, policy=policy, plugins={"attention": "cpu", "scheduler": scheduler},
+                     device="cpu", dtype="float32", offload_dir=offload) as engine:
+        engine.host_attention_on_worker = True
+        started = []
+        start = engine._start_host_attention
+        engine._start_host_attention = lambda *args: started.append(1) or start(*args)
+        assert engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS) == expected
+    assert started, "no decode attention ran on the worker"

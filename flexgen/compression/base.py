@@ -43,3 +43,19 @@ class Compressor(ABC):
     def nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """Bytes a compressed tensor of ``shape`` occupies."""
         return sum(prod(s) * torch.empty((), dtype=d).element_size() for s, d in self.part_specs(shape, dtype).values())
+
+
+def keeps_rows(compressor: Compressor, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
+    """Whether every part of ``compressor``'s output for tensors like ``shape`` keeps their first axis.
+
+    Then rows ``i`` of the parts are the parts of row ``i`` of the tensor, so a few rows of a
+    compressed embedding table can be gathered and decompressed alone. Checked on two row
+    counts, so a part whose first axis merely happens to equal one is not taken for one that
+    keeps rows (a compressor grouping along the first axis does not).
+    """
+    cols = tuple(shape[1:])
+    return all(
+        part_shape[0] == rows
+        for rows in (3, 5)
+        for part_shape, _ in compressor.part_specs((rows, *cols), dtype).values()
+    )

@@ -253,12 +253,28 @@ def positions_from_mask(valid: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(valid, dim=1) * valid - 1
 
 
-def embed(spec: OPTSpec, w: dict[str, torch.Tensor], input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Token plus position embeddings: (B, n) ids -> (B, n, hidden)."""
-    x = F.embedding(input_ids, w["embed_tokens.weight"])
+#: The embedding tables. A step reads a few of their rows, so the engine gathers those rows
+#: where a table lives rather than bringing the whole table to the compute device.
+EMBEDDING_TABLES = ("embed_tokens.weight", "embed_positions.weight")
+
+
+def embedding_rows(input_ids: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The rows (B, n) of each embedding table that tokens ``input_ids`` at ``positions`` read."""
+    return {"embed_tokens.weight": input_ids, "embed_positions.weight": positions + POSITION_OFFSET}
+
+
+def embed_rows(spec: OPTSpec, w: dict[str, torch.Tensor], rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Token plus position embeddings (B, n, hidden) from the gathered rows (B, n, dim) of each table."""
+    x = rows["embed_tokens.weight"]
     if "project_in.weight" in w:
         x = F.linear(x, w["project_in.weight"])
-    return x + F.embedding(positions + POSITION_OFFSET, w["embed_positions.weight"])
+    return x + rows["embed_positions.weight"]
+
+
+def embed(spec: OPTSpec, w: dict[str, torch.Tensor], input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Token plus position embeddings: (B, n) ids -> (B, n, hidden)."""
+    rows = {name: F.embedding(index, w[name]) for name, index in embedding_rows(input_ids, positions).items()}
+    return embed_rows(spec, w, rows)
 
 
 def attention_in(spec: OPTSpec, w: dict[str, torch.Tensor], x: torch.Tensor):
