@@ -10,8 +10,10 @@ all read by :func:`flexgen.config.load_config` exactly as ``flexgen predict`` re
 2. asks the cost model (:func:`flexgen.costmodel.estimate`) for the *bound* of this policy on
    this machine: per phase, the busiest single resource (a link's bytes ÷ its bandwidth, or a
    processor's FLOPs ÷ its rate), which no schedule can beat;
-3. loads the engine, runs one short warm-up generate (CUDA context, cuBLAS handles, the page
-   cache of disk-tier weights), then generates for every prompt and reads ``engine.stats``;
+3. loads the engine, runs one short warm-up generate (the first block, each prompt cut to its
+   first 16 tokens, 2 new tokens: CUDA context, cuBLAS handles, the page cache of disk-tier
+   weights, at a small fraction of a real prefill's cost), then generates for every prompt and
+   reads ``engine.stats``;
 4. with ``--baseline hf``, runs HF transformers' ``generate`` on the very same weights and
    prompts (with Accelerate offloading when the policy keeps weights off the GPU) and prints
    the ratio.
@@ -55,6 +57,7 @@ from flexgen.hardware import HardwareProfile
 from flexgen.predict.run import _Parser  # argparse whose mistakes are one-line ConfigErrors
 
 BASELINES = ("hf",)
+WARMUP_PROMPT_LEN = 16  # the warm-up's prompts: long enough for every kernel, short enough to cost little
 DISK_CACHE_MODES = ("auto", "warm", "cold")
 
 
@@ -101,6 +104,13 @@ def bench_command(argv: list[str]) -> int:
     if args.json is not None:
         _check_writable(Path(args.json))
     cfg = load_config(args.config, args.overrides)
+
+    def save(report: BenchReport) -> None:
+        """The JSON as far as it goes: written once the bound is known and again with each figure,
+        so a run stopped by a time limit still leaves its bound behind."""
+        if args.json is not None:
+            Path(args.json).write_text(json.dumps(report.to_dict(), indent=1, default=str) + "\n")
+
     report = run_bench(
         cfg,
         baseline=args.baseline,
@@ -113,10 +123,10 @@ def bench_command(argv: list[str]) -> int:
         warmup=not args.no_warmup,
         repeat=args.repeat,
         progress=lambda line: print(line, flush=True),
+        on_figures=save,
     )
+    save(report)
     print(format_report(report))
-    if args.json is not None:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=1, default=str) + "\n")
     return 0
 
 
@@ -189,8 +199,13 @@ def run_bench(
     warmup: bool = True,
     repeat: int = 1,
     progress=None,
+    on_figures=None,
 ) -> BenchReport:
-    """Measure (unless ``bound_only``) and bound one config; see the module docstring."""
+    """Measure (unless ``bound_only``) and bound one config; see the module docstring.
+
+    ``on_figures(report)`` is called each time the report gains figures (the bound, the
+    engine's measurement), before the next, longer part of the run.
+    """
     from flexgen.predict.data import load_prompts
     from flexgen.predict.run import load_tokenizer, resolve_model, resolve_policy
 
@@ -216,14 +231,17 @@ def run_bench(
             f"{device}: the bound describes that other machine"
         )
     _bound(report, cfg, spec, policy, plugins, profile, disk_cache, offload_dir, hardware is None)
+    figures = on_figures or (lambda report: None)
     if bound_only:
         return report
+    figures(report)
 
     ids = [list(p.input_ids) for p in prompts]
     kwargs = _generation_kwargs(cfg)
     say(f"flexgen bench: loading {report.model} into the engine ...")
     engine_tokens = _run_engine(report, cfg, model, policy, plugins, device, offload_dir, ids, kwargs, warmup, repeat, say)
     if baseline == "hf":
+        figures(report)
         batch = baseline_batch_size or policy.gpu_batch_size
         hf_ids = ids[:baseline_prompts] if baseline_prompts else ids
         say(f"flexgen bench: running HF transformers on the same weights, {len(hf_ids)} prompts, batch {batch} ...")
@@ -388,7 +406,8 @@ def _run_engine(report, cfg, model, policy, plugins, device, offload_dir, ids, k
     try:
         if warmup:
             say("flexgen bench: warm-up ...")
-            engine.generate(ids[: policy.block_size], **{**kwargs, "max_new_tokens": min(2, kwargs["max_new_tokens"])})
+            engine.generate([p[:WARMUP_PROMPT_LEN] for p in ids[: policy.block_size]],
+                            **{**kwargs, "max_new_tokens": min(2, kwargs["max_new_tokens"])})
         stats = None
         for _ in range(repeat):
             engine.stats.reset()
