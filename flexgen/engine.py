@@ -652,9 +652,9 @@ class Engine:
             # On an error, work handed to the worker threads and the device may still read the
             # cache and the batches' tensors: let it finish before they are reused or freed.
             for batch in batches:
-                if batch.pending is not None:
-                    wait([batch.pending.future])
-                    batch.pending = None
+                batch.pending = None
+            for worker in (self._weight_io, self._cache_io, self._attention_io):
+                wait([worker.submit(lambda: None)])  # one thread each, in order: all earlier work is done
             self._sync()
             self._note_memory()
             for k, tier in enumerate(block.act_tiers):

@@ -360,3 +360,24 @@ def test_kv_cache_is_allocated_once_and_reused_by_later_blocks(tiny_checkpoint, 
         assert len(allocations) == 2 * units  # longer: allocated anew
         assert engine.storage["cpu"].nbytes() > 0
     assert engine.storage["cpu"].nbytes() == 0  # freed at close
+
+
+def test_an_error_on_the_attention_worker_reaches_the_caller_and_the_engine_goes_on(tiny_checkpoint, tmp_path):
+    """A failure inside host attention on its worker surfaces from generate (no hang), and the
+    engine, its cache and its threads still serve the next call."""
+    path, _ = tiny_checkpoint
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, cache_gpu=0, cache_cpu=100)
+    with load_engine(path, policy=policy, plugins={"attention": "cpu"}, device="cpu", dtype="float32",
+                     offload_dir=tmp_path) as engine:
+        expected = engine.generate(PROMPTS, max_new_tokens=4)
+        engine.host_attention_on_worker = True
+        decode = engine.attention.decode
+
+        def broken(*args):
+            raise RuntimeError("attention broke")
+
+        engine.attention.decode = broken
+        with pytest.raises(RuntimeError, match="attention broke"):
+            engine.generate(PROMPTS, max_new_tokens=4)
+        engine.attention.decode = decode
+        assert engine.generate(PROMPTS, max_new_tokens=4) == expected
