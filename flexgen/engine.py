@@ -8,7 +8,11 @@ layer and step under zig-zag), and while task t computes, a second I/O thread fe
 task t+1 needs besides weights: the cache prefix of its (layer, batch) when attention runs
 away from the cache's home, and its hidden states when they live in another tier. On CUDA
 each kind of copy has its own stream (weights, cache loads, stores to host tiers), and
-compute waits on events, never on the whole device.
+compute waits on events, never on the whole device; the host waits only for the layer before
+the current one before asking for the next layer's weights, which bounds the weights in
+compute memory to three layers. Decode attention on the host (CPU delegation over a host
+cache) runs on its own worker thread, and a batch's output projection is issued when the
+batch is next used, so the GPU computes the other batches meanwhile.
 
 The engine talks to storage, compression, attention and the model only through their
 interfaces; it knows which tier holds what, and when to move it.
