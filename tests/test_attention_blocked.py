@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from flexgen.attention.base import AttentionBackend, PackedKV
-from flexgen.attention.blocked import MIN_BLOCK_TOKENS, blocked_decode
+from flexgen.attention.blocked import MIN_BLOCK_TOKENS, blocked_decode, plan_blocks
 from flexgen.attention.cpu import CPUAttention
 from flexgen.attention.gpu import GPUAttention
 from flexgen.compression.groupwise import Int4Compressor, Int8Compressor
@@ -80,18 +80,32 @@ def test_blocked_decode_equals_float32_computation(dtype, block_kib) -> None:
     assert (unmasked - float32_decode(q, k, v, everything)).abs().max().item() <= FLOAT32_ROUNDING
 
 
-def test_blocks_really_are_blocks() -> None:
-    """With a 1 KiB workspace, a 77-position prefix is read in blocks of the minimum size."""
-    q, k, v, valid = inputs(2, 2, 77, 16, torch.float16)
-    loaded: list[int] = []
+def test_blocks_follow_the_layout() -> None:
+    """Position blocks over a (T, B, H, D) cache, sequence blocks over a (B, H, T, D) one."""
+    q, k, v, valid = inputs(4, 2, 77, 16, torch.float16)
+    token_major = plan_blocks(cache_views(k, v)[0], torch.float32, 1024)
+    assert [(b.start, b.stop, p.stop - p.start) for b, p in token_major] == (
+        [(0, 4, MIN_BLOCK_TOKENS)] * 9 + [(0, 4, 77 - 9 * MIN_BLOCK_TOKENS)]
+    )
+    # A whole sequence (2 heads x 77 positions x 16 in float32 = 9856 bytes) fits 16 KiB: 1 per block.
+    assert plan_blocks(k, torch.float32, 16 << 10) == [(slice(i, i + 1), slice(0, 77)) for i in range(4)]
+    # ... but not 4 KiB: then each sequence is cut in positions too.
+    assert plan_blocks(k, torch.float32, 4 << 10)[:2] == [(slice(0, 1), slice(0, 32)), (slice(0, 1), slice(32, 64))]
+
+
+@pytest.mark.parametrize("layout", ["TBHD", "BHTD"])
+def test_many_blocks_in_either_layout(layout) -> None:
+    q, k, v, valid = inputs(3, 2, 77, 16, torch.float16)
+    kv, vv = cache_views(k, v) if layout == "TBHD" else (k, v)
+    loaded: list[tuple[int, ...]] = []
 
     class Counting(Workspace):
         def empty_like_layout(self, name, like, dtype):
-            loaded.append(like.shape[2])
+            loaded.append(tuple(like.shape))
             return super().empty_like_layout(name, like, dtype)
 
-    out = blocked_decode(q, k, v, valid, compute_dtype=torch.float32, block_bytes=1024, workspace=Counting())
-    assert loaded == [MIN_BLOCK_TOKENS] * 9 + [77 - 9 * MIN_BLOCK_TOKENS] + [MIN_BLOCK_TOKENS] * 9 + [5]
+    out = blocked_decode(q, kv, vv, valid, compute_dtype=torch.float32, block_bytes=1024, workspace=Counting())
+    assert len(loaded) > 4, loaded
     assert (out - float32_decode(q, k, v, valid)).abs().max().item() <= FLOAT32_ROUNDING
 
 

@@ -12,16 +12,19 @@ cache (:class:`~flexgen.attention.base.PackedKV`) is dequantised into the same w
 neither a float32 copy nor a decompressed copy of the whole prefix is ever made. Operations
 use torch's intra-op threads, i.e. every core unless ``torch.set_num_threads`` says otherwise.
 
-Cache layout, measured (``benchmarks/hot_loops.py --layouts``, W3's shape B=32, H=40, t=512,
-D=128, float16, on the 2-core development machine): reading a (B, H, t, D) view of the
-engine's (T, B, H, D) cache block by block is as fast as reading a (B, H, T, D) cache, because
-a block of positions of a (T, B, H, D) cache is one contiguous piece of memory, and its copy
-into the workspace keeps that order. Appending one token per step writes one contiguous
-(B, H, D) row in (T, B, H, D), but B·H strided rows of D values in (B, H, T, D). So the
-(token, batch, head, dim) layout stays: contiguous reads in blocks of positions for this
-backend, contiguous appends for the engine, and compressor parts that keep their (token,
-batch, head) leading axes. The GPU backend's ``scaled_dot_product_attention`` accepts the
-same strided views (its last axis is contiguous).
+Cache layout, measured (``python3 benchmarks/hot_loops.py --only layouts``: W3's shape B=32,
+H=40, t=512, D=128, float16, on the 2-core development machine, a loaded one, so best of 5
+interleaved rounds): with blocks cut along the axis outermost in memory
+(:func:`~flexgen.attention.blocked.plan_blocks`), decode reads the engine's (T, B, H, D)
+cache as fast as a (B, H, T, D) one or faster (91 ms against 139 ms per call on one thread,
+62 ms against 68 ms on two), while cutting against the layout reads about 3x slower. Appending one
+token per step writes one contiguous (B, H, D) row into (T, B, H, D) but B·H scattered rows of
+D values into (B, H, T, D), 1.6-1.9x slower. And the cache compressors' contract (parts keep
+the (token, batch, head) leading axes, so one token's parts are written in place) rests on
+the token axis coming first. So the layout stays (T, B, H, D).
+On a GPU the choice matters less: ``scaled_dot_product_attention`` reads each position's
+D contiguous values (whole 32-byte sectors) whatever the stride between positions; that is
+reasoned, not yet measured (no GPU was at hand).
 """
 
 from __future__ import annotations
