@@ -26,6 +26,14 @@ class Workspace:
     def __init__(self) -> None:
         self._local = threading.local()
 
+    # Scratch is not state: a pickled or copied workspace starts empty (and its owner, a
+    # backend, stays picklable, as plugins were before they had workspaces).
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
     def _buffers(self) -> dict[tuple[str, torch.device, torch.dtype], torch.Tensor]:
         buffers = getattr(self._local, "buffers", None)
         if buffers is None:
