@@ -16,8 +16,9 @@ Cache layout, measured (``python3 benchmarks/hot_loops.py --only layouts``: W3's
 H=40, t=512, D=128, float16, on the 2-core development machine, a loaded one, so best of 5
 interleaved rounds): with blocks cut along the axis outermost in memory
 (:func:`~flexgen.attention.blocked.plan_blocks`), decode reads the engine's (T, B, H, D)
-cache as fast as a (B, H, T, D) one or faster (91 ms against 139 ms per call on one thread,
-62 ms against 68 ms on two), while cutting against the layout reads about 3x slower. Appending one
+cache as fast as a (B, H, T, D) one or faster (87-91 ms against 104-139 ms per call on one
+thread, 62 ms against 68-78 ms on two, over three runs), while cutting against the layout
+reads about 3x slower. Appending one
 token per step writes one contiguous (B, H, D) row into (T, B, H, D) but B·H scattered rows of
 D values into (B, H, T, D), 1.6-1.9x slower. And the cache compressors' contract (parts keep
 the (token, batch, head) leading axes, so one token's parts are written in place) rests on
