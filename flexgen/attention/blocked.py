@@ -70,8 +70,7 @@ def plan_blocks(x: KV, dtype: torch.dtype, block_bytes: int) -> list[Block]:
     """
     b, h, t, d = (x.shape[1], x.shape[2], x.shape[0], x.shape[3]) if isinstance(x, PackedKV) else tuple(x.shape)
     if isinstance(x, PackedKV) or x.stride(2) >= x.stride(0):
-        per_batch, step_b = None, b
-        step_t = block_tokens(b, h, d, dtype, block_bytes)
+        step_b, step_t = b, block_tokens(b, h, d, dtype, block_bytes)
     else:
         per_batch = h * t * d * _itemsize(dtype)
         step_b = max(1, min(b, block_bytes // per_batch))
