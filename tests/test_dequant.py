@@ -182,3 +182,22 @@ def test_cuda_uses_the_triton_kernel_when_installed(monkeypatch) -> None:
     out = q.decompress(parts, (256, 512), torch.float16)
     assert not calls, "the torch path ran on CUDA although Triton is installed"
     assert_within_one_ulp(out, reference_dequantize(q, parts, (256, 512), torch.float16))
+
+
+@pytest.mark.gpu
+def test_a_failing_triton_kernel_falls_back_to_torch_once(monkeypatch) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    q = Int8Compressor()
+    parts = q.compress(torch.randn(64, 128, device="cuda"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(dequant, "dequantize_triton", broken)
+    monkeypatch.setattr(dequant, "_triton_failed", None)
+    monkeypatch.setattr(dequant, "_triton_importable", lambda: True)
+    with pytest.warns(RuntimeWarning, match="no compiler"):
+        out = q.decompress(parts, (64, 128), torch.float32)
+    assert torch.equal(out.cpu(), reference_dequantize(q, {k: p.cpu() for k, p in parts.items()}, (64, 128), torch.float32))
+    assert not dequant.triton_available()

@@ -27,7 +27,8 @@ packed bytes in and the output bytes out:
   ``tests/test_dequant.py`` checks this on the GPU, and on the CPU through Triton's
   interpreter where Triton is installed.
 
-:func:`dequantize` chooses between them.
+:func:`dequantize` chooses between them: the kernel on CUDA unless ``FLEXGEN_DISABLE_TRITON=1``
+is set, or the kernel failed once in this process (a broken Triton install; a warning says so).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 
 import torch
 
@@ -42,9 +44,9 @@ from flexgen.workspace import Workspace
 
 #: Float32 elements per block of the torch path on the CPU: 8 MiB of scratch, within the last
 #: level cache. Smaller blocks that fit L2 lose more to per-operation overhead than they gain
-#: (measured on 2 cores, 5120 x 5120 weights to float16: 256 Ki elements 1.9x, 1 Mi 1.1x the
-#: time of 2 Mi); it matches the CPU attention's default block, which it then dequantises
-#: in one piece.
+#: (measured on 2 cores, 5120 x 5120 weights to float16: blocks of 256 Ki elements took 1.8x
+#: the time of 2 Mi, 1 Mi about the same); it matches the CPU attention's default block,
+#: which it then dequantises in one piece.
 CPU_BLOCK_ELEMENTS = 1 << 21
 #: On a GPU there is no cache to fit; blocks only bound the float32 scratch (64 MiB).
 GPU_BLOCK_ELEMENTS = 1 << 24
@@ -52,16 +54,23 @@ GPU_BLOCK_ELEMENTS = 1 << 24
 _SCRATCH = Workspace()
 
 
+_triton_failed: str | None = None
+
+
 @functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    """Whether the Triton kernel can be used (Triton importable, not switched off)."""
-    if os.environ.get("FLEXGEN_DISABLE_TRITON", "") not in ("", "0"):
-        return False
+def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernel can be used: importable, not switched off, not failed before."""
+    if os.environ.get("FLEXGEN_DISABLE_TRITON", "") not in ("", "0"):
+        return False
+    return _triton_failed is None and _triton_importable()
 
 
 def dequantize(
@@ -74,7 +83,13 @@ def dequantize(
     are (..., ceil(L / group_size)) float16; leading axes equal ``out``'s. Returns ``out``.
     """
     if out.device.type == "cuda" and triton_available():
-        return dequantize_triton(data, scale, lo, out, bits=bits, group_size=group_size)
+        try:
+            return dequantize_triton(data, scale, lo, out, bits=bits, group_size=group_size)
+        except Exception as exc:  # a broken Triton install (no compiler, old driver) must not stop a run
+            global _triton_failed
+            _triton_failed = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            warnings.warn(f"flexgen: the Triton dequantisation kernel failed ({_triton_failed}); "
+                          "using the torch path from now on", RuntimeWarning, stacklevel=2)
     return dequantize_torch(data, scale, lo, out, bits=bits, group_size=group_size, workspace=workspace)
 
 
