@@ -2,19 +2,50 @@
 
 The cache is brought to the compute device (a view when it lives there already), so this is
 the backend for a GPU-resident cache, and the only one needed when computing on the CPU.
+
+Without padding (``valid`` None) no mask is passed, so ``scaled_dot_product_attention`` may
+choose its fused (flash / memory-efficient) kernels. A compressed cache arrives still packed
+(:class:`~flexgen.attention.base.PackedKV`) and is dequantised block by block inside the
+attention (:mod:`flexgen.attention.blocked`), into a workspace reused across calls, instead
+of into a full-precision copy of the whole prefix every step.
 """
+
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from flexgen.attention.base import AttentionBackend
+from flexgen.attention.base import AttentionBackend, PackedKV
+from flexgen.attention.blocked import blocked_decode
+from flexgen.workspace import Workspace
+
+#: Workspace per block of dequantised keys/values: on a GPU only memory bounds it, and larger
+#: blocks mean fewer kernel launches; on the CPU (computing there) it should stay in cache.
+_BLOCK_BYTES = {"cuda": 32 << 20, "cpu": 8 << 20}
 
 
 class GPUAttention(AttentionBackend):
     """Fused attention where the model computes."""
 
+    accepts_unmasked = True
+    reads_packed_cache = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.workspace = Workspace()
+
     def device(self, compute_device: torch.device) -> torch.device:
         return compute_device
 
-    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=1.0)
+    def decode(
+        self, q: torch.Tensor, k: torch.Tensor | PackedKV, v: torch.Tensor | PackedKV, valid: torch.Tensor | None
+    ) -> torch.Tensor:
+        if isinstance(k, PackedKV) or isinstance(v, PackedKV):
+            # Blocks are dequantised straight to float32 (no rounding to the cache dtype), and
+            # scores stay in float32 as in the fused kernels; the workspace bounds the cost.
+            return blocked_decode(
+                q, k, v, valid, compute_dtype=torch.float32,
+                block_bytes=_BLOCK_BYTES.get(q.device.type, _BLOCK_BYTES["cuda"]), workspace=self.workspace,
+            )
+        mask = None if valid is None else valid[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)

@@ -40,6 +40,20 @@ class Compressor(ABC):
     def decompress(self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Unpack parts into a tensor of ``shape`` and ``dtype`` on the parts' device."""
 
+    def decompress_into(
+        self, parts: Mapping[str, torch.Tensor], out: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Unpack parts into the preallocated ``out`` and return it.
+
+        ``out`` has the compressed tensor's shape, on the parts' device, in any floating dtype
+        (a block of a float32 workspace, say); ``dtype`` is the dtype the tensor was compressed
+        from, what :meth:`decompress` would return (``out.dtype`` when None). The default
+        decompresses and copies; compressors override it to write ``out`` directly, which
+        lets a caller reuse one buffer instead of receiving a fresh tensor every call.
+        """
+        unpacked = self.decompress(parts, tuple(out.shape), out.dtype if dtype is None else dtype)
+        return out.copy_(unpacked)
+
     def nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """Bytes a compressed tensor of ``shape`` occupies."""
         return sum(prod(s) * torch.empty((), dtype=d).element_size() for s, d in self.part_specs(shape, dtype).values())

@@ -32,9 +32,11 @@ end, so the quantize→dequantize round trip is deterministic and device-indepen
 float32 rounding. Inputs must be finite and within float16's range (|x| < 65504), which holds
 for OPT weights and activations; NaN or inf values produce undefined codes.
 
-On CUDA the decompression is a handful of elementwise torch kernels over the weight; a fused
-kernel would read the packed bytes once, but is not written yet (the torch path here is the
-reference any such kernel must match).
+Decompression runs through :mod:`flexgen.compression.dequant`: one Triton kernel on CUDA where
+Triton is installed, otherwise torch operations blocked over rows so that their float32
+scratch stays in cache. :meth:`GroupwiseQuantizer.decompress_into` writes into a buffer the
+caller keeps (any floating dtype), so a hot loop can reuse one buffer instead of receiving a
+new tensor every call.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from flexgen.compression.base import Compressor, PartSpecs
+from flexgen.compression.dequant import dequantize
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -152,7 +155,16 @@ class GroupwiseQuantizer(Compressor):
 
     def decompress(self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         shape = tuple(int(s) for s in shape)
-        specs, axis, length, groups = self._layout(shape, dtype)
+        device = parts["data"].device if "data" in parts else None
+        return self.decompress_into(parts, torch.empty(shape, dtype=dtype, device=device), dtype)
+
+    def decompress_into(
+        self, parts: Mapping[str, torch.Tensor], out: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        shape = tuple(out.shape)
+        specs, axis, _, _ = self._layout(shape, out.dtype if dtype is None else dtype)
+        if out.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{type(self).__name__}.decompress_into: out must be floating point, got {out.dtype}")
         for name, (s, d) in specs.items():
             if name not in parts:
                 raise ValueError(f"{type(self).__name__}.decompress: missing part {name!r}")
@@ -162,47 +174,15 @@ class GroupwiseQuantizer(Compressor):
                     f"{type(self).__name__}.decompress: part {name!r} is {tuple(part.shape)} {part.dtype}, "
                     f"expected {s} {d} for a tensor of shape {shape}"
                 )
-        data = parts["data"].movedim(axis, -1)
-        if data.numel() == 0:
-            return torch.zeros(shape, dtype=dtype, device=data.device)
-        g = self.group_size
-        lead = data.shape[:-1]
-
-        scale = parts["scale"].movedim(axis, -1).float().unsqueeze(-1)
-        lo = parts["min"].movedim(axis, -1).float().unsqueeze(-1)
-        pad = groups * g - length
-        if self.bits == 4 and g % 2 == 0:
-            out = self._decode_int4_pairs(data, scale, lo, groups)
-        else:
-            if self.bits == 4:  # odd groups: a byte's two codes may belong to two groups
-                codes = torch.stack([data & 0x0F, data >> 4], dim=-1).reshape(*lead, -1)[..., :length]
-            else:
-                codes = data
-            if pad:
-                codes = F.pad(codes, (0, pad))
-            codes = codes.reshape(*lead, groups, g).float()
-            out = torch.addcmul(lo, codes, scale).reshape(*lead, groups * g)
-        if pad:
-            out = out[..., :length]
-        return out.movedim(-1, axis).to(dtype).contiguous()
-
-    def _decode_int4_pairs(self, data: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, groups: int) -> torch.Tensor:
-        """Decode packed bytes (..., P) whose two codes share a group (even group size).
-
-        The low and high nibbles are decoded straight into the even and odd slots of the
-        output, which saves the interleaving copy and the float copy of every code (about
-        twice as fast on a CPU as unpacking first). Returns (..., groups * group_size).
-        """
-        lead = data.shape[:-1]
-        half = self.group_size // 2
-        pad = groups * half - data.shape[-1]
-        if pad:
-            data = F.pad(data, (0, pad))
-        data = data.reshape(*lead, groups, half)
-        out = torch.empty(*lead, groups, half, 2, dtype=torch.float32, device=data.device)
-        out[..., 0] = (data & 0x0F).float().mul_(scale).add_(lo)
-        out[..., 1] = (data >> 4).float().mul_(scale).add_(lo)
-        return out.reshape(*lead, groups * self.group_size)
+            if part.device != out.device:
+                raise ValueError(f"{type(self).__name__}.decompress_into: part {name!r} on {part.device}, out on {out.device}")
+        if out.numel() == 0:
+            return out
+        dequantize(
+            parts["data"].movedim(axis, -1), parts["scale"].movedim(axis, -1), parts["min"].movedim(axis, -1),
+            out.movedim(axis, -1), bits=self.bits, group_size=self.group_size,
+        )
+        return out
 
 
 class Int4Compressor(GroupwiseQuantizer):

@@ -18,3 +18,8 @@ class NoCompression(Compressor):
 
     def decompress(self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return parts["data"].to(dtype)
+
+    def decompress_into(
+        self, parts: Mapping[str, torch.Tensor], out: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        return out.copy_(parts["data"])

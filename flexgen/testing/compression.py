@@ -106,6 +106,23 @@ class CompressorContract:
         ratio = compressor.nbytes((128, 256), torch.float16) / (128 * 256 * 2)
         assert ratio <= bound, f"compressed size {ratio:.3f} × float16 > {bound}"
 
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_decompress_into_matches_decompress(self, compressor: Compressor, dtype) -> None:
+        """Into a buffer of the tensor's dtype: exactly what ``decompress`` returns; into float32:
+        the same values before their rounding to ``dtype`` (so within that rounding)."""
+        gen, seed = fresh_generator()
+        shape = (24, 96)
+        parts = compressor.compress(randn(shape, gen, dtype, self.device))
+        expected = compressor.decompress(parts, shape, dtype)
+        out = torch.full(shape, float("nan"), dtype=dtype, device=self.device)
+        assert compressor.decompress_into(parts, out, dtype) is out
+        assert torch.equal(out, expected), f"decompress_into differs from decompress (seed {seed})"
+        wide = torch.full(shape, float("nan"), dtype=torch.float32, device=self.device)
+        compressor.decompress_into(parts, wide, dtype)
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(wide.to(dtype).float(), expected.float(), rtol=eps, atol=eps * expected.float().abs().max().item(),
+                                   msg=lambda m: f"{m}\n(float32 output, seed {seed})")
+
     def test_input_not_modified_and_deterministic(self, compressor: Compressor) -> None:
         gen, seed = fresh_generator()
         x = randn((16, 96), gen, torch.float32, self.device)
