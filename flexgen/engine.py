@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from flexgen import registry
+from flexgen.attention.base import PackedKV
 from flexgen.compression.base import keeps_rows
 from flexgen.compression.none import NoCompression
 from flexgen.errors import FlexGenError, PluginError, PolicyError, PromptError
@@ -151,6 +152,7 @@ class GPUBatch:
     valid: torch.Tensor  # (B, T) bool: real tokens so far and to come
     valid_host: torch.Tensor  # the same, on the host (CPU attention reads it with no device wait)
     prompt_ids_host: torch.Tensor  # prompt_ids on the host (embedding rows gathered there)
+    padded: bool  # some sequence is shorter than the block's prompt: attention needs a mask
     next_ids: torch.Tensor | None = None  # (B, 1) the tokens to embed in this step
     hidden: torch.Tensor | None = None  # resident in the batch's activation tier
     pending: HostAttention | None = None  # hidden states still being computed on the host
@@ -248,6 +250,7 @@ class Engine:
         self._attention_io = _executor("flexgen-attention")
         self._run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._cache: list[list[CacheUnit]] | None = None  # reused by every block that fits
+        self._unpack_buffers: dict[str, list[torch.Tensor]] = {}  # see _unpacked
         self._cache_length = 0
 
         self.layers: list[list[PlacedWeight]] = []
@@ -472,11 +475,28 @@ class Engine:
             if index == 0 and placed.spec.local in self._gathered:
                 continue  # its rows are gathered at home when the tokens are known
             parts = {name: self._fetch(placed.tier, t, self.device) for name, t in placed.parts.items()}
-            if placed.compressed:
-                weights[placed.spec.local] = self.weight_compressor.decompress(parts, placed.spec.shape, self.dtype)
-            else:
-                weights[placed.spec.local] = parts["data"]
+            weights[placed.spec.local] = self._unpacked(placed, parts) if placed.compressed else parts["data"]
         return weights
+
+    def _unpacked(self, placed: PlacedWeight, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A compressed weight decompressed on the compute device.
+
+        On the CPU it is unpacked in one pass into a buffer kept per weight name: a fresh
+        tensor per load would be returned to the OS and faulted in again every layer, two to
+        three times the cost of the unpacking. Two buffers per name are used in turn, because
+        two layers of one kind are alive at once at most (the one being loaded, and the one
+        computed or finished by a pending host attention before that load is asked for). On
+        CUDA the caching allocator already reuses memory, and the fused kernel writes a fresh
+        tensor.
+        """
+        if self._cuda:
+            return self.weight_compressor.decompress(parts, placed.spec.shape, self.dtype)
+        buffers = self._unpack_buffers.setdefault(placed.spec.local, [])
+        if len(buffers) < 2:
+            buffers.append(torch.empty(placed.spec.shape, dtype=self.dtype))
+        else:
+            buffers.append(buffers.pop(0))  # the one used least recently goes last, and is used now
+        return self.weight_compressor.decompress_into(parts, buffers[-1], self.dtype)
 
     def _submit_layer(self, index: int) -> Future:
         if index in self._resident:
@@ -539,14 +559,23 @@ class Engine:
     def _cache_resident_where_attended(self, unit: CacheUnit) -> bool:
         return self._tier_location(unit.tier) == self.attention_device
 
-    def _read_cache(self, unit: CacheUnit, length: int, dest: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of positions [0, length) on ``dest``, decompressed, as (B, H, t, D)."""
+    def _reads_packed(self) -> bool:
+        """Whether attention takes a compressed cache as it is (PackedKV) and dequantises it block
+        by block, rather than the engine decompressing the whole prefix every step."""
+        return self.attention.reads_packed_cache and not isinstance(self.cache_compressor, NoCompression)
+
+    def _read_cache(self, unit: CacheUnit, length: int, dest: torch.device):
+        """Keys and values of positions [0, length) on ``dest``: as (B, H, t, D) tensors (views where
+        they already are), or, for an attention backend that reads packed caches, as PackedKV."""
         n, b = length, self.policy.gpu_batch_size
         shape = (n, b, self.spec.num_heads, self.spec.head_dim)
         out = []
         for parts in (unit.k, unit.v):
             moved = {name: self._fetch(unit.tier, t[:n], dest) for name, t in parts.items()}
-            out.append(self.cache_compressor.decompress(moved, shape, self.dtype).permute(1, 2, 0, 3))
+            if self._reads_packed():
+                out.append(PackedKV(moved, self.cache_compressor, shape, self.dtype))
+            else:
+                out.append(self.cache_compressor.decompress(moved, shape, self.dtype).permute(1, 2, 0, 3))
         return out[0], out[1]
 
     def _write_cache(self, unit: CacheUnit, start: int, k: torch.Tensor, v: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -632,7 +661,8 @@ class Engine:
             for r, row in enumerate(rows):
                 ids[r, prompt_len - len(row):] = torch.tensor(row)
                 valid[r, prompt_len - len(row):] = True
-            batches.append(GPUBatch(ids.to(self.device), valid.to(self.device), valid, ids))
+            padded = any(len(row) < prompt_len for row in rows)
+            batches.append(GPUBatch(ids.to(self.device), valid.to(self.device), valid, ids, padded))
         block = Block(batches, prompt_len, split_by_percent([1] * K, self.policy.percents("act")),
                       self._cache_for(total), sampling, generator)
         done = torch.zeros(B * K, dtype=torch.bool, device=self.device)
@@ -763,15 +793,14 @@ class Engine:
         q, k, v = opt.attention_in(spec, weights, x)
         unit = block.cache[layer][task.batch]
         if prefill:
-            valid = batch.valid[:, :length]
-            attn = self.attention.prefill(q, k, v, valid)
+            attn = self.attention.prefill(q, k, v, self._valid(batch, batch.valid, length))
             self._write_cache(unit, 0, k, v)
         elif (self.host_attention_on_worker and self._cache_resident_where_attended(unit)
               and block.act_tiers[task.batch] == "gpu"):
             batch.pending = HostAttention(self._start_host_attention(unit, length, q, k, v, batch), x, weights)
             return None
         else:
-            attn = self._decode_attention(unit, length, q, k, v, cached, batch.valid[:, : length + 1])
+            attn = self._decode_attention(unit, length, q, k, v, cached, self._valid(batch, batch.valid, length + 1))
         return opt.attention_out(spec, weights, x, attn)
 
     def _embed(self, batch: GPUBatch, prefill: bool, length: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -802,6 +831,14 @@ class Engine:
         rows = self.weight_compressor.decompress(parts, shape, self.dtype) if placed.compressed else parts["data"]
         return rows.to(self.dtype).reshape(*index.shape, shape[1])
 
+    def _valid(self, batch: GPUBatch, valid: torch.Tensor, length: int) -> torch.Tensor | None:
+        """``valid[:, :length]`` for attention; None where nothing is padding and the backend accepts
+        that, so that on a GPU ``scaled_dot_product_attention`` may choose its fused kernels.
+        Decided from the prompts' lengths on the host, never by reading the mask on the device."""
+        if not batch.padded and self.attention.accepts_unmasked:
+            return None
+        return valid[:, :length]
+
     def _hidden(self, batch: GPUBatch) -> torch.Tensor | None:
         """The batch's hidden states, finishing its host attention first when one is pending."""
         pending = batch.pending
@@ -822,7 +859,7 @@ class Engine:
         self._write_cache(unit, length, k_new, v_new)
         q_host = self._to_host(q)
         landed = self._stores_done if self._cuda else None
-        valid = batch.valid_host[:, : length + 1]
+        valid = self._valid(batch, batch.valid_host, length + 1)
         pin = self._cuda
 
         def attend() -> torch.Tensor:
@@ -846,13 +883,16 @@ class Engine:
             # The prefix was prefetched to the attention device; append the new token to it as
             # the cache holds it (through the cache compressor), as a read of the cache would.
             shape = (1, self.policy.gpu_batch_size, self.spec.num_heads, self.spec.head_dim)
-            stored = [
-                self.cache_compressor.decompress({n: p.to(dest) for n, p in packed.items()}, shape, self.dtype)
-                for packed in self._write_cache(unit, length, k_new, v_new)
-            ]
-            k = torch.cat([cached[0], stored[0].permute(1, 2, 0, 3)], dim=2)
-            v = torch.cat([cached[1], stored[1].permute(1, 2, 0, 3)], dim=2)
-        out = self.attention.decode(q.to(dest), k, v, valid.to(dest))
+            written = [{n: p.to(dest) for n, p in packed.items()} for packed in self._write_cache(unit, length, k_new, v_new)]
+            if self._reads_packed():  # still packed: join the parts, compressed bytes only
+                k, v = (PackedKV({n: torch.cat([prefix.parts[n], new[n]]) for n in new}, self.cache_compressor,
+                                 (length + 1, *shape[1:]), self.dtype)
+                        for prefix, new in zip(cached, written))
+            else:
+                stored = [self.cache_compressor.decompress(new, shape, self.dtype) for new in written]
+                k = torch.cat([cached[0], stored[0].permute(1, 2, 0, 3)], dim=2)
+                v = torch.cat([cached[1], stored[1].permute(1, 2, 0, 3)], dim=2)
+        out = self.attention.decode(q.to(dest), k, v, None if valid is None else valid.to(dest))
         return out.to(self.device)
 
     def _sync(self) -> None:

@@ -97,6 +97,19 @@ def test_compressed_weights_equal_hf_on_quantized_weights(checkpoint, quantized_
     assert out == quantized_reference(name)
 
 
+@pytest.mark.parametrize("scheduler", ["zigzag", "row"])
+def test_unpack_buffers_survive_host_attention_on_its_worker(checkpoint, quantized_reference, scheduler, tmp_path):
+    """Compressed weights are unpacked into buffers reused per weight name (on the CPU); a host
+    attention finished later (its output projection) must still find its layer's weights intact."""
+    path, _ = checkpoint
+    pol = policy(weights="cpu", cache="cpu")
+    with load_engine(path, policy=pol, plugins={"weight_compressor": "int4", "attention": "cpu", "scheduler": scheduler},
+                     device="cpu", dtype="float32", offload_dir=tmp_path) as engine:
+        engine.host_attention_on_worker = True
+        assert engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS) == quantized_reference("int4")
+        assert all(len(buffers) == 2 for buffers in engine._unpack_buffers.values())
+
+
 def test_compressed_weights_are_reused_from_disk(checkpoint, quantized_reference, tmp_path):
     """A second engine on the same offload dir reads the converted parts; same tokens."""
     path, _ = checkpoint
@@ -213,3 +226,44 @@ def test_compressed_weights_on_cuda(checkpoint, quantized_reference, uncompresse
                      dtype="float32", offload_dir=tmp_path) as engine:
         out = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
     print(f"\nCUDA, int4 cache on cpu, cpu attention: agreement with uncompressed {agreement(out, uncompressed):.3f}")
+
+
+@pytest.mark.parametrize("compressor", ["int4", "int8"])
+@pytest.mark.parametrize("cache", list(CACHE_TIERS))
+@pytest.mark.parametrize("attention", ["gpu", "cpu"])
+def test_packed_cache_read_in_place_equals_decompress_then_attend(checkpoint, tmp_path, compressor, cache, attention):
+    """The attention backends read a compressed cache as it is (PackedKV, dequantised block by
+    block); the tokens are those of the engine decompressing the whole prefix first."""
+    path, _ = checkpoint
+    plugins = {"cache_compressor": compressor, "attention": attention}
+    seen = []
+    with load_engine(path, policy=policy(cache=cache), plugins=plugins, device="cpu", dtype="float32",
+                     offload_dir=tmp_path) as engine:
+        decode = engine.attention.decode
+        engine.attention.decode = lambda q, k, v, valid: seen.append(type(k).__name__) or decode(q, k, v, valid)
+        packed = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+        engine.attention.reads_packed_cache = False  # the instance only: decompress, then attend
+        plain = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+    assert seen and set(seen) == {"PackedKV", "Tensor"}
+    assert packed == plain
+
+
+@pytest.mark.parametrize("attention", ["gpu", "cpu"])
+def test_unpadded_blocks_attend_without_a_mask(checkpoint, tmp_path, attention):
+    """Prompts of one length need no mask: the backends get ``valid=None`` (on a GPU, SDPA may then
+    use its fused kernels), and the tokens are those of the masked computation."""
+    path, _ = checkpoint
+    prompts = [p[:3] for p in PROMPTS if len(p) >= 3] * 2  # 8 prompts of 3 tokens
+    seen = []
+    with load_engine(path, policy=policy(), plugins={"attention": attention}, device="cpu", dtype="float32",
+                     offload_dir=tmp_path) as engine:
+        prefill, decode = engine.attention.prefill, engine.attention.decode
+        engine.attention.prefill = lambda q, k, v, valid: seen.append(valid) or prefill(q, k, v, valid)
+        engine.attention.decode = lambda q, k, v, valid: seen.append(valid) or decode(q, k, v, valid)
+        unmasked = engine.generate(prompts, max_new_tokens=NEW_TOKENS)
+        assert seen and all(valid is None for valid in seen)
+        engine.attention.accepts_unmasked = False
+        seen.clear()
+        masked = engine.generate(prompts, max_new_tokens=NEW_TOKENS)
+        assert seen and all(valid is not None for valid in seen)
+    assert unmasked == masked
