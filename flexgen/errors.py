@@ -29,3 +29,7 @@ class CheckpointError(FlexGenError, OSError):
 
 class PromptError(FlexGenError, ValueError):
     """A prompt is empty, too long, or holds a token id outside the vocabulary."""
+
+
+class StorageError(FlexGenError, OSError):
+    """A storage tier cannot keep what it is given: the offload folder is a file, not writable, or full."""
