@@ -117,7 +117,7 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     stop: Any = None  # None | token id | list of token ids
-    seed: Optional[int] = 0  # block k is sampled with seed + k, so a resumed run repeats it
+    seed: Optional[int] = 0  # with do_sample: each prompt's stream is drawn from (seed, its id, its tokens)
 
 
 @dataclass
@@ -177,7 +177,7 @@ class FlexGenConfig:
         return {key: _plain(getattr(self.plugins, key)) for key in PLUGIN_KEYS}
 
     def generation_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``Engine.generate`` (the per-block seed is added by the caller)."""
+        """Keyword arguments of ``Engine.generate`` (the per-prompt sampling keys are added by the caller)."""
         g = self.generation
         return {
             "max_new_tokens": g.max_new_tokens,
