@@ -126,11 +126,14 @@ def _read_jsonl(path: Path, raw: bytes) -> list[tuple[int, PromptId, Optional[st
 
 def _check_encodable(where: str, key: str, value: Any) -> None:
     """Refuse now what could not be written to the output as UTF-8 JSON after generation (a lone surrogate)."""
+    if not isinstance(value, str):
+        return
     try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise PromptError(f"{where}: {key!r} holds {value[exc.start:exc.end]!r}, which is not valid Unicode "
-                          "(a lone surrogate escape) and cannot be written as UTF-8") from exc
+        bad = ascii(value[exc.start:exc.end])  # the escape as written, printable anywhere
+        raise PromptError(f"{where}: {key!r} holds {bad}, which is not valid Unicode (a lone surrogate "
+                          "escape) and cannot be written as UTF-8") from exc
 
 
 def _tokenize(path: Path, rows, tokenizer: Any) -> list[Prompt]:
