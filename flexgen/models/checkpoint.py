@@ -72,7 +72,7 @@ class HFCheckpoint:
         if not config_path.is_file():
             raise CheckpointError(f"{self.path}: not an HF checkpoint (no config.json)")
         try:
-            self._config_bytes = config_path.read_bytes()
+            self._config_bytes = read_small(config_path)
             config = json.loads(self._config_bytes)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{config_path}: unreadable config ({exc})") from exc
@@ -91,7 +91,7 @@ class HFCheckpoint:
             index_path = self.path / index_name
             if index_path.is_file():
                 try:
-                    weight_map = json.loads(index_path.read_text())["weight_map"]
+                    weight_map = json.loads(read_small(index_path))["weight_map"]
                     names = set(weight_map.values())
                 except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                     raise CheckpointError(f"{index_path}: unreadable shard index ({exc})") from exc
@@ -156,6 +156,19 @@ class HFCheckpoint:
 
     def get(self, weight: WeightSpec) -> torch.Tensor:
         return self._lookup(weight)
+
+
+#: config.json and shard indexes are a few kilobytes (OPT-175B's index: ~100 kB); more is not one
+MAX_JSON_BYTES = 16 << 20
+
+
+def read_small(path: Path) -> bytes:
+    """The bytes of a small JSON file of a checkpoint; CheckpointError (not a read of gigabytes) when it is not small."""
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {size} bytes, far more than a checkpoint's JSON file holds "
+                              f"(at most {MAX_JSON_BYTES}); not read")
+    return path.read_bytes()
 
 
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:

@@ -446,8 +446,12 @@ def resolve_model(cfg: FlexGenConfig) -> tuple[str, Path | None, Any]:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"model.path: {folder} has no config.json, so it is not an HF OPT checkpoint")
+    from flexgen.models.checkpoint import read_small
+
     try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        raw = json.loads(read_small(config_file).decode("utf-8"))
+    except CheckpointError as exc:
+        raise CheckpointError(f"model.path: {exc}") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"model.path: cannot read {config_file} as JSON ({exc})") from exc
     if not isinstance(raw, dict):
