@@ -149,6 +149,9 @@ CASES = {
     "plugin unknown option": (PREDICT + ["plugins.attention={name: cpu, bogus: 1}"], "plugins.attention: bad options for attention plugin 'cpu'"),
     "offload folder is a file": (PREDICT + ["output.offload_dir=notes.txt", "policy.weights_gpu=0"], "output.offload_dir: " ),
     "offload folder under a file": (PREDICT + ["output.offload_dir=notes.txt/sub", "policy.cache_gpu=0"], "output.offload_dir: cannot write to"),
+    "a block larger than the machine": (PREDICT + ["policy.gpu_batch_size=100000000"],
+                                        "policy: a block of 1 x 100000000 sequences does not fit this machine"),
+    "too many GPU batches": (PREDICT + ["policy.num_gpu_batches=10000000"], "does not fit this machine"),
     # prompts
     "id not Unicode": (PREDICT + ["data.prompts=surrogate_id.jsonl"], "surrogate_id.jsonl line 1: 'id' holds '\\ud800'"),
     "text not Unicode": (PREDICT + ["data.prompts=surrogate_text.jsonl"], "surrogate_text.jsonl line 1: 'text' holds"),

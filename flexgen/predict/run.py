@@ -182,6 +182,8 @@ def plan_run(cfg: FlexGenConfig, restart: bool = False) -> RunPlan:
     policy, plugins, policy_info = resolve_policy(cfg, spec, prompts)
     offload_dir = check_offload_dir(cfg, policy)
     check_plugins(plugins, offload_dir)
+    if not cfg.policy.auto:
+        check_fits(cfg, spec, policy, plugins, prompts, offload_dir)
     job = Job(job_settings(weights, cfg.model.dtype, cfg.generation_kwargs(), plugins))
     out_path = resolve_output_path(cfg)
     check_writable(out_path)
@@ -513,6 +515,57 @@ def check_offload_dir(cfg: FlexGenConfig, policy: Policy) -> Path:
             raise StorageError(f"output.offload_dir: cannot write to {folder} ({exc.strerror or exc}); the policy "
                                "puts tensors on disk there") from exc
     return folder
+
+
+def check_fits(cfg: FlexGenConfig, spec: Any, policy: Policy, plugins: dict[str, Any], prompts: list[Prompt],
+               offload_dir: Path) -> None:
+    """Refuse a policy whose blocks need more memory than this machine has, before anything is allocated.
+
+    The engine allocates a whole block (``gpu_batch_size x num_gpu_batches`` sequences, padded
+    when fewer prompts are left) and its KV cache up front; ``policy.gpu_batch_size=100000000``
+    would otherwise grind the machine into swap or the OOM killer instead of saying anything.
+    The cost model's peak bytes per tier (the estimate ``policy: auto`` plans with) are compared
+    with what the machine physically has (RAM, the GPU's memory, the offload folder's disk),
+    capped by ``hardware.*_memory`` when set, with no safety margin: only a clear overcommit is
+    refused. Plugins the cost model does not price (a third-party attention, say) skip the check.
+    """
+    import dataclasses
+    import shutil
+
+    import psutil
+
+    from flexgen.costmodel import Workload, estimate, estimate_options
+    from flexgen.hardware import PRESETS, parse_bytes
+    from flexgen.optimizer import violations
+
+    try:
+        options = estimate_options(plugins)
+    except ConfigError:
+        return
+    cuda = _accelerator(cfg) == "gpu"
+    ram = psutil.virtual_memory().total
+    if cuda:
+        import torch
+
+        gpu = torch.cuda.get_device_properties(0).total_memory
+    else:
+        gpu = ram
+    existing = next(p for p in [offload_dir, *offload_dir.parents] if p.exists())
+    have = {"gpu": gpu, "cpu": ram, "disk": shutil.disk_usage(existing).total}
+    for tier, cap in cfg.hardware_caps().items():
+        have[tier.removesuffix("_memory")] = min(have[tier.removesuffix("_memory")], parse_bytes(cap, f"hardware.{tier}"))
+    machine = dataclasses.replace(PRESETS["t4-paper"], name="this machine", device="cuda" if cuda else "cpu",
+                                  gpu_memory=have["gpu"], cpu_memory=have["cpu"], disk_memory=have["disk"],
+                                  shared_memory=not cuda)
+    workload = Workload(max(len(p.input_ids) for p in prompts), cfg.generation.max_new_tokens, len(prompts))
+    est = estimate(spec, policy, workload, machine, dtype=cfg.model.dtype, memory_only=True, **options)
+    short = violations(est, machine, {"gpu": 1.0, "cpu": 1.0, "disk": 1.0})
+    if short:
+        raise ConfigError(
+            f"policy: a block of {policy.num_gpu_batches} x {policy.gpu_batch_size} sequences does not fit this machine "
+            f"({short[0]}); lower policy.gpu_batch_size or policy.num_gpu_batches, or offload more "
+            "(flexgen policy --model ... suggests a policy that fits)"
+        )
 
 
 def check_plugins(plugins: dict[str, Any], offload_dir: Path) -> None:
