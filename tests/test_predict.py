@@ -100,6 +100,9 @@ def test_read_jsonl_and_txt(tmp_path):
     p.write_text('{"id": 7, "input_ids": [5, 6]}\n\n{"input_ids": [9], "extra": 1}\n{"id": "x", "text": "hi", "input_ids": [3]}\n')
     prompts = read_prompts(p)
     assert [(q.id, q.input_ids) for q in prompts] == [(7, (5, 6)), (3, (9,)), ("x", (3,))]
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"id": 7, "input_ids": [5, 6]}\r\n')  # as a Windows editor saves it
+    assert [(q.id, q.input_ids) for q in read_prompts(bom)] == [(7, (5, 6))]
     t = tmp_path / "a.txt"
     t.write_text("hello\n\nworld\n")
     tok = lambda text: {"input_ids": [2] + [ord(c) for c in text]}  # noqa: E731

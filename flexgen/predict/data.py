@@ -78,6 +78,7 @@ def read_prompts(path: str | Path, tokenizer: Any = None) -> list[Prompt]:
 
 
 def _lines(path: Path, raw: bytes) -> Iterable[tuple[int, str]]:
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark, as some editors write: not part of line 1
     for number, line in enumerate(raw.split(b"\n"), start=1):
         try:
             text = line.decode("utf-8").rstrip("\r")
