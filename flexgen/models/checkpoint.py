@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 import zlib
 from pathlib import Path
@@ -198,8 +197,8 @@ def _sample_digest(file: Path) -> str:
             step = (size - 2 * _SAMPLE_EDGE) // (_SAMPLE_BLOCKS + 1)
             offsets = [0] + [_SAMPLE_EDGE + step * (i + 1) for i in range(_SAMPLE_BLOCKS)] + [size - _SAMPLE_EDGE]
             for offset in offsets:
-                length = _SAMPLE_EDGE if offset in (0, size - _SAMPLE_EDGE) else _SAMPLE_BLOCK
-                digest.update(os.pread(f.fileno(), length, offset))
+                f.seek(offset)
+                digest.update(f.read(_SAMPLE_EDGE if offset in (0, size - _SAMPLE_EDGE) else _SAMPLE_BLOCK))
     return digest.hexdigest()[:16]
 
 

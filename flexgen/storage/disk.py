@@ -268,9 +268,11 @@ class DiskStorage(StorageBackend):
             path = self._owned.path / f"{key}.bin"
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "wb") as f:
-                if nbytes:
+                if nbytes and hasattr(os, "posix_fallocate"):
                     # Real blocks now: a sparse file on a full disk would fail later, as SIGBUS.
                     os.posix_fallocate(f.fileno(), 0, nbytes)
+                else:
+                    f.truncate(nbytes)  # (no posix_fallocate, e.g. macOS: sparse, as before)
         except OSError as exc:
             raise self._failed(key, exc) from exc
         raw = torch.from_file(str(path), shared=True, size=max(nbytes, 1), dtype=torch.uint8)
