@@ -203,8 +203,7 @@ def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None,
     from lightning.pytorch.utilities import rank_zero_only
 
     from flexgen.predict.data import PromptDataModule
-    from flexgen.predict.job import check_resume, read_job_file
-    from flexgen.predict.writer import leftover_parts, scan_output
+    from flexgen.predict.writer import check_output
 
     started = time.perf_counter()
     plan = plan_run(cfg, restart)
@@ -216,16 +215,10 @@ def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None,
     # A read-only look first, so that a wrong output is refused and a finished one ends the run
     # before Lightning starts any process or loads any engine. Rank 0 checks again under the
     # output's lock, and settles a torn tail or part files of an interrupted run there.
-    first_write_ok = read_job_file(plan.out_path) is not None
-    state = scan_output(plan.out_path, first_write_ok)
-    parts = leftover_parts(plan.out_path)
-    part_states = [(part, scan_output(part, first_write_ok)) for part in parts]
+    found = check_output(plan.out_path, plan.job, plan.prompts, restart)
     if not restart:
-        check_resume(plan.out_path, state, plan.job, plan.prompts)
-        for part, part_state in part_states:
-            check_resume(plan.out_path, part_state, plan.job, plan.prompts, where=part)
-        datamodule.resume(state.done_ids)
-        if datamodule.num_todo == 0 and not state.torn_bytes and not parts:
+        datamodule.resume(found.state.done_ids)
+        if datamodule.num_todo == 0 and not found.state.torn_bytes and not found.parts:
             return {**_summary_base(plan), "prompts_skipped": len(plan.prompts), "complete": True,
                     "wall_time_s": time.perf_counter() - started, "stats": None, "rank": 0}
     return _execute(cfg, plan, datamodule, engine_factory or _load_engine, started)

@@ -249,20 +249,44 @@ def merge_parts(path: Path, parts: list[Path], done: set | None = None) -> int:
     return appended
 
 
+@dataclass
+class OutputCheck:
+    """What :func:`check_output` found: the output's state, its part files', and notes to log."""
+
+    state: OutputState
+    parts: list[tuple[Path, OutputState]]
+    notes: list[str]
+
+
+def check_output(path: Path, job: Job, prompts: list[Any], restart: bool = False) -> OutputCheck:
+    """Read, never change, the output and the part files an interrupted run left beside it.
+
+    Each must be recognisably this project's (:func:`scan_output`) and, unless ``restart``, made
+    by this job for these prompts (:func:`~flexgen.predict.job.check_resume`); otherwise
+    ConfigError, one line naming the file.
+    """
+    first_write_ok = read_job_file(path) is not None
+    state = scan_output(path, first_write_ok)
+    parts = [(part, scan_output(part, first_write_ok)) for part in leftover_parts(path)]
+    notes: list[str] = []
+    if not restart:
+        notes += check_resume(path, state, job, prompts)
+        for part, part_state in parts:
+            notes += check_resume(path, part_state, job, prompts, where=part)
+    return OutputCheck(state, parts, notes)
+
+
 def prepare_output(path: Path, job: Job, prompts: list[Any], restart: bool = False) -> set:
     """Rank 0, holding the lock on ``path``: check, repair and merge what is there; the ids done.
 
-    The output and any part files an interrupted run left must be recognisably this project's
-    and (unless ``restart``) made by this job for these prompts (:func:`~flexgen.predict.job.check_resume`),
-    or ConfigError, with nothing changed. Then the torn tail is cut, the parts merged and the
-    job file written, in that order. With ``restart`` the output is emptied and the parts are
-    deleted instead. One scan of the output: cutting the torn tail removes no done id, and the
-    merge adds the ids it appends to the same set.
+    Nothing is changed unless :func:`check_output` passes. Then the torn tail is cut, the parts
+    merged and the job file written, in that order. With ``restart`` the output is emptied and
+    the parts are deleted instead. One scan of the output: cutting the torn tail removes no
+    done id, and the merge adds the ids it appends to the same set.
     """
-    first_write_ok = job_path(path).exists()
-    state = scan_output(path, first_write_ok)
-    parts = leftover_parts(path)
-    part_states = [(part, scan_output(part, first_write_ok)) for part in parts]
+    found = check_output(path, job, prompts, restart)
+    state, part_states = found.state, found.parts
+    parts = [part for part, _ in part_states]
     if restart:
         discarded = state.lines + sum(s.lines for _, s in part_states)
         with open(path, "r+b") as f:
@@ -275,10 +299,7 @@ def prepare_output(path: Path, job: Job, prompts: list[Any], restart: bool = Fal
         log.info("--restart: discarded %d line(s) of %s%s; generating every prompt again", discarded, path,
                  f" and {len(parts)} part file(s)" if parts else "")
         return set()
-    notes = check_resume(path, state, job, prompts)
-    for part, part_state in part_states:
-        notes += check_resume(path, part_state, job, prompts, where=part)
-    for note in notes:
+    for note in found.notes:
         log.warning("%s", note)
     repair_output(path, state)
     recorded = read_job_file(path)
