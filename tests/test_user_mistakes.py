@@ -232,3 +232,21 @@ def test_each_mistake_in_its_own_process(workdir, name):
     after = fingerprint(workdir)
     check(name, result.returncode, result.stderr, [k for k in before if after.get(k) != before[k]],
           [k for k in after if k not in before])
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write anywhere")
+def test_an_unwritable_offload_folder(workdir, capsys):
+    from flexgen.cli import main
+
+    locked = workdir / "locked"
+    locked.mkdir(exist_ok=True)
+    locked.chmod(0o500)
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        code = main([*PREDICT, "output.offload_dir=locked/offload", "policy.weights_gpu=0"])
+    finally:
+        os.chdir(cwd)
+        locked.chmod(0o700)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "output.offload_dir: cannot write to" in err and "\n" not in err
