@@ -109,7 +109,9 @@ def bench_command(argv: list[str]) -> int:
         """The JSON as far as it goes: written once the bound is known and again with each figure,
         so a run stopped by a time limit still leaves its bound behind."""
         if args.json is not None:
-            Path(args.json).write_text(json.dumps(report.to_dict(), indent=1, default=str) + "\n")
+            from flexgen.predict.run import write_json_atomic
+
+            write_json_atomic(Path(args.json), report.to_dict(), key="--json")
 
     report = run_bench(
         cfg,
@@ -666,6 +668,13 @@ def _gb(n: float) -> str:
 
 
 def _check_writable(path: Path) -> None:
+    """``--json PATH``: a file (new, or one to replace) in an existing folder, checked before the bench runs."""
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise ConfigError(f"--json: folder {folder} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"--json: {path} is a folder; give a file name, e.g. {path / 'bench.json'}")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"--json: {path} is not a regular file")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"--json: cannot write {path}")

@@ -2,16 +2,19 @@
 
 Each subcommand lives in its own module and is imported only when used, so ``flexgen plugins``
 stays fast and a broken optional piece cannot break the others. Every user mistake surfaces as
-a :class:`~flexgen.errors.FlexGenError`: one line on stderr, exit status 2, no traceback.
+a :class:`~flexgen.errors.FlexGenError`: one line on stderr, exit status 2, no traceback. An
+interrupted command says so in one line too: exit status 130 for Ctrl-C (SIGINT), 143 for
+SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from flexgen.errors import FlexGenError
+from flexgen.errors import FlexGenError, Terminated
 
 #: subcommand -> (module:function taking argv and returning an exit code, help line)
 COMMANDS = {
@@ -61,9 +64,23 @@ def main(argv: list[str] | None = None) -> int:
     except FlexGenError as exc:
         print(f"flexgen {argv[0]}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        if _first_process():
+            print(f"flexgen {argv[0]}: terminated (SIGTERM); finished outputs are kept, rerun to resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print(f"flexgen {argv[0]}: interrupted; finished outputs are kept, rerun to resume", file=sys.stderr)
+        if _first_process():
+            print(f"flexgen {argv[0]}: interrupted; finished outputs are kept, rerun to resume", file=sys.stderr)
         return 130
+
+
+def _first_process() -> bool:
+    """Whether this is the process a user started, not one Lightning's launcher started beside it.
+
+    Ctrl-C and a SIGTERM sent to a whole process group reach every process of a multi-process
+    run; one line says what happened, printed by the first.
+    """
+    return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 if __name__ == "__main__":

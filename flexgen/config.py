@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -115,7 +117,7 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     stop: Any = None  # None | token id | list of token ids
-    seed: Optional[int] = 0  # block k is sampled with seed + k, so a resumed run repeats it
+    seed: Optional[int] = 0  # with do_sample: each prompt's stream is drawn from (seed, its id, its tokens)
 
 
 @dataclass
@@ -175,7 +177,7 @@ class FlexGenConfig:
         return {key: _plain(getattr(self.plugins, key)) for key in PLUGIN_KEYS}
 
     def generation_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``Engine.generate`` (the per-block seed is added by the caller)."""
+        """Keyword arguments of ``Engine.generate`` (the per-prompt sampling keys are added by the caller)."""
         g = self.generation
         return {
             "max_new_tokens": g.max_new_tokens,
@@ -282,11 +284,23 @@ def _resolve_input_paths(layer: DictConfig, base: Path) -> None:
         node[key] = str(expanded)
 
 
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
+
+
 def _parse_override(item: str) -> DictConfig:
+    import yaml  # omegaconf's own dependency
+
     if "=" not in item or item.startswith("="):
         raise ConfigError(f"override {item!r} must be key=value, e.g. policy.gpu_batch_size=8")
+    key = item.split("=", 1)[0]
+    if not _KEY.fullmatch(key):
+        raise ConfigError(f"override {item!r}: {key!r} is not a config key (dotted names such as policy.gpu_batch_size)")
     try:
         return OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or "not valid YAML"
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote it for the shell, "
+                          "e.g. 'plugins.attention={name: cpu}'") from exc
     except OmegaConfBaseException as exc:
         raise ConfigError(f"override {item!r}: {_first_line(exc)}") from exc
 
@@ -306,6 +320,11 @@ def _normalise_policy(layer: DictConfig, where: str, auto_from: str | None) -> s
         if value.get("auto") is False:
             return None
         if value.get("auto") is True:
+            if keys:
+                raise ConfigError(
+                    f"policy.{keys[0]} ({where}) conflicts with policy.auto: true, which chooses every policy key; "
+                    "drop one of them"
+                )
             return where
         if keys and auto_from is not None:
             raise ConfigError(
@@ -316,7 +335,9 @@ def _normalise_policy(layer: DictConfig, where: str, auto_from: str | None) -> s
 
 
 def _check_sections(layer: DictConfig, where: str) -> None:
-    """Catch a section given as a scalar (``policy: 3``), which omegaconf reports without a key."""
+    """Catch a section given as a scalar (``policy: 3``), which omegaconf reports without a key,
+    and a YAML boolean where a name or path belongs (``offload_dir: off`` is ``False`` in YAML,
+    which omegaconf would quietly turn into a folder named ``False``)."""
     raw = OmegaConf.to_container(layer, resolve=False)
     for key, value in raw.items():
         key = str(key)
@@ -324,6 +345,20 @@ def _check_sections(layer: DictConfig, where: str) -> None:
             raise ConfigError(_unknown_key_message(key, where))
         if value is not None and not isinstance(value, dict) and not _is_interpolation(value):
             raise ConfigError(f"config key {key!r} ({where}) must be a mapping of {key} keys, got {value!r}")
+        if isinstance(value, dict):
+            strings = _string_keys(_SECTION_TYPES[key])
+            for name, item in value.items():
+                if name in strings and isinstance(item, bool):
+                    raise ConfigError(
+                        f"config key '{key}.{name}' ({where}) is the YAML boolean {str(item).lower()} (yes/no/on/off "
+                        "are booleans in YAML); quote it if it is a name, e.g. 'off'"
+                    )
+
+
+def _string_keys(section: type) -> set[str]:
+    """The fields of a schema section typed ``str`` or ``Optional[str]``."""
+    hints = typing.get_type_hints(section)
+    return {name for name, hint in hints.items() if hint is str or hint == Optional[str]}
 
 
 def _is_interpolation(value: Any) -> bool:

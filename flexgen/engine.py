@@ -168,7 +168,7 @@ class Block:
     act_tiers: list[str]  # home tier of each GPU batch's hidden states
     cache: list[list[CacheUnit]]  # [decoder layer][GPU batch]
     sampling: "_Sampling"
-    generator: torch.Generator | None
+    streams: list[bytes]  # each row's random stream (see _Sampling.pick)
 
 
 def _executor(name: str) -> ThreadPoolExecutor:
@@ -602,9 +602,19 @@ class Engine:
         top_p: float = 1.0,
         stop: int | Sequence[int] | None = None,
         seed: int | None = None,
+        keys: Sequence[str] | None = None,
     ) -> list[list[int]]:
-        """New tokens for every prompt, in order; a sequence ends after a ``stop`` token."""
+        """New tokens for every prompt, in order; a sequence ends after a ``stop`` token.
+
+        With ``do_sample``, each prompt samples from its own random stream, drawn from ``seed``,
+        its key (``keys[i]``; default its index ``i``) and its token ids: its tokens do not depend
+        on the block size, on the other prompts or on their order.
+        """
         prompts = self._check_prompts(input_ids, max_new_tokens)
+        if keys is None:
+            keys = [str(i) for i in range(len(prompts))]
+        if len(keys) != len(prompts):
+            raise PromptError(f"keys: {len(keys)} keys for {len(prompts)} prompts")
         if do_sample and not temperature > 0:
             raise PromptError(f"generation.temperature must be > 0 when sampling, got {temperature}")
         if not 0 < top_p <= 1:
@@ -617,10 +627,9 @@ class Engine:
             for number, start in enumerate(range(0, len(prompts), block_size)):
                 real = prompts[start:start + block_size]
                 padded = real + [real[0]] * (block_size - len(real))  # outputs of padding are dropped
-                generator = None
-                if do_sample:
-                    generator = torch.Generator(self.device).manual_seed((seed or 0) * 1_000_003 + number)
-                tokens = self._generate_block(padded, max_new_tokens, sampling, generator, len(real))
+                streams = [_stream(seed or 0, str(key), ids) for key, ids in zip(keys[start:start + block_size], real)]
+                streams += [streams[0]] * (block_size - len(real))
+                tokens = self._generate_block(padded, max_new_tokens, sampling, streams, len(real))
                 outputs.extend(tokens[: len(real)])
         return outputs
 
@@ -638,17 +647,17 @@ class Engine:
             bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
             if bad is not None:
                 raise PromptError(f"prompt {i}: token id {bad!r} is outside the vocabulary [0, {vocab})")
-            if len(ids) + max_new_tokens > limit:
+            if len(ids) + max_new_tokens > limit + 1:  # the last new token needs no position (as in HF)
                 raise PromptError(
                     f"prompt {i}: {len(ids)} tokens + max_new_tokens {max_new_tokens} exceed the model's "
-                    f"{limit} positions"
+                    f"{limit} positions (+1 for the last new token)"
                 )
             prompts.append(ids)
         return prompts
 
     def _generate_block(
         self, prompts: list[list[int]], max_new_tokens: int, sampling: "_Sampling",
-        generator: torch.Generator | None, num_real: int,
+        streams: list[bytes], num_real: int,
     ) -> list[list[int]]:
         B, K = self.policy.gpu_batch_size, self.policy.num_gpu_batches
         prompt_len = max(map(len, prompts))
@@ -664,7 +673,7 @@ class Engine:
             padded = any(len(row) < prompt_len for row in rows)
             batches.append(GPUBatch(ids.to(self.device), valid.to(self.device), valid, ids, padded))
         block = Block(batches, prompt_len, split_by_percent([1] * K, self.policy.percents("act")),
-                      self._cache_for(total), sampling, generator)
+                      self._cache_for(total), sampling, streams)
         done = torch.zeros(B * K, dtype=torch.bool, device=self.device)
         try:
             self._sync()
@@ -786,7 +795,8 @@ class Engine:
             return opt.mlp(spec, weights, x)
         if kind == "head":
             logits = opt.head(spec, weights, x)
-            token = block.sampling.pick(logits, block.generator)
+            B = self.policy.gpu_batch_size
+            token = block.sampling.pick(logits, block.streams[task.batch * B:(task.batch + 1) * B], step)
             batch.outputs.append(token)
             batch.next_ids = token
             return None
@@ -927,8 +937,13 @@ class _Sampling:
     top_p: float
     stops: list[int]
 
-    def pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Next token ids (B, 1): greedy, or sampled with temperature and nucleus (top-p)."""
+    def pick(self, logits: torch.Tensor, streams: Sequence[bytes], step: int) -> torch.Tensor:
+        """Next token ids (B, 1): greedy, or sampled with temperature and nucleus (top-p).
+
+        Row r draws one uniform number from its own stream at this step (:func:`_uniform`) and
+        takes the token where it falls in the cumulative distribution (inverse transform
+        sampling): what a row draws depends on nothing but its stream and the step.
+        """
         logits = logits.float()
         if not self.do_sample:
             return logits.argmax(dim=-1, keepdim=True)
@@ -938,7 +953,26 @@ class _Sampling:
             outside = sorted_probs.cumsum(dim=-1) - sorted_probs > self.top_p
             sorted_probs[outside] = 0
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        return torch.multinomial(probs, 1, generator=generator)
+        cdf = probs.double().cumsum(dim=-1)
+        u = torch.tensor([_uniform(stream, step) for stream in streams], dtype=torch.float64, device=cdf.device)
+        token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True)
+        return token.clamp_(max=probs.shape[-1] - 1)
+
+
+def _stream(seed: int, key: str, input_ids: Sequence[int]) -> bytes:
+    """A prompt's random stream: a digest of the seed, its key and its token ids."""
+    import hashlib
+
+    text = f"{seed}\0{key}\0{','.join(map(str, input_ids))}"
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=32).digest()
+
+
+def _uniform(stream: bytes, step: int) -> float:
+    """The ``step``-th draw of a stream, uniform in [0, 1): 53 bits of a keyed digest (a counter-based generator)."""
+    import hashlib
+
+    value = int.from_bytes(hashlib.blake2b(step.to_bytes(8, "little"), key=stream, digest_size=8).digest(), "little")
+    return (value >> 11) / float(1 << 53)
 
 
 def _next_layers(tasks: list[Task]) -> list[int | None]:

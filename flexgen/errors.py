@@ -29,3 +29,15 @@ class CheckpointError(FlexGenError, OSError):
 
 class PromptError(FlexGenError, ValueError):
     """A prompt is empty, too long, or holds a token id outside the vocabulary."""
+
+
+class StorageError(FlexGenError, OSError):
+    """A storage tier cannot keep what it is given: the offload folder is a file, not writable, or full."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: the run stops as it does on Ctrl-C (finished blocks kept), with its own exit status.
+
+    A KeyboardInterrupt so that Lightning's interrupt handling (callbacks' ``on_exception``, the
+    strategy's teardown, stopping the processes it started) treats both signals alike.
+    """

@@ -495,8 +495,10 @@ def _load_spec(model: str) -> OPTSpec:
         config = path / "config.json"
         if not config.is_file():
             raise CheckpointError(f"{model}: no config.json in this directory")
+        from flexgen.models.checkpoint import read_small
+
         try:
-            values = json.loads(config.read_text())
+            values = json.loads(read_small(config))
         except ValueError as exc:
             raise CheckpointError(f"{config}: not valid JSON ({exc})") from exc
         return OPTSpec.from_hf_config(values, name=path.name)

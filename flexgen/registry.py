@@ -23,7 +23,7 @@ from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from flexgen.errors import PluginError
+from flexgen.errors import FlexGenError, PluginError
 
 log = logging.getLogger(__name__)
 
@@ -196,5 +196,7 @@ def create(kind: str, spec: Any, where: str | None = None, **context: Any) -> An
     cls = load(kind, name)
     try:
         return cls(**context, **options)
-    except TypeError as exc:
+    except FlexGenError:
+        raise
+    except (TypeError, ValueError) as exc:  # the plugin's own verdict on its options
         raise PluginError(f"{where}: bad options for {kind} plugin {name!r}: {exc}") from exc

@@ -21,7 +21,7 @@ from flexgen.errors import ConfigError, PromptError
 from flexgen.models.opt import spec_for_size
 from flexgen.predict.data import PromptDataModule, Prompt, check_prompts, make_blocks, read_prompts, synthetic_prompts
 from flexgen.predict.module import FlexGenPredictModule
-from flexgen.predict.run import run_predict
+from flexgen.predict.run import plan_run, run_predict
 from flexgen.predict.writer import repair_output, scan_output
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +100,9 @@ def test_read_jsonl_and_txt(tmp_path):
     p.write_text('{"id": 7, "input_ids": [5, 6]}\n\n{"input_ids": [9], "extra": 1}\n{"id": "x", "text": "hi", "input_ids": [3]}\n')
     prompts = read_prompts(p)
     assert [(q.id, q.input_ids) for q in prompts] == [(7, (5, 6)), (3, (9,)), ("x", (3,))]
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"id": 7, "input_ids": [5, 6]}\r\n')  # as a Windows editor saves it
+    assert [(q.id, q.input_ids) for q in read_prompts(bom)] == [(7, (5, 6))]
     t = tmp_path / "a.txt"
     t.write_text("hello\n\nworld\n")
     tok = lambda text: {"input_ids": [2] + [ord(c) for c in text]}  # noqa: E731
@@ -140,8 +143,10 @@ def test_check_prompts_vocab_and_positions():
     check_prompts([Prompt(1, (0, 9), "f line 1")], vocab_size=10, max_positions=6, max_new_tokens=4)
     with pytest.raises(PromptError, match="f line 1: token id 10 is outside"):
         check_prompts([Prompt(1, (0, 10), "f line 1")], vocab_size=10, max_positions=6, max_new_tokens=4)
-    with pytest.raises(PromptError, match="f line 2: 3 prompt tokens .* exceed the model's 6 positions"):
-        check_prompts([Prompt(1, (0, 1, 2), "f line 2")], vocab_size=10, max_positions=6, max_new_tokens=4)
+    # as in HF, prompt + new tokens may reach positions + 1: the last new token needs no position
+    check_prompts([Prompt(1, (0, 1, 2), "f line 2")], vocab_size=10, max_positions=6, max_new_tokens=4)
+    with pytest.raises(PromptError, match="f line 2: 4 prompt tokens .* exceed the model's 6 positions"):
+        check_prompts([Prompt(1, (0, 1, 2, 3), "f line 2")], vocab_size=10, max_positions=6, max_new_tokens=4)
 
 
 def test_synthetic_prompts_are_seeded():
@@ -165,7 +170,7 @@ def test_blocks_group_similar_lengths_and_keep_their_mates_on_resume():
 
 def test_scan_and_repair_torn_tail(tmp_path):
     out = tmp_path / "o.jsonl"
-    good = '{"id": "a", "output_ids": [1]}\n{"id": 2, "output_ids": []}\n'
+    good = '{"id": "a", "input_ids": [5], "output_ids": [1]}\n{"id": 2, "input_ids": [5], "output_ids": []}\n'
     out.write_text(good + '{"id": "c", "outp')
     state = scan_output(out)
     assert state.done_ids == {"a", 2} and state.torn_lines == 1
@@ -180,7 +185,7 @@ def test_scan_and_repair_torn_tail(tmp_path):
 
 def test_bad_line_in_the_middle_is_not_repaired(tmp_path):
     out = tmp_path / "o.jsonl"
-    text = '{"id": "a", "output_ids": [1]}\nnot json\n{"id": "b", "output_ids": [1]}\n'
+    text = '{"id": "a", "input_ids": [5], "output_ids": [1]}\nnot json\n{"id": "b", "input_ids": [5], "output_ids": [1]}\n'
     out.write_text(text)
     with pytest.raises(ConfigError, match="o.jsonl line 2 is not a flexgen output line"):
         scan_output(out)
@@ -202,7 +207,9 @@ def test_run_writes_every_prompt_once_and_metrics(tmp_path):
         assert "text" not in line  # no tokenizer for a synthetic model
     engine = factory.engine
     assert engine.closed and [len(c["input_ids"]) for c in engine.calls] == [2, 2, 2, 1]
-    assert [c["seed"] for c in engine.calls] == [10, 11, 12, 13]  # seed + block index
+    assert [c["seed"] for c in engine.calls] == [10, 10, 10, 10]
+    # each prompt's own random stream: keyed by its id (the engine mixes in its tokens)
+    assert [k for c in engine.calls for k in c["keys"]] == [json.dumps(line["id"]) for line in out]
     assert engine.kwargs["device"] == "cpu" and engine.kwargs["policy"].block_size == 2
     metrics = json.loads((tmp_path / "out.jsonl.metrics.json").read_text())
     assert metrics["generated_tokens"] == 21 and metrics["prompts"]["prompts_generated"] == 7
@@ -270,7 +277,9 @@ def workdir(tmp_path, monkeypatch):
         "model: {synthetic: opt-125m}\ndata: {prompts: prompts.jsonl}\noutput: {path: out.jsonl}\n"
         "trainer: {accelerator: cpu, enable_progress_bar: false}\n"
     )
-    (tmp_path / "out.jsonl").write_text('{"id": "p0", "input_ids": [4], "output_ids": [1]}\n{"id": "p1", "inp')
+    job = plan_run(load_config(tmp_path / "c.yaml")).job.fingerprint
+    (tmp_path / "out.jsonl").write_text(
+        '{"id": "p0", "input_ids": [4], "output_ids": [1], "job": "%s"}\n{"id": "p1", "inp' % job)
     return tmp_path
 
 

@@ -26,7 +26,7 @@ import pytest
 from flexgen.config import load_config
 from flexgen.predict.data import Prompt, PromptDataModule
 from flexgen.predict.distributed import aggregate_stats, cap_gpu_memory
-from flexgen.predict.run import run_predict
+from flexgen.predict.run import plan_run, run_predict
 from flexgen.predict.writer import leftover_parts, part_path
 
 from tests.test_predict import Factory, config, expected_output, read_out, write_prompts
@@ -142,8 +142,9 @@ def test_leftover_part_files_count_as_done_and_are_merged(tmp_path):
     """A killed multi-process run's part files, rerun with one process: nothing generated twice."""
     rows = write_prompts(tmp_path / "prompts.jsonl")
     out = tmp_path / "out.jsonl"
+    job = plan_run(config(tmp_path)).job.fingerprint
     line = lambda row: json.dumps({"id": row["id"], "input_ids": row["input_ids"],  # noqa: E731
-                                   "output_ids": expected_output(row["input_ids"], 3)}) + "\n"
+                                   "output_ids": expected_output(row["input_ids"], 3), "job": job}) + "\n"
     out.write_text(line(rows[0]))
     part_path(out, 1).write_text(line(rows[1]) + line(rows[2]) + '{"id": "p3", "inp')  # torn tail
     part_path(out, 3).write_text(line(rows[0]) + line(rows[4]))  # p0 is already in the output

@@ -2,10 +2,25 @@
 
 A *weight source* answers one question, "give me tensor ``name`` on the CPU", one tensor at a
 time, so the engine can place a model far larger than memory tensor by tensor. Safetensors
-files are memory-mapped (file-backed pages, no anonymous copy); ``.bin`` files are opened with
-``torch.load(weights_only=True, mmap=True)``, which executes no pickled code. Synthetic
-weights are generated per tensor from a seed derived from its name, so they do not depend on
-placement or order.
+files are memory-mapped (file-backed pages, no anonymous copy) after their header is checked;
+``.bin`` files are opened with ``torch.load(weights_only=True)``, which executes no pickled
+code: memory-mapped when they are in PyTorch's zip format, read into memory when they are in
+its legacy (pre-1.6, non-zip) format, which cannot be mapped. Synthetic weights are generated
+per tensor from a seed derived from its name, so they do not depend on placement or order.
+
+Two fingerprints of a checkpoint folder, for two questions:
+
+* :meth:`HFCheckpoint.fingerprint` names the converted copies of its weights under the offload
+  folder. It covers the folder's resolved path, ``config.json`` and, per weight file, its name,
+  size, modification time and a sample of its bytes, so another checkpoint never reuses these
+  copies even when its file names, sizes and times are the same.
+* :meth:`HFCheckpoint.content_fingerprint` says whether an output was made by the same model.
+  It covers ``config.json`` and, per weight file, its name, size and the same byte sample, but
+  not where the folder is or when it was written: a copied or moved checkpoint is the same
+  model, a fine-tuned one (whose every tensor differs) is not.
+
+The byte sample (the first and last 64 KiB of each file and 16 blocks of 4 KiB spread evenly
+between them) costs a few dozen small reads per file, not a read of the weights.
 """
 
 from __future__ import annotations
@@ -13,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Protocol
@@ -20,7 +36,7 @@ from typing import Protocol
 import torch
 
 from flexgen.errors import CheckpointError
-from flexgen.models.opt import OPT_SIZES, OPTSpec, WeightSpec, spec_for_size
+from flexgen.models.opt import OPT_SIZES, OPTSpec, WeightSpec, layer_weights, spec_for_size
 from flexgen.storage.disk import map_safetensors
 
 _PREFIXES = ("model.decoder.", "decoder.", "model.")
@@ -65,10 +81,12 @@ class HFCheckpoint:
         if not config_path.is_file():
             raise CheckpointError(f"{self.path}: not an HF checkpoint (no config.json)")
         try:
-            self._config_bytes = config_path.read_bytes()
+            self._config_bytes = read_small(config_path)
             config = json.loads(self._config_bytes)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{config_path}: unreadable config ({exc})") from exc
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_path}: not a JSON object")
         self.spec = OPTSpec.from_hf_config(config, name=str(self.path))
         self.files = self._weight_files()
         self._index: dict[str, Path] = {}
@@ -82,57 +100,117 @@ class HFCheckpoint:
             index_path = self.path / index_name
             if index_path.is_file():
                 try:
-                    weight_map = json.loads(index_path.read_text())["weight_map"]
-                except (OSError, ValueError, KeyError) as exc:
+                    weight_map = json.loads(read_small(index_path))["weight_map"]
+                    names = set(weight_map.values())
+                except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                     raise CheckpointError(f"{index_path}: unreadable shard index ({exc})") from exc
-                files = sorted({self.path / name for name in weight_map.values()})
+                odd = next((n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")), None)
+                if odd is not None or not names:
+                    raise CheckpointError(f"{index_path}: weight_map names {odd!r}, not a file of this folder")
+                files = sorted(self.path / name for name in names)
                 missing = [f.name for f in files if not f.is_file()]
                 if missing:
                     raise CheckpointError(f"{index_path}: shard {missing[0]} is missing")
                 return files
         for pattern in ("*.safetensors", "*.bin"):
-            files = sorted(self.path.glob(pattern))
+            files = sorted(f for f in self.path.glob(pattern) if f.is_file())
             if files:
                 return files
         raise CheckpointError(f"{self.path}: no weight files (*.safetensors or *.bin)")
 
     def _open(self, file: Path) -> dict[str, torch.Tensor]:
         if file not in self._opened:
-            if file.suffix == ".safetensors":
-                tensors = map_safetensors(file)
-            else:
-                try:
-                    tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-                except Exception as exc:  # torch raises many kinds for a damaged or unsafe file
-                    raise CheckpointError(f"{file}: truncated, corrupt or unsafe weight file ({type(exc).__name__})") from exc
-                if not isinstance(tensors, dict):
-                    raise CheckpointError(f"{file}: not a state dict")
-            self._opened[file] = tensors
+            self._opened[file] = map_safetensors(file) if file.suffix == ".safetensors" else _load_bin(file)
         return self._opened[file]
 
     def _keys(self, file: Path) -> list[str]:
         return list(self._open(file))
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256(self._config_bytes)
+        """Names the converted copies of these weights: where, what and when (see the module docstring)."""
+        digest = hashlib.sha256(str(self.path.resolve()).encode() + b"\0" + self._config_bytes)
         for file in self.files:
             stat = file.stat()
-            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}:{_sample_digest(file)}".encode())
         return digest.hexdigest()[:16]
 
-    def get(self, weight: WeightSpec, device: torch.device | str = "cpu", column_major: bool = False) -> torch.Tensor:
+    def content_fingerprint(self) -> str:
+        """The same for the same model wherever it lies: config and sampled bytes (see the module docstring)."""
+        digest = hashlib.sha256(self._config_bytes)
+        for file in self.files:
+            digest.update(f"{file.name}:{file.stat().st_size}:{_sample_digest(file)}".encode())
+        return digest.hexdigest()[:16]
+
+    def check(self) -> None:
+        """Every weight the config implies is present with its shape: CheckpointError naming the first that is not."""
+        for index in range(self.spec.num_model_layers):
+            for weight in layer_weights(self.spec, index):
+                self._lookup(weight)
+
+    def _lookup(self, weight: WeightSpec) -> torch.Tensor:
         name = weight.name
         if name == "lm_head.weight" and name not in self._index:
             name = "embed_tokens.weight"  # tied output embedding
         if name not in self._index:
             raise CheckpointError(f"{self.path}: weight {weight.name!r} is missing from the checkpoint")
-        tensor = self._open(self._index[name])[_original_key(self._open(self._index[name]), name)]
+        tensors = self._open(self._index[name])
+        tensor = tensors[_original_key(tensors, name)]
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{self._index[name]}: {name!r} is a {type(tensor).__name__}, not a tensor")
         if tuple(tensor.shape) != weight.shape:
             raise CheckpointError(
                 f"{self._index[name]}: weight {name!r} has shape {tuple(tensor.shape)}, config.json implies {weight.shape}"
             )
-        tensor = tensor.to(device)
+        return tensor
+
+    def get(self, weight: WeightSpec, device: torch.device | str = "cpu", column_major: bool = False) -> torch.Tensor:
+        tensor = self._lookup(weight).to(device)
         return tensor.t().contiguous().t() if column_major and tensor.dim() == 2 else tensor
+
+
+#: config.json and shard indexes are a few kilobytes (OPT-175B's index: ~100 kB); more is not one
+MAX_JSON_BYTES = 16 << 20
+
+
+def read_small(path: Path) -> bytes:
+    """The bytes of a small JSON file of a checkpoint; CheckpointError (not a read of gigabytes) when it is not small."""
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {size} bytes, far more than a checkpoint's JSON file holds "
+                              f"(at most {MAX_JSON_BYTES}); not read")
+    return path.read_bytes()
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch ``.bin`` state dict, without running pickled code; mapped when the format allows."""
+    mappable = zipfile.is_zipfile(file)  # the zip format (PyTorch >= 1.6); the legacy one cannot be mapped
+    try:
+        tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=mappable)
+    except Exception as exc:  # torch raises many kinds for a damaged or unsafe file
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{file}: truncated, corrupt or unsafe weight file ({type(exc).__name__}: {first})") from exc
+    if not isinstance(tensors, dict):
+        raise CheckpointError(f"{file}: not a state dict")
+    return tensors
+
+
+_SAMPLE_EDGE, _SAMPLE_BLOCK, _SAMPLE_BLOCKS = 64 << 10, 4 << 10, 16
+
+
+def _sample_digest(file: Path) -> str:
+    """A digest of a file's size and a sample of its bytes: its ends and blocks spread between them."""
+    size = file.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(file, "rb") as f:
+        if size <= 2 * _SAMPLE_EDGE + _SAMPLE_BLOCKS * _SAMPLE_BLOCK:
+            digest.update(f.read())
+        else:
+            step = (size - 2 * _SAMPLE_EDGE) // (_SAMPLE_BLOCKS + 1)
+            offsets = [0] + [_SAMPLE_EDGE + step * (i + 1) for i in range(_SAMPLE_BLOCKS)] + [size - _SAMPLE_EDGE]
+            for offset in offsets:
+                f.seek(offset)
+                digest.update(f.read(_SAMPLE_EDGE if offset in (0, size - _SAMPLE_EDGE) else _SAMPLE_BLOCK))
+    return digest.hexdigest()[:16]
 
 
 def _original_key(tensors: dict[str, torch.Tensor], name: str) -> str:

@@ -26,6 +26,26 @@ from flexgen.errors import CheckpointError
 POSITION_OFFSET = 2
 
 
+#: (low, high) of each size in an OPT ``config.json``. The published OPTs reach 96 layers, hidden
+#: size 12288 and 50272 tokens; the bounds leave ample room above them while keeping what is
+#: planned (``flexgen policy``, ``policy: auto``: seconds per hundred layers) and allocated bounded.
+LIMITS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 1 << 22),
+    "hidden_size": (1, 1 << 16),
+    "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 1 << 12),
+    "ffn_dim": (1, 1 << 18),
+    "max_position_embeddings": (1, 1 << 20),
+    "word_embed_proj_dim": (1, 1 << 16),
+}
+
+
+def _supported_activations() -> set[str]:
+    from transformers.activations import ACT2FN
+
+    return set(ACT2FN)
+
+
 @dataclass(frozen=True)
 class OPTSpec:
     """The shape of an OPT model, read from an HF ``config.json``."""
@@ -57,35 +77,61 @@ class OPTSpec:
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], name: str = "opt") -> "OPTSpec":
-        """Read an HF ``OPTConfig`` dict; CheckpointError when it is not an OPT config."""
+        """Read an HF ``OPTConfig`` dict; CheckpointError naming the field when it is not a usable OPT config.
+
+        Sizes must be integers within :data:`LIMITS` (far above every published OPT), so that a
+        mistyped or hostile ``config.json`` is refused here, before anything is allocated,
+        converted or planned, rather than found out by an allocation of terabytes or a planner
+        that runs for hours.
+        """
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{name}: config.json is not a JSON object")
         if config.get("model_type") != "opt":
             raise CheckpointError(f"{name}: not an OPT checkpoint (config.json model_type is {config.get('model_type')!r})")
-        try:
-            hidden = int(config["hidden_size"])
-            do_ln_before = bool(config.get("do_layer_norm_before", True))
-            spec = cls(
-                vocab_size=int(config["vocab_size"]),
-                hidden_size=hidden,
-                num_layers=int(config["num_hidden_layers"]),
-                num_heads=int(config["num_attention_heads"]),
-                ffn_dim=int(config["ffn_dim"]),
-                max_positions=int(config["max_position_embeddings"]),
-                word_embed_proj_dim=int(config.get("word_embed_proj_dim") or hidden),
-                do_layer_norm_before=do_ln_before,
-                final_layer_norm=do_ln_before and not config.get("_remove_final_layer_norm", False),
-                enable_bias=bool(config.get("enable_bias", True)),
-                layer_norm_affine=bool(config.get("layer_norm_elementwise_affine", True)),
-                activation=str(config.get("activation_function", "relu")),
-                pad_token_id=int(config.get("pad_token_id") if config.get("pad_token_id") is not None else 1),
-                bos_token_id=int(config.get("bos_token_id") if config.get("bos_token_id") is not None else 2),
-                eos_token_id=int(config.get("eos_token_id") if config.get("eos_token_id") is not None else 2),
-                name=name,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{name}: config.json lacks or mangles an OPT field ({exc})") from exc
-        if spec.hidden_size % spec.num_heads:
-            raise CheckpointError(f"{name}: hidden_size {hidden} is not divisible by num_attention_heads {spec.num_heads}")
-        return spec
+
+        def size(key: str, default: Any = None) -> int:
+            value = config.get(key, default)
+            if value is None:
+                raise CheckpointError(f"{name}: config.json lacks {key}")
+            low, high = LIMITS[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise CheckpointError(f"{name}: config.json {key} must be an integer in [{low}, {high}], got {value!r}")
+            return value
+
+        hidden = size("hidden_size")
+        vocab = size("vocab_size")
+        heads = size("num_attention_heads")
+        if hidden % heads:
+            raise CheckpointError(f"{name}: config.json hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+        activation = config.get("activation_function", "relu")
+        if not isinstance(activation, str) or activation not in _supported_activations():
+            raise CheckpointError(f"{name}: config.json activation_function {activation!r} is not one HF transformers knows")
+        token_ids = {}
+        for key, default in (("pad_token_id", 1), ("bos_token_id", 2), ("eos_token_id", 2)):
+            value = config.get(key)
+            value = default if value is None else value
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
+                raise CheckpointError(f"{name}: config.json {key} must be a token id in [0, {vocab}), got {value!r}")
+            token_ids[key] = value
+        do_ln_before = bool(config.get("do_layer_norm_before", True))
+        return cls(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_layers=size("num_hidden_layers"),
+            num_heads=heads,
+            ffn_dim=size("ffn_dim"),
+            max_positions=size("max_position_embeddings"),
+            word_embed_proj_dim=size("word_embed_proj_dim", hidden) if config.get("word_embed_proj_dim") else hidden,
+            do_layer_norm_before=do_ln_before,
+            final_layer_norm=do_ln_before and not config.get("_remove_final_layer_norm", False),
+            enable_bias=bool(config.get("enable_bias", True)),
+            layer_norm_affine=bool(config.get("layer_norm_elementwise_affine", True)),
+            activation=activation,
+            pad_token_id=token_ids["pad_token_id"],
+            bos_token_id=token_ids["bos_token_id"],
+            eos_token_id=token_ids["eos_token_id"],
+            name=name,
+        )
 
     def to_hf_config(self) -> dict[str, Any]:
         """An HF ``config.json`` dict for this shape (used to write synthetic checkpoints)."""

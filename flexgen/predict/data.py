@@ -18,7 +18,8 @@ Blocks: prompts are sorted by token length (stably, so ties keep file order) and
 of ``policy.block_size`` (``num_gpu_batches x gpu_batch_size``). Similar lengths in one block
 means little padding. Blocks are cut over *all* prompts, and only then are prompts already in
 the output dropped, so a resumed run gives the remaining prompts the same block-mates they had
-in the first run (which keeps sampled outputs reproducible too).
+in the first run. (Sampled outputs do not depend on block-mates at all: each prompt samples
+from its own random stream, keyed by its id and tokens; see :mod:`flexgen.predict.module`.)
 
 Several processes: every rank cuts the same blocks from the same prompts and the same done set
 (rank 0's, broadcast), then takes every ``world_size``-th block starting at its rank
@@ -49,11 +50,12 @@ PromptId = Any  # str | int
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt: its id, its token ids, and where it came from (for error messages)."""
+    """One prompt: its id, its token ids, where it came from (for error messages), its text if any."""
 
     id: PromptId
     input_ids: tuple[int, ...]
     source: str  # "prompts.jsonl line 3" or "synthetic prompt 0"
+    text: Optional[str] = None  # the text it was tokenised from (None: given as token ids)
 
 
 # --------------------------------------------------------------------------- reading
@@ -76,6 +78,7 @@ def read_prompts(path: str | Path, tokenizer: Any = None) -> list[Prompt]:
 
 
 def _lines(path: Path, raw: bytes) -> Iterable[tuple[int, str]]:
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark, as some editors write: not part of line 1
     for number, line in enumerate(raw.split(b"\n"), start=1):
         try:
             text = line.decode("utf-8").rstrip("\r")
@@ -103,6 +106,7 @@ def _read_jsonl(path: Path, raw: bytes) -> list[tuple[int, PromptId, Optional[st
         pid = obj.get("id", number)
         if isinstance(pid, bool) or not isinstance(pid, (str, int)):
             raise PromptError(f"{where}: 'id' must be a string or an integer, got {pid!r}")
+        _check_encodable(where, "id", pid)
         if pid in seen:
             raise PromptError(f"{where}: duplicate id {pid!r} (first on line {seen[pid]})")
         seen[pid] = number
@@ -114,10 +118,23 @@ def _read_jsonl(path: Path, raw: bytes) -> list[tuple[int, PromptId, Optional[st
         elif prompt_text is not None:
             if not isinstance(prompt_text, str) or not prompt_text:
                 raise PromptError(f"{where}: 'text' must be a non-empty string")
+            _check_encodable(where, "text", prompt_text)
             rows.append((number, pid, prompt_text, None))
         else:
             raise PromptError(f"{where}: a prompt needs 'text' or 'input_ids'")
     return rows
+
+
+def _check_encodable(where: str, key: str, value: Any) -> None:
+    """Refuse now what could not be written to the output as UTF-8 JSON after generation (a lone surrogate)."""
+    if not isinstance(value, str):
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = ascii(value[exc.start:exc.end])  # the escape as written, printable anywhere
+        raise PromptError(f"{where}: {key!r} holds {bad}, which is not valid Unicode (a lone surrogate "
+                          "escape) and cannot be written as UTF-8") from exc
 
 
 def _tokenize(path: Path, rows, tokenizer: Any) -> list[Prompt]:
@@ -132,7 +149,7 @@ def _tokenize(path: Path, rows, tokenizer: Any) -> list[Prompt]:
             ids = list(tokenizer(text)["input_ids"])
             if not ids:
                 raise PromptError(f"{where}: the text tokenises to no tokens")
-        prompts.append(Prompt(pid, tuple(int(t) for t in ids), where))
+        prompts.append(Prompt(pid, tuple(int(t) for t in ids), where, text))
     if not prompts:
         raise PromptError(f"{path}: no prompts in the file")
     return prompts
@@ -149,15 +166,19 @@ def synthetic_prompts(num_prompts: int, prompt_len: int, vocab_size: int, seed: 
 
 
 def check_prompts(prompts: Sequence[Prompt], vocab_size: int, max_positions: int, max_new_tokens: int) -> None:
-    """Token ids inside the vocabulary, and prompt + new tokens within the model's positions."""
+    """Token ids inside the vocabulary, and prompt + new tokens within the model's positions.
+
+    As in HF transformers, prompt + new tokens may reach ``max_positions + 1``: the last new
+    token is never fed back, so it needs no position.
+    """
     for p in prompts:
         bad = next((t for t in p.input_ids if not 0 <= t < vocab_size), None)
         if bad is not None:
             raise PromptError(f"{p.source}: token id {bad} is outside the model's vocabulary (0..{vocab_size - 1})")
-        if len(p.input_ids) + max_new_tokens > max_positions:
+        if len(p.input_ids) + max_new_tokens > max_positions + 1:
             raise PromptError(
                 f"{p.source}: {len(p.input_ids)} prompt tokens + generation.max_new_tokens {max_new_tokens} "
-                f"exceed the model's {max_positions} positions"
+                f"exceed the model's {max_positions} positions (+1 for the last new token)"
             )
 
 
@@ -185,7 +206,8 @@ def make_blocks(prompts: Sequence[Prompt], block_size: int) -> list[list[Prompt]
 
 def block_batch(index: int, block: Sequence[Prompt]) -> dict[str, Any]:
     """What ``predict_step`` receives: plain lists, so Lightning has no tensor to move."""
-    return {"block": index, "ids": [p.id for p in block], "input_ids": [list(p.input_ids) for p in block]}
+    return {"block": index, "ids": [p.id for p in block], "input_ids": [list(p.input_ids) for p in block],
+            "texts": [p.text for p in block]}
 
 
 def _as_is(item: Any) -> Any:
@@ -193,14 +215,14 @@ def _as_is(item: Any) -> Any:
 
 
 #: what a rank runs when its share is shorter than the longest one: no prompts, nothing written
-EMPTY_BLOCK: dict[str, Any] = {"block": -1, "ids": [], "input_ids": []}
+EMPTY_BLOCK: dict[str, Any] = {"block": -1, "ids": [], "input_ids": [], "texts": []}
 
 
 class PromptDataModule(L.LightningDataModule):
     """Serves one block of prompts per predict step, skipping prompts already done.
 
     ``block`` in each batch is the block's index over all prompts (not over the remaining ones),
-    so it stays the same when a run is resumed; the module derives the sampling seed from it.
+    so it stays the same when a run is resumed.
     Attached to a Trainer, each process serves its own share (:meth:`shard`) of the blocks.
     """
 

@@ -26,7 +26,10 @@ and gather return their input.
 
 from __future__ import annotations
 
+import json
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +39,7 @@ from lightning.pytorch.callbacks import Callback
 
 from flexgen.errors import ConfigError, FlexGenError
 from flexgen.policy import Policy
+from flexgen.predict.job import Job, job_path
 from flexgen.predict.writer import (
     JsonlPredictionWriter, OutputLock, leftover_parts, merge_parts, part_path, prepare_output,
 )
@@ -60,29 +64,36 @@ class RunCoordinator(Callback):
         load_engine: Callable[[Policy, dict[str, Any], str], Any],
         finish: Callable[[list[dict[str, Any]], dict[str, Any]], dict[str, Any]],
         gpu_memory: str | None = None,
+        job: Job | None = None,
+        prompts: list[Any] | None = None,
+        restart: bool = False,
     ):
         self.out_path = out_path
         self.policy, self.plugins, self.policy_info = policy, plugins, policy_info
         self.load_engine, self.finish = load_engine, finish
         self.gpu_memory = gpu_memory
+        self.job, self.prompts, self.restart = job, list(prompts or []), restart
         self.metrics: dict[str, Any] | None = None  # set on rank 0 at the end
         self.prompts_skipped = 0
+        self.interrupted_by: BaseException | None = None  # what stopped the loop, if anything did
         self._locks: list[Any] = []
         self._engine: Any = None
         self._writer: Any = None
         self._loop_started: float | None = None
+        self._sigterm: Any = None  # the SIGTERM handler in force before Lightning installed its own
 
     # -- setup ---------------------------------------------------------------------------
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         rank, world_size = trainer.global_rank, trainer.world_size
+        self._sigterm = signal.getsignal(signal.SIGTERM)
         decision: dict[str, Any] | None = None
         if rank == 0:
             try:
                 self._locks.append(OutputLock(self.out_path).__enter__())
-                done = prepare_output(self.out_path)
+                done = prepare_output(self.out_path, self.job, self.prompts, restart=self.restart)
                 decision = {"done_ids": done, "policy": self.policy.to_dict(), "plugins": self.plugins,
-                            "policy_info": self.policy_info}
+                            "policy_info": self.policy_info, "job": self.job.fingerprint}
             except FlexGenError as exc:
                 decision = {"error": str(exc)}
         decision = trainer.strategy.broadcast(decision, src=0)
@@ -100,6 +111,7 @@ class RunCoordinator(Callback):
         for callback in trainer.callbacks:
             if isinstance(callback, JsonlPredictionWriter):
                 self._writer = callback
+                callback.job = decision["job"]
                 if rank > 0:
                     callback.path = part_path(self.out_path, rank)
                     self._locks.append(OutputLock(callback.path).__enter__())
@@ -115,6 +127,13 @@ class RunCoordinator(Callback):
 
     def on_predict_start(self, trainer, pl_module) -> None:
         self._loop_started = time.perf_counter()
+        # Lightning has just put in its own SIGTERM handler, which forwards the signal to the
+        # processes it started and runs a collective (a broadcast) inside the handler: in a
+        # predict loop nobody answers it, and a second SIGTERM makes it wait forever. The run's
+        # own handler (flexgen.predict.run._sigterm_stops_the_run) stops the loop as Ctrl-C
+        # does, and Lightning's interrupt handling then stops the processes it started.
+        if self._sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._sigterm)
 
     def on_predict_end(self, trainer, pl_module) -> None:
         loop_time = time.perf_counter() - (self._loop_started or time.perf_counter())
@@ -156,6 +175,7 @@ class RunCoordinator(Callback):
         self.close()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.interrupted_by = exception
         self.close()
 
     def close(self) -> None:
@@ -169,6 +189,15 @@ class RunCoordinator(Callback):
                 close()
         finally:
             self._release_locks()
+            # A run that ended before its first line leaves no output (the lock removes the empty
+            # file it created), and so no job file either.
+            if self.job is not None and not self.out_path.exists():
+                recorded = job_path(self.out_path)
+                try:
+                    if json.loads(recorded.read_text(encoding="utf-8")).get("fingerprint") == self.job.fingerprint:
+                        recorded.unlink()
+                except (OSError, ValueError, AttributeError):
+                    pass
 
     def _release_locks(self) -> None:
         while self._locks:

@@ -16,16 +16,15 @@ How it is made (once per cache folder, in a few seconds on two cores):
 
 Where: ``$FLEXGEN_CACHE/quickstart-v1``, ``$FLEXGEN_CACHE`` defaulting to ``~/.cache/flexgen``.
 It is built in a temporary sibling folder and renamed into place, so a crash or two concurrent
-first runs never leave a half-written checkpoint behind; a finished folder is never rewritten.
+first runs never leave a half-written checkpoint under the real name; a finished folder is never
+rewritten. The temporary folder is owned through a lock file (:mod:`flexgen.scratch`), so the
+next run removes one a killed build left behind.
 Bump :data:`VERSION` whenever what is built changes.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from flexgen.paths import cache_root
@@ -54,14 +53,23 @@ def resolve_builtin(name: str, root: Path | None = None) -> Path:
 
 
 def ensure_quickstart(root: Path | None = None) -> Path:
-    """Return the quickstart checkpoint folder, building it atomically if it is not there yet."""
+    """Return the quickstart checkpoint folder, building it atomically if it is not there yet.
+
+    The build happens in a folder this process owns (:class:`flexgen.scratch.OwnedFolder`),
+    renamed into place when done. Half-built folders of runs that were killed are removed
+    first; those of builds still running are left alone.
+    """
+    from flexgen.scratch import OwnedFolder, sweep
+
     root = Path(root) if root is not None else cache_root()
     target = root / f"quickstart-v{VERSION}"
+    prefix = f".quickstart-v{VERSION}."
+    sweep(root, prefix)
     if (target / "config.json").is_file():
         return target
+    build = OwnedFolder(root, prefix)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".quickstart-v{VERSION}.", dir=root))
+        tmp = build.path
     except OSError as exc:
         from flexgen.errors import ConfigError
 
@@ -72,14 +80,13 @@ def ensure_quickstart(root: Path | None = None) -> Path:
     try:
         log.info("building the quickstart checkpoint in %s (once)", target)
         build_quickstart(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp made it private; the finished checkpoint is not secret
         try:
-            os.rename(tmp, target)
+            build.keep(target.name)
         except OSError:
             if not (target / "config.json").is_file():  # not a concurrent winner: a real failure
                 raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        build.release()  # a no-op once kept
     return target
 
 

@@ -7,17 +7,24 @@ and before the output file is touched:
 2. the model's shape (``config.json`` or a named OPT size) and its tokenizer;
 3. the prompts: read, tokenised, checked against the vocabulary and the model's positions;
 4. the policy (from the config, or from the cost model for ``policy: auto``);
-5. the output folder is checked writable (:func:`plan_run` ends here), and the output is read
-   (read-only): if it already holds every prompt, the run ends here, before any process is
-   started or engine loaded;
-6. Lightning's Trainer starts its processes (one, or ``trainer.devices x trainer.num_nodes``);
+5. every plugin is built once, so that it can refuse its own options; the offload folder is
+   checked when the policy puts anything on disk; the job (:mod:`flexgen.predict.job`) is
+   fingerprinted; the output folder is checked writable, and the files flexgen would replace
+   next to the output are checked to be its own (:func:`plan_run` ends here);
+6. the output is read (read-only): it must be this project's output, made by the same job for
+   the same prompts (or the run is refused, unless ``--restart``); if it already holds every
+   prompt, the run ends here, before any process is started or engine loaded;
+7. Lightning's Trainer starts its processes (one, or ``trainer.devices x trainer.num_nodes``);
    once they are joined, :class:`~flexgen.predict.distributed.RunCoordinator` has rank 0 lock the
-   output (one run per output), cut a torn tail (an interrupted run's), merge leftover part
-   files and broadcast the ids done; each rank takes its share of the blocks and loads its own
-   engine on its own device;
-7. the predict loop runs one block per step, appending each block's lines durably (rank 0 to
+   output (one run per output), check it again under the lock, cut a torn tail (an interrupted
+   run's), merge leftover part files and broadcast the ids done; each rank takes its share of
+   the blocks and loads its own engine on its own device;
+8. the predict loop runs one block per step, appending each block's lines durably (rank 0 to
    the output, the others to their part files); at the end rank 0 merges the part files,
    writes ``<output.path>.metrics.json`` atomically, and its summary is printed.
+
+SIGTERM stops a run as Ctrl-C does (finished blocks are kept, one line), with exit status 143
+instead of 130; see :func:`_sigterm_stops_the_run`.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -39,8 +47,9 @@ from typing import TYPE_CHECKING, Any
 from flexgen.config import (
     BUILTIN_PREFIX, PLUGIN_KEYS, FlexGenConfig, load_config, resolve_offload_dir, resolve_output_path, to_yaml,
 )
-from flexgen.errors import CheckpointError, ConfigError
+from flexgen.errors import CheckpointError, ConfigError, StorageError, Terminated
 from flexgen.policy import Policy
+from flexgen.predict.job import Job, check_own_json, job_settings
 
 if TYPE_CHECKING:
     from flexgen.predict.data import Prompt
@@ -73,17 +82,52 @@ def predict_command(argv: list[str]) -> int:
     )
     parser.add_argument("--config", required=True, help="YAML config (see configs/ and README.md)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the lines already in output.path (flexgen output only) and generate every prompt "
+                        "again, e.g. after changing the model or generation settings")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. policy.gpu_batch_size=8")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    with _cli_logging():
-        summary = run_predict(cfg)
+    with _cli_logging(), _sigterm_stops_the_run():
+        summary = run_predict(cfg, restart=args.restart)
     if summary.get("rank", 0) == 0:  # with several processes, one summary is enough
         print(format_summary(summary))
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_stops_the_run():
+    """While the command runs, SIGTERM raises :class:`~flexgen.errors.Terminated` (a KeyboardInterrupt).
+
+    Schedulers stop jobs with SIGTERM; its default action kills the process on the spot, so the
+    run could not say what it kept, close its engine or release its scratch files. Raised as a
+    KeyboardInterrupt, it takes the path Ctrl-C takes: Lightning calls the callbacks'
+    ``on_exception`` and tears the strategy down (and, under ``ddp``, stops the processes it
+    started); the CLI prints one line and exits 143 (130 for Ctrl-C). A second SIGTERM while
+    stopping is ignored. Only the main thread can install a handler; elsewhere (a test calling
+    in from a thread) SIGTERM keeps its default.
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = False
+
+    def stop(signum, frame):
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -122,42 +166,61 @@ class RunPlan:
     plugins: dict[str, Any]
     policy_info: dict[str, Any]
     out_path: Path
+    job: Job
+    restart: bool = False
 
 
-def plan_run(cfg: FlexGenConfig) -> RunPlan:
+def plan_run(cfg: FlexGenConfig, restart: bool = False) -> RunPlan:
     """Steps 1-5 of the module docstring, up to the lock: user mistakes surface here, the output untouched."""
     from flexgen.predict.data import load_prompts
     from flexgen.predict.writer import check_writable
 
     model, model_dir, spec = resolve_model(cfg)
+    weights = weights_identity(cfg, model_dir)
     tokenizer = load_tokenizer(cfg, model_dir)
     prompts = load_prompts(cfg, tokenizer, spec)
     policy, plugins, policy_info = resolve_policy(cfg, spec, prompts)
+    offload_dir = check_offload_dir(cfg, policy)
+    check_plugins(plugins, offload_dir)
+    if not cfg.policy.auto:
+        check_fits(cfg, spec, policy, plugins, prompts, offload_dir)
+    job = Job(job_settings(weights, cfg.model.dtype, cfg.generation_kwargs(), plugins))
     out_path = resolve_output_path(cfg)
     check_writable(out_path)
-    return RunPlan(model, spec, tokenizer, prompts, policy, plugins, policy_info, out_path)
+    check_own_json(Path(f"{out_path}.metrics.json"), lambda obj: "generated_tokens" in obj and "config" in obj,
+                   "a flexgen metrics file")
+    return RunPlan(model, spec, tokenizer, prompts, policy, plugins, policy_info, out_path, job, restart)
 
 
-def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None) -> dict[str, Any]:
+def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None, restart: bool = False) -> dict[str, Any]:
     """Run (or resume) the predict job a config describes; return the summary dict.
 
     ``engine_factory`` replaces :func:`flexgen.engine.load_engine` (tests pass a fake engine).
-    With several processes every process calls this; the summary is rank 0's (``rank`` says
-    which process returned it; the CLI prints rank 0's only).
+    ``restart`` discards what the output holds and generates every prompt again. With several
+    processes every process calls this; the summary is rank 0's (``rank`` says which process
+    returned it; the CLI prints rank 0's only).
     """
+    from lightning.pytorch.utilities import rank_zero_only
+
     from flexgen.predict.data import PromptDataModule
-    from flexgen.predict.writer import leftover_parts, scan_output
+    from flexgen.predict.writer import check_output
 
     started = time.perf_counter()
-    plan = plan_run(cfg)
-    # A read-only look first: when the output already holds every prompt, stop here, before
-    # Lightning starts any process or loads any engine. Anything else (a torn tail, part files
-    # of an interrupted multi-process run) is settled by rank 0 under the output's lock.
-    state = scan_output(plan.out_path)
-    datamodule = PromptDataModule(plan.prompts, plan.policy.block_size, state.done_ids)
-    if datamodule.num_todo == 0 and not state.torn_bytes and not leftover_parts(plan.out_path):
-        return {**_summary_base(plan), "prompts_skipped": len(plan.prompts), "complete": True,
-                "wall_time_s": time.perf_counter() - started, "stats": None, "rank": 0}
+    plan = plan_run(cfg, restart)
+    datamodule = PromptDataModule(plan.prompts, plan.policy.block_size)
+    if rank_zero_only.rank != 0:
+        # A process Lightning (or torchrun) started: rank 0 has checked the output and holds its
+        # lock; it decides, under the lock, what is done, and broadcasts it.
+        return _execute(cfg, plan, datamodule, engine_factory or _load_engine, started)
+    # A read-only look first, so that a wrong output is refused and a finished one ends the run
+    # before Lightning starts any process or loads any engine. Rank 0 checks again under the
+    # output's lock, and settles a torn tail or part files of an interrupted run there.
+    found = check_output(plan.out_path, plan.job, plan.prompts, restart)
+    if not restart:
+        datamodule.resume(found.state.done_ids)
+        if datamodule.num_todo == 0 and not found.state.torn_bytes and not found.parts:
+            return {**_summary_base(plan), "prompts_skipped": len(plan.prompts), "complete": True,
+                    "wall_time_s": time.perf_counter() - started, "stats": None, "rank": 0}
     return _execute(cfg, plan, datamodule, engine_factory or _load_engine, started)
 
 
@@ -172,7 +235,8 @@ def _execute(cfg: FlexGenConfig, plan: RunPlan, datamodule: Any, engine_factory:
 
     hooks = _RunHooks(cfg, plan, engine_factory, started, metrics_path)
     coordinator = RunCoordinator(plan.out_path, plan.policy, plan.plugins, plan.policy_info, hooks.load, hooks.finish,
-                                 gpu_memory=cfg.hardware.gpu_memory)
+                                 gpu_memory=cfg.hardware.gpu_memory, job=plan.job, prompts=plan.prompts,
+                                 restart=plan.restart)
     with _quiet_lightning():
         # The Trainer first: a bad trainer.* value should not wait for the model to load.
         trainer = make_trainer(cfg, plan.out_path, coordinator, accelerator, devices)
@@ -180,10 +244,10 @@ def _execute(cfg: FlexGenConfig, plan: RunPlan, datamodule: Any, engine_factory:
         try:
             trainer.predict(module, datamodule=datamodule, return_predictions=False)
         except SystemExit:
-            # Lightning turns Ctrl-C into sys.exit(1); give the CLI its KeyboardInterrupt back
-            # so it can say that finished blocks are kept and a rerun resumes.
+            # Lightning turns Ctrl-C (and our SIGTERM, a KeyboardInterrupt too) into sys.exit(1);
+            # give the CLI its exception back so it can say that finished blocks are kept.
             if trainer.interrupted:
-                raise KeyboardInterrupt from None
+                raise (Terminated() if isinstance(coordinator.interrupted_by, Terminated) else KeyboardInterrupt()) from None
             raise
         finally:
             coordinator.close()
@@ -377,8 +441,12 @@ def resolve_model(cfg: FlexGenConfig) -> tuple[str, Path | None, Any]:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"model.path: {folder} has no config.json, so it is not an HF OPT checkpoint")
+    from flexgen.models.checkpoint import read_small
+
     try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        raw = json.loads(read_small(config_file).decode("utf-8"))
+    except CheckpointError as exc:
+        raise CheckpointError(f"model.path: {exc}") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"model.path: cannot read {config_file} as JSON ({exc})") from exc
     if not isinstance(raw, dict):
@@ -390,6 +458,127 @@ def resolve_model(cfg: FlexGenConfig) -> tuple[str, Path | None, Any]:
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise CheckpointError(f"model.path: {folder} has no weight files (*.safetensors or *.bin)")
     return str(folder), folder, spec
+
+
+def weights_identity(cfg: FlexGenConfig, model_dir: Path | None) -> str:
+    """What the job fingerprint records of the weights; a checkpoint is checked whole on the way.
+
+    A checkpoint folder is opened as the engine will open it (headers read and checked, every
+    weight ``config.json`` implies looked up with its shape), so a damaged or incomplete
+    checkpoint is one line now, before the output is touched, rather than later, and its
+    content fingerprint names it (see :mod:`flexgen.models.checkpoint`). Synthetic weights are
+    named by their size and seed.
+    """
+    if model_dir is None:
+        return f"synthetic {cfg.model.synthetic.lower().removeprefix('facebook/')} seed {cfg.model.seed}"
+    from flexgen.models.checkpoint import HFCheckpoint
+
+    try:
+        checkpoint = HFCheckpoint(model_dir)
+        checkpoint.check()
+        return f"checkpoint {checkpoint.content_fingerprint()}"
+    except CheckpointError as exc:
+        message = str(exc)
+        raise CheckpointError(message if message.startswith("model.path") else f"model.path: {message}") from exc
+
+
+def uses_disk(policy: Policy) -> bool:
+    """Whether a policy puts any weights, cache or activations on the disk tier."""
+    return any(policy.percents(kind)["disk"] > 0 for kind in ("weights", "cache", "act"))
+
+
+def check_offload_dir(cfg: FlexGenConfig, policy: Policy) -> Path:
+    """The offload folder (``output.offload_dir`` or the default), checked usable when the policy needs it.
+
+    It must be a folder (or creatable) and writable; a file there, or a folder flexgen cannot
+    write, is one line naming it instead of a traceback in the middle of the conversion.
+    """
+    from flexgen.engine import default_offload_dir
+
+    folder = Path(resolve_offload_dir(cfg) or default_offload_dir())
+    if folder.exists() and not folder.is_dir():
+        raise StorageError(f"output.offload_dir: {folder} is a file, not a folder")
+    if uses_disk(policy):
+        probe = folder / f".probe-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            probe.unlink()
+        except OSError as exc:
+            raise StorageError(f"output.offload_dir: cannot write to {folder} ({exc.strerror or exc}); the policy "
+                               "puts tensors on disk there") from exc
+    return folder
+
+
+def check_fits(cfg: FlexGenConfig, spec: Any, policy: Policy, plugins: dict[str, Any], prompts: list[Prompt],
+               offload_dir: Path) -> None:
+    """Refuse a policy whose blocks need more memory than this machine has, before anything is allocated.
+
+    The engine allocates a whole block (``gpu_batch_size x num_gpu_batches`` sequences, padded
+    when fewer prompts are left) and its KV cache up front; ``policy.gpu_batch_size=100000000``
+    would otherwise grind the machine into swap or the OOM killer instead of saying anything.
+    The cost model's peak bytes per tier (the estimate ``policy: auto`` plans with) are compared
+    with what the machine physically has (RAM, the GPU's memory, the offload folder's disk),
+    capped by ``hardware.*_memory`` when set, with no safety margin: only a clear overcommit is
+    refused. Plugins the cost model does not price (a third-party attention, say) skip the check.
+    """
+    import dataclasses
+    import shutil
+
+    import psutil
+
+    from flexgen.costmodel import Workload, estimate, estimate_options
+    from flexgen.hardware import PRESETS, parse_bytes
+    from flexgen.optimizer import violations
+
+    try:
+        options = estimate_options(plugins)
+    except ConfigError:
+        return
+    cuda = _accelerator(cfg) == "gpu"
+    ram = psutil.virtual_memory().total
+    if cuda:
+        import torch
+
+        gpu = torch.cuda.get_device_properties(0).total_memory
+    else:
+        gpu = ram
+    existing = next(p for p in [offload_dir, *offload_dir.parents] if p.exists())
+    have = {"gpu": gpu, "cpu": ram, "disk": shutil.disk_usage(existing).total}
+    for tier, cap in cfg.hardware_caps().items():
+        have[tier.removesuffix("_memory")] = min(have[tier.removesuffix("_memory")], parse_bytes(cap, f"hardware.{tier}"))
+    machine = dataclasses.replace(PRESETS["t4-paper"], name="this machine", device="cuda" if cuda else "cpu",
+                                  gpu_memory=have["gpu"], cpu_memory=have["cpu"], disk_memory=have["disk"],
+                                  shared_memory=not cuda)
+    workload = Workload(max(len(p.input_ids) for p in prompts), cfg.generation.max_new_tokens, len(prompts))
+    est = estimate(spec, policy, workload, machine, dtype=cfg.model.dtype, memory_only=True, **options)
+    short = violations(est, machine, {"gpu": 1.0, "cpu": 1.0, "disk": 1.0})
+    if short:
+        raise ConfigError(
+            f"policy: a block of {policy.num_gpu_batches} x {policy.gpu_batch_size} sequences does not fit this machine "
+            f"({short[0]}); lower policy.gpu_batch_size or policy.num_gpu_batches, or offload more "
+            "(flexgen policy --model ... suggests a policy that fits)"
+        )
+
+
+def check_plugins(plugins: dict[str, Any], offload_dir: Path) -> None:
+    """Build every plugin the run selects once, so that each can refuse its options now (one line, exit 2).
+
+    The engine builds them again for real; these are dropped at once (storage backends closed).
+    """
+    from flexgen import registry
+    from flexgen.engine import DEFAULT_PLUGINS
+
+    for key in ("attention", "weight_compressor", "cache_compressor", "scheduler"):
+        kind = {"weight_compressor": "compressor", "cache_compressor": "compressor"}.get(key, key)
+        registry.create(kind, plugins[key], where=f"plugins.{key}")
+    storage = {**DEFAULT_PLUGINS["storage"], **dict(plugins.get("storage") or {})}
+    for tier, spec in storage.items():
+        backend = registry.create("storage", spec, where=f"plugins.storage.{tier}", compute_device="cpu",
+                                  offload_dir=offload_dir, pin_memory=False)
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
@@ -499,8 +688,11 @@ def _plain_devices(devices: Any) -> Any:
     return OmegaConf.to_container(devices) if isinstance(devices, ListConfig) else devices
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary sibling, fsync, rename over ``path``: never a half file."""
+def write_json_atomic(path: Path, obj: Any, key: str = "output.path") -> None:
+    """Write JSON to a temporary sibling, fsync, rename over ``path``: never a half file.
+
+    ``key`` names what the user set, for the one-line error (a full disk, say).
+    """
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
@@ -514,7 +706,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
             Path(tmp).unlink(missing_ok=True)
             raise
     except OSError as exc:
-        raise ConfigError(f"output.path: cannot write {path} ({exc.strerror or exc})") from exc
+        raise ConfigError(f"{key}: cannot write {path} ({exc.strerror or exc})") from exc
 
 
 def format_summary(summary: dict[str, Any]) -> str:

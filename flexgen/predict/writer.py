@@ -12,7 +12,14 @@ half-written.
   the end). :func:`repair_output` cuts such a tail off (and logs it) right before new lines are
   appended; the prompts it held are simply generated again.
 * A bad line *before* the last good one is not a crash artefact; that file is not ours to fix,
-  so it is an error naming the line.
+  so it is an error naming the line. Nor is a file with no output line at all (unless it is
+  empty, or the start of our own first write beside our job file), a symbolic link, or a
+  part file of that kind: a user's file given as ``output.path`` by mistake is refused and
+  left byte for byte as it was, never appended to, cut or deleted.
+* A block that cannot be written (a full disk) is cut back off, so the file stays as it was
+  before that block, and the error is one line.
+* Every line carries the fingerprint of the job that wrote it (see :mod:`flexgen.predict.job`);
+  the run checks, before it appends, that the lines already there are this job's.
 
 With several processes (``trainer.devices=N``, see docs/distributed.md) rank 0 appends to the
 output itself and rank *k* > 0 to its own *part file* ``<output>.rank<k>``, under its own lock,
@@ -30,6 +37,8 @@ import json
 import logging
 import os
 import re
+import stat
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +46,7 @@ from typing import Any
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from flexgen.errors import ConfigError
+from flexgen.predict.job import Job, check_resume, job_path, prompt_key, read_job_file, write_job_file
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +59,35 @@ class OutputState:
     good_bytes: int = 0  # length of the valid prefix
     torn_bytes: int = 0  # bytes after it (a torn tail), 0 when the file is clean
     torn_lines: int = 0
+    #: id -> (line number, :func:`~flexgen.predict.job.prompt_key` of the prompt it was generated for)
+    records: dict = field(default_factory=dict)
+    #: job fingerprint (None: a line without one) -> the first line that carries it
+    jobs: dict = field(default_factory=dict)
+
+    @property
+    def lines(self) -> int:
+        return len(self.records)
 
 
-def scan_output(path: Path) -> OutputState:
-    """Read an output file line by line without changing it; a missing file is an empty one."""
+#: how every line :func:`encode_lines` writes begins: a torn first write of ours starts so too
+_LINE_START = b'{"id": '
+
+
+def scan_output(path: Path, first_write_ok: bool = False) -> OutputState:
+    """Read an output file line by line without changing it; a missing file is an empty one.
+
+    The file must be recognisably this project's output, or ConfigError: a regular file (not
+    a symbolic link) whose every complete line is an output record, with at most a torn tail
+    (no final newline, or garbage such as NUL bytes a crash can leave) after the last record.
+    A file holding no record at all is accepted only when empty, or when ``first_write_ok``
+    (the run's job file exists, so a flexgen run was writing it) and its bytes begin as an
+    output line does: an interrupted first write. Anything else is a file of the user's, which
+    flexgen must neither append to nor cut.
+    """
     state = OutputState()
+    if path.is_symlink():
+        raise ConfigError(f"output.path: {path} is a symbolic link; flexgen writes only to a regular file it made. "
+                          "Give the real path, or choose another output.path")
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -61,10 +95,15 @@ def scan_output(path: Path) -> OutputState:
     except OSError as exc:
         raise ConfigError(f"output.path: cannot read {path} ({exc.strerror or exc})") from exc
     with f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ConfigError(f"output.path: {path} is not a regular file")
         offset = 0
         first_bad: int | None = None  # line number of the first bad line after the last good one
         bad_lines = 0
+        head = b""
         for number, line in enumerate(f, start=1):
+            if number == 1:
+                head = line[: len(_LINE_START)]
             offset += len(line)
             obj = _parse(line) if line.endswith(b"\n") else None  # no newline: torn
             if obj is None:
@@ -73,15 +112,22 @@ def scan_output(path: Path) -> OutputState:
                 continue
             if first_bad is not None:
                 # A bad line followed by a good one is not crash damage: not our file to fix.
-                raise ConfigError(
-                    f"output.path: {path} line {first_bad} is not a flexgen output line; move the file away or "
-                    "choose another output.path"
-                )
-            state.done_ids.add(_hashable(obj["id"]))
+                raise _not_ours(path, f"line {first_bad} is not a flexgen output line")
+            key = _hashable(obj["id"])
+            state.done_ids.add(key)
+            state.records[key] = (number, prompt_key(obj["input_ids"], obj.get("prompt")))
+            state.jobs.setdefault(obj.get("job"), number)
             state.good_bytes = offset
         state.torn_bytes = offset - state.good_bytes
         state.torn_lines = bad_lines
+    if state.torn_bytes and not state.records and not (first_write_ok and head == _LINE_START[: len(head)] and head):
+        raise _not_ours(path, "line 1 is not a flexgen output line")
     return state
+
+
+def _not_ours(path: Path, what: str) -> ConfigError:
+    return ConfigError(f"output.path: {path} {what}; flexgen changes only its own output files. Move it away or "
+                       "choose another output.path")
 
 
 def _parse(line: bytes) -> Any:
@@ -90,9 +136,17 @@ def _parse(line: bytes) -> Any:
         obj = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if not isinstance(obj, dict) or "id" not in obj or "output_ids" not in obj:
+    if not isinstance(obj, dict) or not all(k in obj for k in ("id", "input_ids", "output_ids")):
+        return None
+    if isinstance(obj["id"], bool) or not isinstance(obj["id"], (str, int)):
+        return None
+    if not _token_list(obj["input_ids"]) or not _token_list(obj["output_ids"]):
         return None
     return obj
+
+
+def _token_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
 def _hashable(value: Any) -> Any:
@@ -134,34 +188,49 @@ def good_lines(path: Path, state: OutputState) -> list[bytes]:
         return f.read(state.good_bytes).splitlines(keepends=True)
 
 
-def append_durably(fd: int, data: bytes) -> None:
-    """Append ``data`` with as few writes as the OS allows (one in practice), then fsync."""
+def append_durably(fd: int, data: bytes, path: Path | str = "the output") -> None:
+    """Append ``data`` with as few writes as the OS allows (one in practice), then fsync.
+
+    When the write fails (a full disk, a file size limit), the file is cut back to its length
+    before this call, so it never keeps half a block, and the failure is one ConfigError line.
+    """
+    size = os.fstat(fd).st_size
     view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-    os.fsync(fd)
+    try:
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except OSError as exc:
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        except OSError:
+            pass  # the torn tail is cut by the next run
+        raise ConfigError(f"output.path: cannot write to {path} ({exc.strerror or exc}); the lines already "
+                          "there are kept, rerun to resume") from exc
 
 
 def merge_parts(path: Path, parts: list[Path], done: set | None = None) -> int:
     """Append the lines of ``parts`` whose ids ``path`` lacks to ``path``; delete the parts.
 
-    The caller holds the lock on ``path`` and has repaired its torn tail. ``done`` is the set of
-    ids ``path`` holds, when the caller has just scanned it (the merged ids are added to it);
-    otherwise ``path`` is scanned here. Each part is locked while it is merged, so a process
-    still writing one (a rank of a run that lost its rank 0) makes this a ConfigError instead of
-    a race. Returns the number of lines appended.
+    The caller holds the lock on ``path``, has repaired its torn tail and has checked that the
+    parts hold this job's lines. ``done`` is the set of ids ``path`` holds, when the caller has
+    just scanned it (the merged ids are added to it); otherwise ``path`` is scanned here. Each
+    part is locked while it is merged, so a process still writing one (a rank of a run that lost
+    its rank 0) makes this a ConfigError instead of a race. Returns the number of lines appended.
     """
     if not parts:
         return 0
+    first_write_ok = job_path(path).exists()
     if done is None:
-        done = scan_output(path).done_ids
+        done = scan_output(path, first_write_ok).done_ids
     appended = 0
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = _open_append(path)
     try:
         for part in parts:
             with OutputLock(part):
-                state = scan_output(part)
+                state = scan_output(part, first_write_ok)
                 if state.torn_bytes:
                     log.warning("%s: ignored %d torn line(s) left by an interrupted run; those prompts run again",
                                 part, state.torn_lines)
@@ -172,7 +241,7 @@ def merge_parts(path: Path, parts: list[Path], done: set | None = None) -> int:
                         done.add(key)
                         new.append(line)
                 if new:
-                    append_durably(fd, b"".join(new))
+                    append_durably(fd, b"".join(new), path)
                 appended += len(new)
                 part.unlink()  # only once its lines are durably in the output
     finally:
@@ -180,15 +249,62 @@ def merge_parts(path: Path, parts: list[Path], done: set | None = None) -> int:
     return appended
 
 
-def prepare_output(path: Path) -> set:
-    """Rank 0, holding the lock on ``path``: cut its torn tail, merge leftover parts; the ids done.
+@dataclass
+class OutputCheck:
+    """What :func:`check_output` found: the output's state, its part files', and notes to log."""
 
-    One scan of the output: cutting the torn tail removes no done id, and the merge adds the ids
-    it appends to the same set.
+    state: OutputState
+    parts: list[tuple[Path, OutputState]]
+    notes: list[str]
+
+
+def check_output(path: Path, job: Job, prompts: list[Any], restart: bool = False) -> OutputCheck:
+    """Read, never change, the output and the part files an interrupted run left beside it.
+
+    Each must be recognisably this project's (:func:`scan_output`) and, unless ``restart``, made
+    by this job for these prompts (:func:`~flexgen.predict.job.check_resume`); otherwise
+    ConfigError, one line naming the file.
     """
-    state = scan_output(path)
+    first_write_ok = read_job_file(path) is not None
+    state = scan_output(path, first_write_ok)
+    parts = [(part, scan_output(part, first_write_ok)) for part in leftover_parts(path)]
+    notes: list[str] = []
+    if not restart:
+        notes += check_resume(path, state, job, prompts)
+        for part, part_state in parts:
+            notes += check_resume(path, part_state, job, prompts, where=part)
+    return OutputCheck(state, parts, notes)
+
+
+def prepare_output(path: Path, job: Job, prompts: list[Any], restart: bool = False) -> set:
+    """Rank 0, holding the lock on ``path``: check, repair and merge what is there; the ids done.
+
+    Nothing is changed unless :func:`check_output` passes. Then the torn tail is cut, the parts
+    merged and the job file written, in that order. With ``restart`` the output is emptied and
+    the parts are deleted instead. One scan of the output: cutting the torn tail removes no
+    done id, and the merge adds the ids it appends to the same set.
+    """
+    found = check_output(path, job, prompts, restart)
+    state, part_states = found.state, found.parts
+    parts = [part for part, _ in part_states]
+    if restart:
+        discarded = state.lines + sum(s.lines for _, s in part_states)
+        with open(path, "r+b") as f:
+            f.truncate(0)
+            os.fsync(f.fileno())
+        for part in parts:
+            with OutputLock(part):
+                part.unlink()
+        write_job_file(path, job)
+        log.info("--restart: discarded %d line(s) of %s%s; generating every prompt again", discarded, path,
+                 f" and {len(parts)} part file(s)" if parts else "")
+        return set()
+    for note in found.notes:
+        log.warning("%s", note)
     repair_output(path, state)
-    parts = leftover_parts(path)
+    recorded = read_job_file(path)
+    if recorded is None or recorded.get("fingerprint") != job.fingerprint:
+        write_job_file(path, job)  # before the first line is appended
     if parts:
         count = merge_parts(path, parts, state.done_ids)
         log.info("merged %d line(s) from %d part file(s) of an interrupted run into %s", count, len(parts), path)
@@ -197,6 +313,9 @@ def prepare_output(path: Path) -> set:
 
 def check_writable(path: Path) -> None:
     """Make sure the output folder exists and the file can be appended to, changing no content."""
+    if path.is_symlink():
+        raise ConfigError(f"output.path: {path} is a symbolic link; flexgen writes only to a regular file it made. "
+                          "Give the real path, or choose another output.path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
@@ -206,12 +325,19 @@ def check_writable(path: Path) -> None:
                 pass
         else:
             # Probe with a scratch file, so a run that fails later leaves no empty output behind.
-            probe = path.with_name(f".{path.name}.probe-{os.getpid()}")
-            with open(probe, "wb"):
-                pass
+            probe = path.with_name(f".{path.name}.probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             probe.unlink()
     except ConfigError:
         raise
+    except OSError as exc:
+        raise ConfigError(f"output.path: cannot write to {path} ({exc.strerror or exc})") from exc
+
+
+def _open_append(path: Path) -> int:
+    """An append-only fd on ``path`` (created if missing), never through a symbolic link."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as exc:
         raise ConfigError(f"output.path: cannot write to {path} ({exc.strerror or exc})") from exc
 
@@ -237,10 +363,7 @@ class OutputLock:
         except ImportError:  # not POSIX (Windows): run unlocked
             fcntl = None
         self._created = not self.path.exists()
-        try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise ConfigError(f"output.path: cannot write to {self.path} ({exc.strerror or exc})") from exc
+        self._fd = _open_append(self.path)
         try:
             if fcntl is not None:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -264,33 +387,34 @@ class OutputLock:
             self._fd = None
 
 
-def encode_lines(lines: list[dict[str, Any]]) -> bytes:
+def encode_lines(lines: list[dict[str, Any]], job: str | None = None) -> bytes:
+    """The bytes of output lines, each stamped with the fingerprint of the job that made it."""
+    if job is not None:
+        lines = [{**line, "job": job} for line in lines]
     return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8")
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
     """Appends each block's lines to its file as soon as the block is done.
 
-    ``path`` is the output on rank 0 and the rank's part file on the others (set by the run
-    before the loop starts, see :func:`part_path`).
+    ``path`` is the output on rank 0 and the rank's part file on the others, and ``job`` the
+    run's job fingerprint (both set by the run before the loop starts, see :func:`part_path`).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, job: str | None = None):
         super().__init__(write_interval="batch")
         self.path = Path(path)
+        self.job = job
         self._fd: int | None = None
         self.lines_written = 0
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise ConfigError(f"output.path: cannot write to {self.path} ({exc.strerror or exc})") from exc
+        self._fd = _open_append(self.path)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
         if not prediction:  # an empty block pads a rank's share (see PromptDataModule.shard)
             return
-        append_durably(self._fd, encode_lines(prediction))
+        append_durably(self._fd, encode_lines(prediction, self.job), self.path)
         self.lines_written += len(prediction)
 
     def on_predict_end(self, trainer, pl_module) -> None:

@@ -1,12 +1,27 @@
 """Disk: tensors in files under the offload directory, read through memory maps.
 
-Weights are kept as one safetensors file per tensor, written atomically (a unique temporary
-name, then a rename), so an interrupted conversion leaves no half-written file under a real
-name and two processes writing the same tensor cannot corrupt it. They persist across runs.
+Weights are kept as one safetensors file per tensor. Each is written under a temporary name
+in this process's scratch folder and renamed into place, so an interrupted conversion leaves
+no half-written file under a real name and two processes writing the same tensor cannot
+corrupt it. They persist across runs.
 
-Tensors made with :meth:`DiskStorage.empty` (the KV cache, activations) are raw files mapped
-shared, so writing a token's keys and values writes those bytes of the file in place, never
-the whole cache. They are deleted when freed.
+A converted file is trusted only once verified: its header must name the key it was written
+for (a file swapped for another is caught) and the CRC-32 of its data, written into the header
+at conversion, must match the bytes on disk (flipped bytes are caught, not only truncation).
+The check runs when a process first maps the file (:meth:`DiskStorage.get`), costs one read of
+the file (about what reading the weights once costs; see docs/benchmarks.md for the measured
+ratio), and a file that fails it is deleted with a one-line notice, so the engine converts it
+again.
+
+Tensors made with :meth:`DiskStorage.empty` (the KV cache, activations) are raw files in this
+process's scratch folder, mapped shared, so writing a token's keys and values writes those
+bytes of the file in place, never the whole cache. Their blocks are allocated up front, so a
+full disk is an error at allocation, not a crash (SIGBUS) in the middle of a step. They are
+deleted when freed.
+
+The scratch folder, ``<offload_dir>/scratch/<pid>-<random>/``, is owned through a lock file
+(:mod:`flexgen.scratch`): a run that is killed leaves it behind, and the next process that
+opens a disk tier on the same offload folder removes it, never one whose owner still runs.
 
 Reads go through the page cache: a memory-mapped tensor costs file-backed pages, not
 anonymous memory, so a process can stream a model far larger than its RAM.
@@ -15,53 +30,146 @@ anonymous memory, so a process can stream a model far larger than its RAM.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import struct
 import uuid
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from flexgen.errors import CheckpointError
+from flexgen.errors import CheckpointError, StorageError
+from flexgen.scratch import OwnedFolder, sweep
 from flexgen.storage.base import StorageBackend
+
+log = logging.getLogger(__name__)
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_TORCH_TO_SAFETENSORS = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+
+#: safetensors' own limit on the header: a larger claim is refused before anything is read.
+MAX_HEADER_BYTES = 100_000_000
+
+#: header metadata written at conversion and checked before reuse
+KEY_FIELD, CRC_FIELD = "flexgen.key", "flexgen.crc32"
 
 
-def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A checked safetensors header: every entry's dtype, shape and byte range are consistent."""
+
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]  # name -> (dtype, shape, begin, end)
+    metadata: dict[str, str]
+    data_start: int  # file offset of the first data byte
+    data_len: int
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    """Read and check the header of a safetensors file; CheckpointError naming the file and the fault.
+
+    Checked, as the safetensors library itself does: the 8-byte length (at most 100 MB, and
+    inside the file: a claim of gigabytes is refused before it is read), UTF-8 JSON whose top
+    level is an object, ``__metadata__`` a map of strings, each entry's dtype known, its shape a
+    list of non-negative integers, its offsets a pair inside the data that holds exactly
+    ``prod(shape) x itemsize`` bytes, the entries packed without holes or overlaps and the file
+    ending with the last one.
+    """
+
+    def bad(reason: str) -> CheckpointError:
+        return CheckpointError(f"{path}: truncated or corrupt safetensors file ({reason})")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise bad(f"{size} bytes, shorter than the 8-byte header length")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                raise bad(f"its header claims {header_len} bytes, more than safetensors allows ({MAX_HEADER_BYTES})")
+            if header_len > size - 8:
+                raise bad(f"its header claims {header_len} bytes, the file has {size - 8} after the length")
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad(f"its header is not UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise bad(f"its header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise bad("__metadata__ is not a map of strings")
+    tensors = {}
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise bad(f"entry {name!r} is not an object")
+        dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype_name not in _SAFETENSORS_DTYPES:
+            raise bad(f"entry {name!r} has unsupported dtype {dtype_name!r} (supported: {', '.join(_SAFETENSORS_DTYPES)})")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise bad(f"entry {name!r} has shape {shape!r}, not a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)
+                or offsets[0] > offsets[1]):
+            raise bad(f"entry {name!r} has data_offsets {offsets!r}, not a pair [begin, end] of byte offsets")
+        dtype = _SAFETENSORS_DTYPES[dtype_name]
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if offsets[1] - offsets[0] != nbytes:
+            raise bad(f"entry {name!r}: shape {shape} of {dtype_name} is {nbytes} bytes, its offsets span "
+                      f"{offsets[1] - offsets[0]}")
+        tensors[name] = (dtype, tuple(shape), offsets[0], offsets[1])
+    end = 0
+    for name, (_, _, begin, stop) in sorted(tensors.items(), key=lambda item: (item[1][2], item[1][3])):
+        if begin != end:
+            raise bad(f"entry {name!r} starts at byte {begin} of the data, expected {end} (a hole or an overlap)")
+        end = stop
+    data_start = 8 + header_len
+    if data_start + end != size:
+        raise bad(f"file is {size} bytes, its header says {data_start + end}")
+    return SafetensorsHeader(tensors, metadata, data_start, end)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _raw(path: Path, header: SafetensorsHeader) -> torch.Tensor:
+    """The data bytes of a checked file, memory-mapped copy-on-write (so never written back)."""
+    if header.data_len == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", offset=header.data_start,
+                                      shape=(header.data_len,)))
+
+
+def map_safetensors(path: Path, header: SafetensorsHeader | None = None) -> dict[str, torch.Tensor]:
     """Memory-map every tensor of a safetensors file (copy-on-write, so never written back).
 
     Raises CheckpointError naming the file when it is truncated or its header is corrupt.
     """
+    header = header if header is not None else read_header(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
-        data_start = 8 + header_len
-        end = max((info["data_offsets"][1] for info in header.values()), default=0)
-        if data_start + end > size:
-            raise ValueError(f"file is {size} bytes, its header says {data_start + end}")
-    except (OSError, ValueError, KeyError, struct.error) as exc:
-        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({exc})") from exc
-    tensors = {}
-    if end == 0:
-        return {name: torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]]) for name, info in header.items()}
-    raw = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", offset=data_start, shape=(end,)))
-    for name, info in header.items():
-        begin, stop = info["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        tensors[name] = raw[begin:stop].view(dtype).reshape(info["shape"])
-    return tensors
+        raw = _raw(path, header)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot map it ({exc})") from exc
+    return {name: raw[begin:stop].view(dtype).reshape(shape) for name, (dtype, shape, begin, stop) in header.tensors.items()}
+
+
+def _crc32(data: torch.Tensor) -> int:
+    """CRC-32 of a tensor's bytes (zlib releases the GIL, so placement threads check in parallel)."""
+    flat = data.detach().reshape(-1)
+    if flat.numel() == 0:
+        return 0
+    return zlib.crc32(flat.view(torch.uint8).numpy())
 
 
 class DiskStorage(StorageBackend):
@@ -73,21 +181,31 @@ class DiskStorage(StorageBackend):
         super().__init__(**kwargs)
         if self.offload_dir is None:
             raise TypeError("the disk tier needs an offload_dir")
+        if self.offload_dir.exists() and not self.offload_dir.is_dir():
+            raise StorageError(f"output.offload_dir: {self.offload_dir} is not a folder")
         self._tensors: dict[str, torch.Tensor] = {}
         self._scratch: dict[str, Path] = {}  # files made by empty(), deleted when freed
+        # Scratch of runs that were killed; ours is made on first use and removed by close().
+        sweep(self.offload_dir / "scratch")
+        self._owned = OwnedFolder(self.offload_dir / "scratch")
 
     def _path(self, key: str, suffix: str) -> Path:
         return self.offload_dir / f"{key}{suffix}"
 
+    def _failed(self, what: str, exc: BaseException) -> StorageError:
+        reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return StorageError(f"output.offload_dir: cannot write {what} under {self.offload_dir} ({reason})")
+
     def put(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         path = self._path(key, ".safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+        data = tensor.detach().to("cpu").contiguous()
         try:
-            save_file({"data": tensor.detach().to("cpu").contiguous()}, str(tmp))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._owned.path / f"{uuid.uuid4().hex}.safetensors"
+            save_file({"data": data}, str(tmp), metadata={KEY_FIELD: key, CRC_FIELD: str(_crc32(data))})
             os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        except Exception as exc:  # OSError, or safetensors' own error for a full disk
+            raise self._failed(key, exc) from exc
         resident = map_safetensors(path)["data"]
         self._tensors[key] = resident
         return resident
@@ -106,28 +224,57 @@ class DiskStorage(StorageBackend):
         return staging.to(device, non_blocking=non_blocking)
 
     def get(self, key: str) -> torch.Tensor | None:
+        """The tensor stored under ``key``, verified on its first use in this process; None if absent or damaged."""
         if key in self._tensors:
             return self._tensors[key]
         path = self._path(key, ".safetensors")
-        if not path.exists():
-            return None
         try:
-            resident = map_safetensors(path)["data"]
-        except (CheckpointError, KeyError):
-            path.unlink(missing_ok=True)  # damaged: the caller will write it again
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"output.offload_dir: cannot read {path} ({exc.strerror or exc})") from exc
+        try:
+            header = read_header(path)
+            resident = self._verified(key, path, header)
+        except CheckpointError as exc:
+            log.warning("%s; converting it again", str(exc))
+            try:
+                if path.stat().st_ino == stat.st_ino:  # not a good copy another process has just renamed in
+                    path.unlink()
+            except OSError:
+                pass
             return None
         self._tensors[key] = resident
         return resident
 
+    @staticmethod
+    def _verified(key: str, path: Path, header: SafetensorsHeader) -> torch.Tensor:
+        """The ``data`` tensor of a converted file, once its header names ``key`` and its CRC-32 matches."""
+        written_for, crc = header.metadata.get(KEY_FIELD), header.metadata.get(CRC_FIELD)
+        if written_for is None or crc is None:
+            raise CheckpointError(f"converted weight {path} carries no checksum (written by an older flexgen)")
+        if written_for != key or set(header.tensors) != {"data"}:
+            raise CheckpointError(f"converted weight {path} holds {written_for!r}, not {key!r}")
+        resident = map_safetensors(path, header)["data"]
+        if str(_crc32(resident)) != crc:
+            raise CheckpointError(f"converted weight {path} is damaged (its bytes do not match the checksum "
+                                  "written at conversion)")
+        return resident
+
     def empty(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        path = self._path(key, ".bin")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        numel = 1
-        for s in shape:
-            numel *= s
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        with open(path, "wb") as f:
-            f.truncate(nbytes)  # sparse, zero-filled
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        try:
+            path = self._owned.path / f"{key}.bin"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                if nbytes and hasattr(os, "posix_fallocate"):
+                    # Real blocks now: a sparse file on a full disk would fail later, as SIGBUS.
+                    os.posix_fallocate(f.fileno(), 0, nbytes)
+                else:
+                    f.truncate(nbytes)  # (no posix_fallocate, e.g. macOS: sparse, as before)
+        except OSError as exc:
+            raise self._failed(key, exc) from exc
         raw = torch.from_file(str(path), shared=True, size=max(nbytes, 1), dtype=torch.uint8)
         resident = raw[:nbytes].view(dtype).reshape(shape)
         self._tensors[key] = resident
@@ -147,3 +294,4 @@ class DiskStorage(StorageBackend):
         for key in list(self._scratch):
             self.free(key)
         self._tensors.clear()
+        self._owned.release()
