@@ -23,6 +23,8 @@ without the outlier decomposition: one float32 scale per last-axis row.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import math
 from collections.abc import Mapping
@@ -34,8 +36,15 @@ import torch.nn.functional as F
 from flexgen.compression.base import Compressor, PartSpecs
 
 
-def _import_bnb_functional() -> Any:
-    """Import ``bitsandbytes.functional`` without its unrelated CPU-gemm warning.
+if importlib.util.find_spec("bitsandbytes") is None:
+    # Said when flexgen lists plugins, as one line; bitsandbytes itself is imported only when
+    # one of these compressors is used (it takes seconds, which every run would pay otherwise).
+    raise ImportError("bitsandbytes is not installed (pip install bitsandbytes)")
+
+
+@functools.lru_cache(maxsize=1)
+def bnbf() -> Any:
+    """``bitsandbytes.functional``, imported on first use, without its unrelated CPU-gemm warning.
 
     On CPUs with AVX512-BF16 bitsandbytes tries to fetch an optional gemm kernel from the
     ``kernels`` package and logs a warning when it is missing; we never use that gemm, so the
@@ -49,9 +58,6 @@ def _import_bnb_functional() -> Any:
     finally:
         logger.setLevel(level)
     return bnb_functional
-
-
-bnbf = _import_bnb_functional()
 
 #: dtypes bitsandbytes quantizes from and dequantizes to directly; others go through float32.
 _NATIVE = (torch.float16, torch.bfloat16, torch.float32)
@@ -107,7 +113,7 @@ class BitsAndBytes4bit(Compressor):
             rows = rows.float()
         if padded != row:
             rows = F.pad(rows, (0, padded - row))
-        packed, state = bnbf.quantize_4bit(
+        packed, state = bnbf().quantize_4bit(
             rows.contiguous(), blocksize=self.blocksize, quant_type=self.quant_type, compress_statistics=False
         )
         return {
@@ -121,7 +127,7 @@ class BitsAndBytes4bit(Compressor):
         n_rows = math.prod(lead)
         packed = parts["packed"].reshape(-1, 1).contiguous()
         device = packed.device
-        state = bnbf.QuantState(
+        state = bnbf().QuantState(
             absmax=parts["absmax"].reshape(-1).float().contiguous(),
             shape=torch.Size((n_rows, padded)),
             code=self._code(device),
@@ -129,13 +135,13 @@ class BitsAndBytes4bit(Compressor):
             quant_type=self.quant_type,
             dtype=dtype if dtype in _NATIVE else torch.float32,
         )
-        rows = bnbf.dequantize_4bit(packed, state)
+        rows = bnbf().dequantize_4bit(packed, state)
         return rows[:, :row].reshape(shape).to(dtype)
 
     def _code(self, device: torch.device) -> torch.Tensor:
         """The 16-entry code book, built once per device (it is a constant of quant_type)."""
         if device not in self._codes:
-            self._codes[device] = bnbf.get_4bit_type(self.quant_type, device=device)
+            self._codes[device] = bnbf().get_4bit_type(self.quant_type, device=device)
         return self._codes[device]
 
 
@@ -180,7 +186,7 @@ class BnbInt8(Compressor):
         # the input's dtype, where bfloat16's 8-bit mantissa would add rounding error of the
         # size of the int8 step itself, so it gets float32.
         rows = rows.half() if rows.device.type == "cuda" else rows.float()
-        data, scale, _ = bnbf.int8_vectorwise_quant(rows.contiguous())
+        data, scale, _ = bnbf().int8_vectorwise_quant(rows.contiguous())
         # An all-zero row has absmax 0; bitsandbytes' portable kernel then computes 0/0.
         data = data.masked_fill(scale[:, None] == 0, 0)
         return {"data": data.reshape(*lead, row), "scale": scale.float().reshape(*lead, 1)}
@@ -189,7 +195,7 @@ class BnbInt8(Compressor):
         lead, row = _rows(tuple(shape))
         data = parts["data"].reshape(-1, row).contiguous()
         scale = parts["scale"].reshape(-1).float().contiguous()
-        return bnbf.int8_vectorwise_dequant(data, scale).reshape(shape).to(dtype)
+        return bnbf().int8_vectorwise_dequant(data, scale).reshape(shape).to(dtype)
 
 
 def cpu_support() -> str | None:
