@@ -449,3 +449,13 @@ def test_hardware_profile_in_a_config_file_is_relative_to_it(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     assert load_config("sub/c.yaml").hardware.profile == str(tmp_path / "sub" / "machine.yaml")
     assert load_config("sub/c.yaml", ["hardware.profile=h200"]).hardware.profile == "h200"  # a preset name stays a name
+
+
+def test_options_may_come_between_overrides(tmp_path, capsys):
+    """``flexgen predict --config X a=1 --print-config b=2``: options amid key=value overrides, as typed."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    rc = cli_main(["predict", "--config", str(config), "generation.max_new_tokens=5", "--print-config",
+                   "generation.do_sample=true"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "max_new_tokens: 5" in out and "do_sample: true" in out

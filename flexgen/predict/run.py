@@ -72,6 +72,10 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         raise ConfigError(message)
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """Options may come between the key=value overrides (``a=1 --restart b=2``), as people type them."""
+        return self.parse_intermixed_args(args, namespace)
+
 
 def predict_command(argv: list[str]) -> int:
     """Entry point of ``flexgen predict``; returns the exit status."""
