@@ -15,6 +15,7 @@ import torch
 
 from flexgen.errors import CheckpointError
 from flexgen.models.family import (
+    CacheGeometry,
     KVCache,
     ModelFamily,
     family_for_config,
@@ -362,3 +363,25 @@ def test_sliding_window_decode_reads_only_the_window():
     x = torch.randn(2, 1, HIDDEN)
     out = LLAMA.attention_decode(spec, 0, w, x, torch.tensor([[8], [8]]), torch.ones(2, 9, dtype=torch.bool), cache, 8)
     assert torch.isfinite(out).all()
+
+
+def test_grouped_attention_reads_the_cache_in_place():
+    """Six query heads over two cached KV heads: views and batched products only, no copy of keys or values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    cache = KVCache.empty(CacheGeometry(num_kv_heads=2, head_dim=8), 50, 3)
+    cache.k.normal_(), cache.v.normal_()
+    k, v = cache.read(10, 40)
+    with Ops() as ops:
+        grouped_attention(torch.randn(3, 6, 1, 8), k, v, torch.ones(3, 1, 1, 30, dtype=torch.bool))
+    copies = {"clone", "copy_", "_to_copy", "contiguous", "repeat", "repeat_interleave", "cat", "index_select"}
+    assert "bmm" in ops.names and not copies & set(ops.names), ops.names
