@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import cache
 from typing import Any, ClassVar
 
@@ -116,7 +116,7 @@ class LlamaSpec:
     pad_token_id: int = 0
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    name: str = field(default="llama")
+    name: str = "llama"
 
     @property
     def num_model_layers(self) -> int:
@@ -527,8 +527,8 @@ def rope_inv_freq(spec: LlamaSpec, seq_len: torch.Tensor | None = None) -> torch
 
 def rope_cos_sin(spec: LlamaSpec, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (B, n, D) in float32 of positions (B, n): the rotation of each position's key and query."""
-    seq_len = positions.max(dim=1).values + 1 if positions.numel() else None
-    inv = rope_inv_freq(spec, seq_len).to(positions.device)
+    dynamic = spec.rope_scaling is not None and spec.rope_scaling.type == "dynamic" and positions.numel()
+    inv = rope_inv_freq(spec, positions.max(dim=1).values + 1 if dynamic else None).to(positions.device)
     if inv.dim() == 2:
         inv = inv[:, None, :]
     freqs = positions.float()[..., None] * inv
