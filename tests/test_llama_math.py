@@ -385,3 +385,20 @@ def test_grouped_attention_reads_the_cache_in_place():
         grouped_attention(torch.randn(3, 6, 1, 8), k, v, torch.ones(3, 1, 1, 30, dtype=torch.bool))
     copies = {"clone", "copy_", "_to_copy", "contiguous", "repeat", "repeat_interleave", "cat", "index_select"}
     assert "bmm" in ops.names and not copies & set(ops.names), ops.names
+
+
+def test_arithmetic_helpers_reproduce_the_cost_model_for_opt_and_count_gqa():
+    opt_family = OPTFamily()
+    s = opt_family.spec_for_size("opt-350m")  # project_in/out: E != h
+    h, ffn, V, E = s.hidden_size, s.ffn_dim, s.vocab_size, s.word_embed_proj_dim
+    flops = [opt_family.matmul_flops(s, i, 3) for i in (0, 1, 2, s.num_model_layers - 1)]
+    assert flops == [2 * 3 * h * E, 8 * 3 * h * h, 4 * 3 * h * ffn, 2 * 3 * (E * V + h * E)]
+    assert opt_family.attention_flops(s, 0, 1, 100) == 4 * 100 * h
+    assert opt_family.cache_bytes_per_token(s, 0, 2) == 2 * h * 2
+
+    spec = LLAMA.spec_for_size("llama-3.1-8b")
+    per_token = sum(LLAMA.matmul_flops(spec, i, 1) for i in range(spec.num_model_layers))
+    assert per_token == 2 * (LLAMA.parameter_count(spec) - 128256 * 4096 - (2 * 32 + 1) * 4096)  # minus table, norms
+    assert LLAMA.cache_bytes_per_token(spec, 0, 2) == 2 * 8 * 128 * 2  # a quarter of the query heads' size
+    mistral = LLAMA.spec_for_size("mistral-7b")
+    assert LLAMA.attention_flops(mistral, 0, 1, 10000) == LLAMA.attention_flops(mistral, 0, 1, 4096)

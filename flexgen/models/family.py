@@ -13,6 +13,8 @@ engine. It answers:
 * **cache geometry**: how many key/value heads of what size a layer caches, and whether it
   attends to a sliding window only (the engine sizes its (token, batch, kv_head, dim) cache
   units and its cache reads from this);
+* **arithmetic** (derived, no family writes it): matrix-product and attention FLOPs and cache
+  bytes per token, which the cost model now computes from OPT's formulas;
 * **forward**: pure functions of one layer's weights (a dict of tensors named by
   :attr:`WeightSpec.local`) - embed, attention projections in and out, MLP, head - that know
   nothing of tiers, streams or files.
@@ -238,6 +240,35 @@ class ModelFamily(ABC):
     @abstractmethod
     def cache_geometry(self, spec: ModelSpec, layer: int) -> CacheGeometry:
         """What attention layer ``layer`` (a decoder layer index) caches per token and sequence."""
+
+    # ---- arithmetic, derived from the above (for the cost model: no family writes these)
+
+    def matmul_flops(self, spec: ModelSpec, index: int, tokens: int) -> int:
+        """FLOPs of the weight matrix products of model layer ``index`` for ``tokens`` tokens.
+
+        Two per weight of every matrix a token passes through: all 2-D weights but the
+        embedding tables (read by row); the head runs for the last position only, so give it
+        one token per sequence. For OPT this is the cost model's 8·h² (attention), 4·h·ffn
+        (MLP) and 2·E·V (head) per token.
+        """
+        return 2 * tokens * sum(_numel(w.shape) for w in self.layer_weights(spec, index)
+                                if len(w.shape) == 2 and w.local not in self.embedding_tables)
+
+    def attention_flops(self, spec: ModelSpec, layer: int, queries: int, context: int) -> int:
+        """FLOPs of ``q kᵀ`` and ``p v`` for ``queries`` queries each over ``context`` keys (fewer in a window).
+
+        Counted per query head: grouped-query attention saves cache bytes, not arithmetic.
+        For a prompt pass ``context`` = the prompt length (the causal half is not subtracted,
+        as the cost model's 4·s²·h does not).
+        """
+        window = self.cache_geometry(spec, layer).window
+        keys = context if window is None else min(context, window)
+        return 4 * queries * keys * spec.num_heads * spec.head_dim
+
+    def cache_bytes_per_token(self, spec: ModelSpec, layer: int, element_size: int) -> int:
+        """Bytes of keys and values one token of one sequence adds to layer ``layer``'s cache, uncompressed."""
+        geometry = self.cache_geometry(spec, layer)
+        return 2 * geometry.num_kv_heads * geometry.head_dim * element_size
 
     # ---- forward: pure functions of one layer's weights
 
