@@ -309,6 +309,15 @@ def test_bad_config_field_is_named_in_one_line(change, message):
     assert text.startswith("ckpt: config.json ") and message in text and "\n" not in text
 
 
+def test_null_sizes_take_their_defaults():
+    config = {**_hf_model("llama").config.to_dict(), "head_dim": None, "num_key_value_heads": None}
+    spec = LLAMA.spec_from_hf_config(config, "ckpt")
+    assert (spec.head_dim, spec.num_kv_heads) == (HIDDEN // 4, 4)
+    del config["vocab_size"]
+    with pytest.raises(CheckpointError, match="^ckpt: config.json lacks vocab_size$"):
+        LLAMA.spec_from_hf_config(config, "ckpt")
+
+
 def test_bad_layer_types_and_window_are_named():
     config = {**_hf_model("qwen2").config.to_dict(), "use_sliding_window": True, "sliding_window": 3,
               "layer_types": ["full_attention", "chunked"]}

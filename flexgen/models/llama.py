@@ -151,7 +151,8 @@ class LlamaSpec:
                 raise CheckpointError(f"{name}: config.json {key} is not supported (pre-quantized weights)")
 
         def size(key: str, default: Any = None, where: dict[str, Any] = config, label: str = "") -> int:
-            value = where.get(key, default)
+            value = where.get(key)
+            value = default if value is None else value  # null means "the default", as HF reads it
             if value is None:
                 raise CheckpointError(f"{name}: config.json lacks {label}{key}")
             low, high = LIMITS[key]
