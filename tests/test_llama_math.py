@@ -313,6 +313,7 @@ def test_null_sizes_take_their_defaults():
     config = {**_hf_model("llama").config.to_dict(), "head_dim": None, "num_key_value_heads": None}
     spec = LLAMA.spec_from_hf_config(config, "ckpt")
     assert (spec.head_dim, spec.num_kv_heads) == (HIDDEN // 4, 4)
+    assert LLAMA.spec_from_hf_config({**config, "pad_token_id": -1}, "ckpt").pad_token_id == 2  # eos pads
     del config["vocab_size"]
     with pytest.raises(CheckpointError, match="^ckpt: config.json lacks vocab_size$"):
         LLAMA.spec_from_hf_config(config, "ckpt")
