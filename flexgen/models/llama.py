@@ -221,10 +221,10 @@ class LlamaSpec:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
                 raise CheckpointError(f"{name}: config.json eos_token_id must be token ids in [0, {vocab}), got {eos!r}")
             eos_ids.append(value)
-        if isinstance(config.get("pad_token_id"), int) and not isinstance(config["pad_token_id"], bool) \
-                and config["pad_token_id"] < 0:
-            config = {**config, "pad_token_id": None}  # early Llama conversions write -1 for "no padding token"
-        pad = token("pad_token_id")
+        raw_pad = config.get("pad_token_id")
+        # Early Llama conversions write -1 for "no padding token".
+        no_pad = isinstance(raw_pad, int) and not isinstance(raw_pad, bool) and raw_pad < 0
+        pad = None if no_pad else token("pad_token_id")
         return cls(
             model_type=model_type,
             vocab_size=vocab,
