@@ -280,7 +280,7 @@ def _bench_device(cfg: FlexGenConfig) -> str:
 def _generation_kwargs(cfg: FlexGenConfig) -> dict[str, Any]:
     """Engine.generate's keywords; no stop token, so every sequence runs the full length the bound assumes."""
     kwargs = cfg.generation_kwargs()
-    kwargs["stop"] = None
+    kwargs["stop"] = kwargs["stop_strings"] = None
     return kwargs
 
 
@@ -556,8 +556,9 @@ def run_hf_baseline(
         for i, row in enumerate(rows):
             input_ids[i, longest - len(row):] = torch.tensor(row)
             mask[i, longest - len(row):] = 1
-        sampling = {"do_sample": True, "temperature": kwargs["temperature"], "top_p": kwargs["top_p"]} \
-            if kwargs["do_sample"] else {"do_sample": False}
+        sampling = {"do_sample": True, "temperature": kwargs["temperature"], "top_p": kwargs["top_p"],
+                    "top_k": kwargs["top_k"]} if kwargs["do_sample"] else {"do_sample": False}
+        sampling["repetition_penalty"] = kwargs["repetition_penalty"]
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = module.generate(

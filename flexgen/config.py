@@ -116,7 +116,9 @@ class GenerationConfig:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
-    stop: Any = None  # None | token id | list of token ids
+    top_k: int = 0  # with do_sample: keep the k most likely tokens; 0: off
+    repetition_penalty: float = 1.0  # HF's (CTRL's) penalty on tokens already in the sequence; 1.0: off
+    stop: Any = None  # None | a token id or a string | a list of token ids and strings
     seed: Optional[int] = 0  # with do_sample: each prompt's stream is drawn from (seed, its id, its tokens)
 
 
@@ -177,14 +179,23 @@ class FlexGenConfig:
         return {key: _plain(getattr(self.plugins, key)) for key in PLUGIN_KEYS}
 
     def generation_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``Engine.generate`` (the per-prompt sampling keys are added by the caller)."""
+        """Keyword arguments of ``Engine.generate`` (the per-prompt sampling keys and the tokenizer,
+        which stop strings need, are added by the caller).
+
+        ``generation.stop`` mixes token ids and strings; the engine takes them apart, as HF's
+        ``generate`` does (``eos_token_id`` and ``stop_strings``).
+        """
         g = self.generation
+        ids, strings = split_stop(_plain(g.stop))
         return {
             "max_new_tokens": g.max_new_tokens,
             "do_sample": g.do_sample,
             "temperature": g.temperature,
             "top_p": g.top_p,
-            "stop": _plain(g.stop),
+            "top_k": g.top_k,
+            "repetition_penalty": g.repetition_penalty,
+            "stop": ids or None,
+            "stop_strings": strings or None,
             "seed": g.seed,
         }
 
@@ -200,6 +211,12 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (DictConfig, ListConfig)):
         return OmegaConf.to_container(value, resolve=True)
     return value
+
+
+def split_stop(stop: Any) -> tuple[list[int], list[str]]:
+    """``generation.stop`` (null, an id, a string, or a list of both) as (token ids, stop strings)."""
+    items = stop if isinstance(stop, list) else [] if stop is None else [stop]
+    return [s for s in items if isinstance(s, int)], [s for s in items if isinstance(s, str)]
 
 
 # --------------------------------------------------------------------------- loading
@@ -474,11 +491,18 @@ def validate(cfg: FlexGenConfig) -> None:
         raise ConfigError(f"generation.temperature must be > 0, got {g.temperature}")
     if not 0 < g.top_p <= 1:
         raise ConfigError(f"generation.top_p must be in (0, 1], got {g.top_p}")
+    if g.top_k < 0:
+        raise ConfigError(f"generation.top_k must be >= 0 (0: off), got {g.top_k}")
+    if not g.repetition_penalty > 0:
+        raise ConfigError(f"generation.repetition_penalty must be > 0 (1.0: off), got {g.repetition_penalty}")
     stop = _plain(g.stop)
     stops = stop if isinstance(stop, list) else [] if stop is None else [stop]
-    for token in stops:
-        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
-            raise ConfigError(f"generation.stop must be null, a token id or a list of token ids, got {stop!r}")
+    for item in stops:
+        if isinstance(item, bool) or not isinstance(item, (int, str)) or (isinstance(item, int) and item < 0) or item == "":
+            raise ConfigError(
+                "generation.stop must be null, a token id, a string, or a list of token ids and strings "
+                f"(e.g. [2, \"###\"]), got {stop!r}"
+            )
 
     t = cfg.trainer
     if t.accelerator not in ACCELERATORS:

@@ -47,11 +47,12 @@ class FakeEngine:
         self.closed = False
         self.weights = torch.nn.Linear(2, 2)  # something a careless Trainer could move or cast
 
-    def generate(self, input_ids, max_new_tokens=32, **kwargs):
+    def generate(self, input_ids, max_new_tokens=32, return_finish_reasons=False, **kwargs):
         self.calls.append({"input_ids": [list(p) for p in input_ids], "max_new_tokens": max_new_tokens, **kwargs})
         self.stats.prompt_tokens += sum(map(len, input_ids))
         self.stats.generated_tokens += max_new_tokens * len(input_ids)
-        return [expected_output(p, max_new_tokens) for p in input_ids]
+        outputs = [expected_output(p, max_new_tokens) for p in input_ids]
+        return (outputs, ["length"] * len(outputs)) if return_finish_reasons else outputs
 
     def close(self):
         self.closed = True
@@ -247,7 +248,7 @@ def test_trainer_never_holds_the_engine_as_a_module(tmp_path):
     module.to(torch.float64)
     assert engine.weights.weight is weight and weight.dtype == torch.float32
     lines = module.predict_step({"block": 0, "ids": ["a"], "input_ids": [[5, 6]]}, 0)
-    assert lines == [{"id": "a", "input_ids": [5, 6], "output_ids": expected_output([5, 6], 2)}]
+    assert lines == [{"id": "a", "input_ids": [5, 6], "output_ids": expected_output([5, 6], 2), "finish_reason": "length"}]
 
 
 def test_synthetic_prompts_run(tmp_path):

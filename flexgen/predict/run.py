@@ -178,6 +178,9 @@ def plan_run(cfg: FlexGenConfig, restart: bool = False) -> RunPlan:
     model, model_dir, spec = resolve_model(cfg)
     weights = weights_identity(cfg, model_dir)
     tokenizer = load_tokenizer(cfg, model_dir)
+    if tokenizer is None and cfg.generation_kwargs()["stop_strings"]:
+        raise ConfigError("generation.stop: stop strings need a tokenizer, and this model has none; set "
+                          "model.tokenizer, or give stop token ids instead")
     prompts = load_prompts(cfg, tokenizer, spec)
     policy, plugins, policy_info = resolve_policy(cfg, spec, prompts)
     offload_dir = check_offload_dir(cfg, policy)
