@@ -102,10 +102,13 @@ class PluginsConfig:
 class DataConfig:
     """Prompts: a file, or ``num_prompts`` synthetic prompts of ``prompt_len`` tokens."""
 
-    prompts: Optional[str] = None  # .jsonl ({"id", "text"} or {"id", "input_ids"}) or .txt
+    prompts: Optional[str] = None  # .jsonl, .txt, .csv, .tsv, .parquet, .arrow, or a save_to_disk folder
     num_prompts: Optional[int] = None
     prompt_len: Optional[int] = None
     seed: int = 0  # seed of synthetic prompts
+    text_field: str = "text"  # the column (or .jsonl key) holding a prompt's text
+    id_field: str = "id"  # the column (or .jsonl key) holding a prompt's id; without it, the row's number
+    split: Optional[str] = None  # the split of a saved DatasetDict (its only one by default)
 
 
 @dataclass
@@ -227,15 +230,24 @@ _INPUT_PATHS = (("model", "path"), ("model", "tokenizer"), ("data", "prompts"), 
 _MAYBE_NAMES = ("tokenizer", "profile")
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> FlexGenConfig:
-    """Read a config file (optional) and apply ``key=value`` overrides; validate the result.
+def load_config(path: str | os.PathLike | Mapping | None = None, overrides: list[str] | tuple[str, ...] = (),
+                prompts_given: bool = False) -> FlexGenConfig:
+    """Read a config (a file, or a mapping: a dict or a ``DictConfig``) and apply ``key=value``
+    overrides; validate the result.
 
-    Raises :class:`ConfigError` (one line naming the key or file) for every user mistake.
+    Paths in a mapping are taken as written (relative to the current directory), as on the
+    command line. ``prompts_given``: the caller brings the prompts (the Python batch API), so
+    ``data.*`` need not name any. Raises :class:`ConfigError` (one line naming the key or file)
+    for every user mistake.
     """
     schema = OmegaConf.structured(FlexGenConfig)
     layers: list[tuple[DictConfig, str]] = []
-    if path is not None:
+    if isinstance(path, Mapping):
+        layers.append((_read_mapping(path), "in the given config"))
+    elif path is not None:
         layers.append((_read_file(Path(path)), f"in {path}"))
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides must be a list of key=value strings, got the string {overrides!r}")
     for item in overrides:
         layers.append((_parse_override(item), "on the command line"))
 
@@ -249,8 +261,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         cfg: FlexGenConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]  # resolves ${...}
     except OmegaConfBaseException as exc:
         raise ConfigError(f"config key {exc.full_key or '?'!r}: {_first_line(exc)}") from exc
-    validate(cfg)
+    validate(cfg, prompts_given)
     return cfg
+
+
+def _read_mapping(config: Mapping) -> DictConfig:
+    """A config given as a dict or a ``DictConfig`` (the Python batch API), as one layer."""
+    try:
+        raw = OmegaConf.to_container(config, resolve=False) if isinstance(config, DictConfig) else dict(config)
+        return OmegaConf.create(raw)
+    except (OmegaConfBaseException, TypeError, ValueError) as exc:
+        raise ConfigError(f"the given config: {_first_line(exc)}") from exc
 
 
 def _read_file(path: Path) -> DictConfig:
@@ -442,7 +463,7 @@ def _first_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- validation
 
 
-def validate(cfg: FlexGenConfig) -> None:
+def validate(cfg: FlexGenConfig, prompts_given: bool = False) -> None:
     """Range and consistency checks the types alone cannot express; ConfigError naming the key."""
     m = cfg.model
     if (m.path is None) == (m.synthetic is None):
@@ -476,9 +497,10 @@ def validate(cfg: FlexGenConfig) -> None:
         _check_plugin_value(f"plugins.{key}", _plain(getattr(cfg.plugins, key)), storage=key == "storage")
 
     d = cfg.data
-    if d.prompts is None:
+    if d.prompts is None and not prompts_given:
         if d.num_prompts is None or d.prompt_len is None:
-            raise ConfigError("set data.prompts (a .jsonl or .txt file), or both data.num_prompts and data.prompt_len")
+            raise ConfigError("set data.prompts (a .jsonl, .txt, .csv or .parquet file, or a saved dataset), or both "
+                              "data.num_prompts and data.prompt_len")
     for key in ("num_prompts", "prompt_len"):
         value = getattr(d, key)
         if value is not None and value < 1:

@@ -135,9 +135,9 @@ def test_prompt_file_errors_name_file_and_line(tmp_path, content, expected):
 def test_missing_or_wrong_kind_of_prompt_file(tmp_path):
     with pytest.raises(ConfigError, match="data.prompts: file .*nope.jsonl not found"):
         read_prompts(tmp_path / "nope.jsonl")
-    (tmp_path / "p.csv").write_text("a\n")
-    with pytest.raises(ConfigError, match=r"\.jsonl or \.txt"):
-        read_prompts(tmp_path / "p.csv")
+    (tmp_path / "p.xlsx").write_text("a\n")
+    with pytest.raises(ConfigError, match=r"\.jsonl, \.txt, \.csv"):
+        read_prompts(tmp_path / "p.xlsx")
 
 
 def test_check_prompts_vocab_and_positions():

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -170,8 +170,12 @@ class RunPlan:
     restart: bool = False
 
 
-def plan_run(cfg: FlexGenConfig, restart: bool = False) -> RunPlan:
-    """Steps 1-5 of the module docstring, up to the lock: user mistakes surface here, the output untouched."""
+def plan_run(cfg: FlexGenConfig, restart: bool = False, prompts: Sequence[Any] | None = None) -> RunPlan:
+    """Steps 1-5 of the module docstring, up to the lock: user mistakes surface here, the output untouched.
+
+    ``prompts``: strings or token-id lists given from Python (:func:`flexgen.batch_generate`)
+    instead of ``data.*``.
+    """
     from flexgen.predict.data import load_prompts
     from flexgen.predict.writer import check_writable
 
@@ -181,27 +185,29 @@ def plan_run(cfg: FlexGenConfig, restart: bool = False) -> RunPlan:
     if tokenizer is None and cfg.generation_kwargs()["stop_strings"]:
         raise ConfigError("generation.stop: stop strings need a tokenizer, and this model has none; set "
                           "model.tokenizer, or give stop token ids instead")
-    prompts = load_prompts(cfg, tokenizer, spec)
-    policy, plugins, policy_info = resolve_policy(cfg, spec, prompts)
+    loaded = load_prompts(cfg, tokenizer, spec, prompts)
+    policy, plugins, policy_info = resolve_policy(cfg, spec, loaded)
     offload_dir = check_offload_dir(cfg, policy)
     check_plugins(plugins, offload_dir)
     if not cfg.policy.auto:
-        check_fits(cfg, spec, policy, plugins, prompts, offload_dir)
+        check_fits(cfg, spec, policy, plugins, loaded, offload_dir)
     job = Job(job_settings(weights, cfg.model.dtype, cfg.generation_kwargs(), plugins))
     out_path = resolve_output_path(cfg)
     check_writable(out_path)
     check_own_json(Path(f"{out_path}.metrics.json"), lambda obj: "generated_tokens" in obj and "config" in obj,
                    "a flexgen metrics file")
-    return RunPlan(model, spec, tokenizer, prompts, policy, plugins, policy_info, out_path, job, restart)
+    return RunPlan(model, spec, tokenizer, loaded, policy, plugins, policy_info, out_path, job, restart)
 
 
-def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None, restart: bool = False) -> dict[str, Any]:
+def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None, restart: bool = False,
+                prompts: Sequence[Any] | None = None) -> dict[str, Any]:
     """Run (or resume) the predict job a config describes; return the summary dict.
 
     ``engine_factory`` replaces :func:`flexgen.engine.load_engine` (tests pass a fake engine).
-    ``restart`` discards what the output holds and generates every prompt again. With several
-    processes every process calls this; the summary is rank 0's (``rank`` says which process
-    returned it; the CLI prints rank 0's only).
+    ``restart`` discards what the output holds and generates every prompt again. ``prompts``
+    replaces ``data.*`` (see :func:`plan_run`). With several processes every process calls
+    this; the summary is rank 0's (``rank`` says which process returned it; the CLI prints
+    rank 0's only).
     """
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -209,7 +215,7 @@ def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None,
     from flexgen.predict.writer import check_output
 
     started = time.perf_counter()
-    plan = plan_run(cfg, restart)
+    plan = plan_run(cfg, restart, prompts)
     datamodule = PromptDataModule(plan.prompts, plan.policy.block_size)
     if rank_zero_only.rank != 0:
         # A process Lightning (or torchrun) started: rank 0 has checked the output and holds its
