@@ -44,10 +44,15 @@ def plugins_command(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("--version", "-V"):
+        from flexgen import __version__
+
+        print(f"flexgen {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: flexgen {" + ",".join(COMMANDS) + "} ...\n\ncommands:\n" + "\n".join(lines))
+        print("usage: flexgen [--version] {" + ",".join(COMMANDS) + "} ...\n\ncommands:\n" + "\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"flexgen: error: unknown command {argv[0]!r}", file=sys.stderr)
             return 2

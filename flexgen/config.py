@@ -54,6 +54,7 @@ PLUGIN_KEYS = ("storage", "attention", "weight_compressor", "cache_compressor", 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 HARDWARE_CAPS = ("gpu_memory", "cpu_memory", "disk_memory")
 BUILTIN_PREFIX = "builtin:"
+OUTPUT_ORDERS = ("blocks", "prompts")
 
 
 # --------------------------------------------------------------------------- schema
@@ -152,6 +153,7 @@ class OutputConfig:
 
     path: str = "outputs/predictions.jsonl"
     offload_dir: Optional[str] = None  # disk-tier folder; the engine's default when null
+    order: str = "blocks"  # blocks: lines as blocks finish (cheap resume); prompts: rewritten in prompt order at the end
 
 
 @dataclass
@@ -535,6 +537,8 @@ def validate(cfg: FlexGenConfig, prompts_given: bool = False) -> None:
     _check_hardware(cfg.hardware)
     if not cfg.output.path:
         raise ConfigError("output.path must name a .jsonl file")
+    if cfg.output.order not in OUTPUT_ORDERS:
+        raise ConfigError(f"output.order must be one of {', '.join(OUTPUT_ORDERS)}, got {cfg.output.order!r}")
 
 
 def _check_devices(devices: Any) -> None:

@@ -128,6 +128,7 @@ def test_unknown_key_suggests_close_match(override, expected):
         ("generation.stop=[[2]]", "generation.stop"),
         ("generation.stop=[2, '']", "generation.stop"),
         ("generation.top_k=-1", "generation.top_k"),
+        ("output.order=file", "output.order"),
         ("generation.repetition_penalty=0", "generation.repetition_penalty"),
         ("model.dtype=fp8", "model.dtype"),
         ("model.synthetic=opt-13", "model.synthetic"),

@@ -41,7 +41,7 @@ from flexgen.errors import ConfigError, FlexGenError
 from flexgen.policy import Policy
 from flexgen.predict.job import Job, job_path
 from flexgen.predict.writer import (
-    JsonlPredictionWriter, OutputLock, leftover_parts, merge_parts, part_path, prepare_output,
+    JsonlPredictionWriter, OutputLock, leftover_parts, merge_parts, part_path, prepare_output, reorder_output,
 )
 
 log = logging.getLogger(__name__)
@@ -67,12 +67,14 @@ class RunCoordinator(Callback):
         job: Job | None = None,
         prompts: list[Any] | None = None,
         restart: bool = False,
+        order: str = "blocks",
     ):
         self.out_path = out_path
         self.policy, self.plugins, self.policy_info = policy, plugins, policy_info
         self.load_engine, self.finish = load_engine, finish
         self.gpu_memory = gpu_memory
         self.job, self.prompts, self.restart = job, list(prompts or []), restart
+        self.order = order  # output.order: "prompts" rewrites the finished output in prompt order
         self.metrics: dict[str, Any] | None = None  # set on rank 0 at the end
         self.prompts_skipped = 0
         self.interrupted_by: BaseException | None = None  # what stopped the loop, if anything did
@@ -164,6 +166,8 @@ class RunCoordinator(Callback):
                 )
             parts = leftover_parts(self.out_path)
             merged = merge_parts(self.out_path, parts)
+            if self.order == "prompts":
+                reorder_output(self.out_path, self.prompts)
             info = {"merged_lines": merged, "policy": self.policy, "plugins": self.plugins,
                     "policy_info": self.policy_info, "prompts_skipped": self.prompts_skipped,
                     "world_size": trainer.world_size}

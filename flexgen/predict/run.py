@@ -228,6 +228,11 @@ def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None,
     if not restart:
         datamodule.resume(found.state.done_ids)
         if datamodule.num_todo == 0 and not found.state.torn_bytes and not found.parts:
+            if cfg.output.order == "prompts":  # finished in block order by an earlier run: put it in order now
+                from flexgen.predict.writer import OutputLock, reorder_output
+
+                with OutputLock(plan.out_path):
+                    reorder_output(plan.out_path, plan.prompts)
             return {**_summary_base(plan), "prompts_skipped": len(plan.prompts), "complete": True,
                     "wall_time_s": time.perf_counter() - started, "stats": None, "rank": 0}
     return _execute(cfg, plan, datamodule, engine_factory or _load_engine, started)
@@ -245,7 +250,7 @@ def _execute(cfg: FlexGenConfig, plan: RunPlan, datamodule: Any, engine_factory:
     hooks = _RunHooks(cfg, plan, engine_factory, started, metrics_path)
     coordinator = RunCoordinator(plan.out_path, plan.policy, plan.plugins, plan.policy_info, hooks.load, hooks.finish,
                                  gpu_memory=cfg.hardware.gpu_memory, job=plan.job, prompts=plan.prompts,
-                                 restart=plan.restart)
+                                 restart=plan.restart, order=cfg.output.order)
     with _quiet_lightning():
         # The Trainer first: a bad trainer.* value should not wait for the model to load.
         trainer = make_trainer(cfg, plan.out_path, coordinator, accelerator, devices)
@@ -323,7 +328,10 @@ def build_metrics(cfg: FlexGenConfig, plan: RunPlan, ranks: list[dict[str, Any]]
     tokens = sum(r["tokens_generated"] for r in ranks)
     loop_time = max(r["loop_time_s"] for r in ranks)
     policy: Policy = info["policy"]
+    from flexgen import __version__
+
     return {
+        "flexgen_version": __version__,
         **stats,
         "wall_time_s": wall_time_s,
         "wall_throughput": tokens / loop_time if loop_time > 0 else 0.0,
