@@ -1,4 +1,4 @@
-"""``flexgen predict | bench | plugins | policy``.
+"""``flexgen predict | plan | bench | plugins | policy``.
 
 Each subcommand lives in its own module and is imported only when used, so ``flexgen plugins``
 stays fast and a broken optional piece cannot break the others. Every user mistake surfaces as
@@ -19,6 +19,7 @@ from flexgen.errors import FlexGenError, Terminated
 #: subcommand -> (module:function taking argv and returning an exit code, help line)
 COMMANDS = {
     "predict": ("flexgen.predict.run:predict_command", "generate for every prompt of a config; resumable"),
+    "plan": ("flexgen.plan:plan_command", "show what predict would do with a config, without running it"),
     "bench": ("flexgen.bench:bench_command", "measure throughput on synthetic weights beside its roofline"),
     "plugins": ("flexgen.cli:plugins_command", "list registered plugins per kind, with their distributions"),
     "policy": ("flexgen.optimizer:policy_command", "choose a policy for a model and workload with the cost model"),

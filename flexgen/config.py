@@ -600,9 +600,24 @@ def resolve_offload_dir(cfg: FlexGenConfig) -> str | None:
     return str(Path(os.path.expanduser(cfg.output.offload_dir)).absolute())
 
 
-def to_yaml(cfg: FlexGenConfig) -> str:
-    """The resolved config as YAML (``flexgen predict --print-config``)."""
+def to_yaml(cfg: FlexGenConfig, resolved: tuple[Policy, dict[str, Any], dict[str, Any]] | None = None) -> str:
+    """The resolved config as YAML (``flexgen predict --print-config``).
+
+    ``resolved``: what ``policy: auto`` resolved to (policy, plugins, info): the policy keys
+    and plugins it chose are printed in place of ``auto``, under a comment saying so, so the
+    output can be saved as a config that runs that very policy.
+    """
     data = cfg.to_dict()
-    if data["policy"].pop("auto"):
+    auto = data["policy"].pop("auto")
+    header = ""
+    if auto and resolved is not None:
+        policy, plugins, info = resolved
+        data["policy"] = policy.to_dict()
+        data["plugins"] = plugins
+        predicted = info.get("predicted_throughput")
+        machine = (info.get("hardware") or {}).get("name", "this machine")
+        header = (f"# policy: auto, resolved by the cost model for {machine}"
+                  + (f" (predicted {predicted:.1f} tok/s)" if predicted else "") + "\n")
+    elif auto:
         data["policy"] = "auto"
-    return OmegaConf.to_yaml(OmegaConf.create(data))
+    return header + OmegaConf.to_yaml(OmegaConf.create(data))

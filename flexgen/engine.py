@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,7 +202,10 @@ class Engine:
         device: torch.device,
         offload_dir: Path,
         dtype: torch.dtype,
+        progress: Callable[[int, int, int], None] | None = None,
     ) -> None:
+        """``progress(layers placed, layers, tensors converted)`` is called as each model layer's
+        weights are placed (from this thread), so a caller can show how a long load goes."""
         self.spec = source.spec
         self.policy = policy
         self.device = device = resolve_device(device)
@@ -260,6 +263,8 @@ class Engine:
 
         self.layers: list[list[PlacedWeight]] = []
         self._resident: dict[int, dict[str, torch.Tensor]] = {}  # layers needing no load at all
+        self._progress = progress
+        self.converted_weights = 0  # tensors this engine converted into a persistent tier (the disk's offload folder)
         self._place_weights(source)
         #: embedding tables whose rows are gathered where they live (name -> placed table)
         self._gathered = self._gathered_tables()
@@ -314,6 +319,8 @@ class Engine:
         _release_freed_memory()
         if all(p.tier == "gpu" and not p.compressed for p in placed):
             self._resident[index] = {p.spec.local: p.parts["data"] for p in placed}
+        if self._progress is not None:
+            self._progress(len(self.layers), self.spec.num_model_layers, self.converted_weights)
 
     def _place_one(self, source: WeightSource, weight: opt.WeightSpec, tier: str, key: str) -> PlacedWeight:
         backend = self.storage[tier]
@@ -321,6 +328,7 @@ class Engine:
         compressor = self.weight_compressor if compressed else _IDENTITY
         part_names = list(compressor.part_specs(weight.shape, self.dtype))
         parts: dict[str, torch.Tensor] = {}
+        converted = False
         if backend.persistent:  # reuse what an earlier run converted
             for name in part_names:
                 found = backend.get(f"{key}.{name}")
@@ -338,7 +346,9 @@ class Engine:
                 owned = source.fresh or part.untyped_storage().data_ptr() != made.untyped_storage().data_ptr()
                 parts[name] = (backend.adopt if owned else backend.put)(f"{key}.{name}", part)
             del made
+            converted = backend.persistent
         with self._stats_lock:  # placement runs on several threads
+            self.converted_weights += converted
             self.stats.compression["weights_raw_bytes"] += _numel(weight.shape) * _itemsize(self.dtype)
             self.stats.compression["weights_stored_bytes"] += sum(_nbytes(p) for p in parts.values())
         return PlacedWeight(weight, tier, parts, compressed)
@@ -1174,8 +1184,13 @@ def load_engine(
     offload_dir: str | Path | None = None,
     dtype: str = "float16",
     seed: int = 0,
+    progress: Callable[[int, int, int], None] | None = None,
 ) -> Engine:
-    """Build an engine for an HF OPT checkpoint directory or a synthetic OPT size name."""
+    """Build an engine for an HF OPT checkpoint directory or a synthetic OPT size name.
+
+    ``progress(layers placed, layers, tensors converted to the offload folder)`` follows the
+    placement of the weights (see :class:`Engine`).
+    """
     if dtype not in DTYPES:
         raise FlexGenError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if policy is None:
@@ -1185,4 +1200,4 @@ def load_engine(
     torch_dtype = DTYPES[dtype]
     source = open_source(model, dtype=torch_dtype, seed=seed)
     folder = Path(offload_dir) if offload_dir is not None else default_offload_dir()
-    return Engine(source, policy, dict(plugins or {}), resolve_device(device), folder, torch_dtype)
+    return Engine(source, policy, dict(plugins or {}), resolve_device(device), folder, torch_dtype, progress)

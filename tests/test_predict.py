@@ -381,8 +381,9 @@ def test_progress_bar_shows_tokens_per_second(tmp_path, capsys):
     write_prompts(tmp_path / "prompts.jsonl", n=4)
     run_predict(config(tmp_path, "trainer.enable_progress_bar=true"), engine_factory=Factory())
     captured = capsys.readouterr()
-    bar = captured.out + captured.err
-    assert "tok/s=" in bar and "prompts=4/4" in bar
+    bar = captured.err.replace("\r", "\n")
+    assert "tok/s=" in bar and "4/4" in bar and "tokens=12" in bar  # prompts counted, 3 new tokens each
+    assert "tok/s" not in captured.out, "stdout is for the summary"
 
 
 def test_unwritable_cache_for_the_quickstart(tmp_path, monkeypatch, capsys):

@@ -120,6 +120,10 @@ class RunCoordinator(Callback):
             elif hasattr(callback, "total_prompts"):  # the progress bar: this rank's prompts
                 callback.total_prompts = sum(len(b["ids"]) for b in share)
 
+        if rank == 0:
+            todo = sum(len(b["ids"]) for b in datamodule.batches)
+            log.info("%d prompts to generate (%d already done) in %d blocks of up to %d, over %d process(es)", todo,
+                     self.prompts_skipped, len(datamodule.batches), self.policy.block_size, world_size)
         device = trainer.strategy.root_device
         cap_gpu_memory(device, self.gpu_memory)
         self._engine = self.load_engine(self.policy, self.plugins, str(device))

@@ -81,7 +81,10 @@ def predict_command(argv: list[str]) -> int:
         epilog="example: flexgen predict --config configs/quickstart.yaml generation.max_new_tokens=16",
     )
     parser.add_argument("--config", required=True, help="YAML config (see configs/ and README.md)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config and exit (policy: auto is resolved by the cost model)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (as flexgen plan does) and exit, without generating or writing anything")
     parser.add_argument("--restart", action="store_true",
                         help="discard the lines already in output.path (flexgen output only) and generate every prompt "
                         "again, e.g. after changing the model or generation settings")
@@ -89,8 +92,12 @@ def predict_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        print(to_yaml(cfg), end="")
+        print(to_yaml(cfg, resolved_policy(cfg) if cfg.policy.auto else None), end="")
         return 0
+    if args.dry_run:
+        from flexgen.plan import print_plan
+
+        return print_plan(cfg)
     with _cli_logging(), _sigterm_stops_the_run():
         summary = run_predict(cfg, restart=args.restart)
     if summary.get("rank", 0) == 0:  # with several processes, one summary is enough
@@ -288,10 +295,23 @@ class _RunHooks:
     metrics_path: Path
 
     def load(self, policy: Policy, plugins: dict[str, Any], device: str) -> Any:
-        """This rank's engine. All ranks share ``output.offload_dir`` (see docs/distributed.md)."""
+        """This rank's engine, saying what it loads where. All ranks share ``output.offload_dir``
+        (see docs/distributed.md)."""
+        from flexgen.engine import default_offload_dir
+        from flexgen.predict.callbacks import LoadingReport
+
         cfg = self.cfg
-        return self.engine_factory(self.plan.model, policy=policy, plugins=plugins, device=device,
-                                   offload_dir=resolve_offload_dir(cfg), dtype=cfg.model.dtype, seed=cfg.model.seed)
+        offload_dir = resolve_offload_dir(cfg)
+        report = LoadingReport(self.plan.model, self.plan.spec, policy, plugins, cfg.model.dtype, device,
+                               offload_dir or str(default_offload_dir()))
+        try:
+            engine = self.engine_factory(self.plan.model, policy=policy, plugins=plugins, device=device,
+                                         offload_dir=offload_dir, dtype=cfg.model.dtype, seed=cfg.model.seed,
+                                         progress=report.progress)
+        finally:
+            report.close()
+        report.done(engine)
+        return engine
 
     def finish(self, ranks: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
         """Rank 0, at the end: write the metrics of all ranks atomically."""
@@ -671,6 +691,15 @@ def resolve_policy(cfg: FlexGenConfig, spec: Any, prompts: list[Prompt]) -> tupl
                             "capacity": {t: getattr(hardware, f"{t}_memory") for t in ("gpu", "cpu", "disk")}}
     log.info("policy: auto chose %s (predicted %.1f tok/s)", choice.policy, info["predicted_throughput"] or 0.0)
     return choice.policy, plugins, info
+
+
+def resolved_policy(cfg: FlexGenConfig) -> tuple[Policy, dict[str, Any], dict[str, Any]]:
+    """(policy, plugins, info) as the run would resolve them: ``policy: auto`` asks the cost model."""
+    from flexgen.predict.data import load_prompts
+
+    _, model_dir, spec = resolve_model(cfg)
+    prompts = load_prompts(cfg, load_tokenizer(cfg, model_dir), spec)
+    return resolve_policy(cfg, spec, prompts)
 
 
 def resolve_accelerator(cfg: FlexGenConfig) -> tuple[str, Any]:
