@@ -81,7 +81,7 @@ def plot_reports(reports: Sequence[dict[str, Any]], path: Path, names: Sequence[
     fig = Figure(figsize=(5.2 * columns, 8.4), layout="constrained")
     axes = fig.subplots(2, columns, squeeze=False)
     rates = [v for r in reports for kind in ("measured", "bound") for v in _rates(r, kind) if v]
-    low, high = (min(rates) / 3, max(rates) * 3) if rates else (0.1, 10)
+    low, high = (min(rates) / 3, max(rates) * 12) if rates else (0.1, 10)  # headroom for the labels and legend
     for column, (report, name) in enumerate(zip(reports, names)):
         _throughput(axes[0][column], report, (low, high))
         axes[0][column].set_title(label(report, name), fontsize=9)
@@ -91,6 +91,9 @@ def plot_reports(reports: Sequence[dict[str, Any]], path: Path, names: Sequence[
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as an ordinary new file, not mkstemp's owner-only mode
         os.replace(tmp, path)
     except OSError as exc:
         raise ConfigError(f"--plot: cannot write {path} ({exc.strerror or exc})") from exc
@@ -108,6 +111,11 @@ def _finite(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else None
 
 
+def _rate(value: float) -> str:
+    """Tokens/s as a label: whole numbers from 100 up, three significant digits below (6.31, not 6)."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def _throughput(ax, report: dict[str, Any], limits: tuple[float, float]) -> None:
     measured, bound = _rates(report, "measured"), _rates(report, "bound")
     x = range(len(PHASES))
@@ -116,17 +124,17 @@ def _throughput(ax, report: dict[str, Any], limits: tuple[float, float]) -> None
     ax.bar([i + width / 2 for i in x], [v or 0 for v in bound], width, label="bound (roofline)", color=BOUND_COLOR)
     for i, (m, b) in enumerate(zip(measured, bound)):
         if m is not None:
-            text = f"{m:,.0f}" + (f"\n{100 * m / b:.0f} % of bound" if b else "")
+            text = _rate(m) + (f"\n{100 * m / b:.0f} % of bound" if b else "")
             ax.annotate(text, (i - width / 2, m), ha="center", va="bottom", fontsize=7)
         if b is not None:
-            ax.annotate(f"{b:,.0f}", (i + width / 2, b), ha="center", va="bottom", fontsize=7, color="#555555")
+            ax.annotate(_rate(b), (i + width / 2, b), ha="center", va="bottom", fontsize=7, color="#555555")
     ax.set_yscale("log")
     ax.set_ylim(*limits)
     ax.set_xticks(list(x), list(PHASES))
     ax.set_ylabel("tokens/s (log scale)")
-    if not any(measured):
-        ax.text(0.5, 0.95, "bound only (not measured)", transform=ax.transAxes, ha="center", va="top", fontsize=8)
-    ax.legend(fontsize=8, loc="lower right")
+    if not any(measured):  # below the legend, which stays at the top
+        ax.text(0.5, 0.88, "bound only (not measured)", transform=ax.transAxes, ha="center", va="top", fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", ncols=2)
 
 
 def _bytes(ax, report: dict[str, Any]) -> None:
@@ -146,6 +154,10 @@ def _bytes(ax, report: dict[str, Any]) -> None:
            color=MEASURED_COLOR)
     ax.bar([i + width / 2 for i in x], [modelled.get(link, 0) / 1e9 for link in links], width, label="cost model",
            color=BOUND_COLOR)
+    for i, link in enumerate(links):
+        for offset, value in ((-width / 2, measured.get(link, 0)), (width / 2, modelled.get(link, 0))):
+            ax.annotate(f"{value / 1e9:.2f} GB", (i + offset, value / 1e9), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(list(x), links)
     ax.set_ylabel("GB over the run")
-    ax.legend(fontsize=8)
+    ax.margins(y=0.15)
+    ax.legend(fontsize=8, loc="upper center", ncols=2)
