@@ -637,7 +637,11 @@ def load_tokenizer(cfg: FlexGenConfig, model_dir: Path | None) -> Any:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
+        if explicit is not None and not Path(source).is_dir():
+            return _hub_tokenizer(source)
         return AutoTokenizer.from_pretrained(source)
+    except ConfigError:
+        raise
     except Exception as exc:  # transformers raises OSError, ValueError, ... for a bad folder
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if explicit is not None:
@@ -646,6 +650,39 @@ def load_tokenizer(cfg: FlexGenConfig, model_dir: Path | None) -> Any:
         return None
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def _hub_tokenizer(source: str) -> Any:
+    """``model.tokenizer`` naming no folder: a hub id, loaded from the local cache when it is there.
+
+    Without a network, transformers retries the hub for about a minute before it gives up; a
+    batch job on an offline machine should say at once what is wrong. So a name that looks like
+    a path must exist, the local cache is tried first (no network at all), and the hub is only
+    called when ``HF_HUB_OFFLINE`` is not set and its host answers within a few seconds.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    from transformers import AutoTokenizer
+
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:  # a hub id is "name" or "owner/name"
+        raise ConfigError(f"model.tokenizer: folder {source} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except Exception:  # not in the cache (OSError), or a damaged cached copy: try the hub below
+        pass
+    hint = f"download it first (hf download {source}) or name a tokenizer folder"
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"model.tokenizer: {source} is neither a folder nor in the Hugging Face cache, and "
+                          f"HF_HUB_OFFLINE is set; {hint}")
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as exc:
+        raise ConfigError(f"model.tokenizer: {source} is neither a folder nor in the Hugging Face cache, and "
+                          f"{url.hostname} cannot be reached ({exc.strerror or exc}); {hint}") from exc
+    return AutoTokenizer.from_pretrained(source)
 
 
 def resolve_policy(cfg: FlexGenConfig, spec: Any, prompts: list[Prompt]) -> tuple[Policy, dict[str, Any], dict[str, Any]]:
