@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 
 from flexgen.cli import main as cli_main
+from flexgen.predict import callbacks
 from tests.test_predict_e2e import QUICKSTART
 
 
 def test_feedback_goes_to_stderr_and_the_summary_alone_to_stdout(quickstart_cache, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("FLEXGEN_CACHE", str(quickstart_cache))
+    monkeypatch.setattr(callbacks, "LOADING_BAR_DELAY_S", 0)  # the bar a long conversion shows, at once
     offload = tmp_path / "offload"
     args = ["predict", "--config", str(QUICKSTART), f"output.path={tmp_path / 'out.jsonl'}", "generation.max_new_tokens=4",
             "policy.weights_gpu=0", "policy.weights_cpu=0", f"output.offload_dir={offload}"]
@@ -21,6 +23,7 @@ def test_feedback_goes_to_stderr_and_the_summary_alone_to_stdout(quickstart_cach
     assert "flexgen: loading" in err and "weight tensors" in err and "on the disk tier" in err
     assert f"offload folder {offload}" in err
     assert "converted" in err and "tensors into" in err
+    assert "placing weights:" in err and "layer/s" in err, "the loading progress bar"
     assert "12 prompts to generate (0 already done) in 3 blocks of up to 4" in err
     bar = err.replace("\r", "\n")
     assert "12/12" in bar and "tokens=" in bar and "tok/s=" in bar
