@@ -1,4 +1,4 @@
-"""Every option of every ``flexgen`` command says what it does in ``--help``."""
+"""Every option of every ``flexgen`` command says what it does in ``--help``; ``python -m flexgen`` is the CLI."""
 
 from __future__ import annotations
 
@@ -29,3 +29,20 @@ def test_every_option_has_help(command, monkeypatch):
     for action in options:
         name = "/".join(action.option_strings) or action.dest
         assert action.help and action.help.strip(), f"flexgen {command}: {name} has no help text"
+
+
+def test_python_dash_m_flexgen_is_the_cli():
+    """``python -m flexgen`` works from a checkout without the console script."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flexgen import __version__
+
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "flexgen", "--version"], cwd=repo, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == f"flexgen {__version__}", result.stderr
+    result = subprocess.run([sys.executable, "-m", "flexgen", "no-such-command"], cwd=repo, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == "flexgen: error: unknown command 'no-such-command'"
