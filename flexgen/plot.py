@@ -139,9 +139,10 @@ def _throughput(ax, report: dict[str, Any], limits: tuple[float, float]) -> None
 
 def _bytes(ax, report: dict[str, Any]) -> None:
     modelled = report.get("bound_bytes") or {}
-    measured = (report.get("engine_stats") or {}).get("bytes_moved") or {}
+    ran = any(_rates(report, "measured"))  # a --bound-only result has no measured bytes to show as zero
+    measured = ((report.get("engine_stats") or {}).get("bytes_moved") or {}) if ran else {}
     links = [link for link in LINKS if modelled.get(link) or measured.get(link)]
-    ax.set_title("bytes moved per link", fontsize=9)
+    ax.set_title("bytes moved per link" + ("" if ran else " (cost model only: not measured)"), fontsize=9)
     if not links:
         ax.text(0.5, 0.5, "no bytes cross a link with this policy\n(everything lives on the compute device)",
                 transform=ax.transAxes, ha="center", va="center", fontsize=8)
@@ -150,14 +151,16 @@ def _bytes(ax, report: dict[str, Any]) -> None:
         return
     x = range(len(links))
     width = 0.38
-    ax.bar([i - width / 2 for i in x], [measured.get(link, 0) / 1e9 for link in links], width, label="measured",
-           color=MEASURED_COLOR)
-    ax.bar([i + width / 2 for i in x], [modelled.get(link, 0) / 1e9 for link in links], width, label="cost model",
-           color=BOUND_COLOR)
-    for i, link in enumerate(links):
-        for offset, value in ((-width / 2, measured.get(link, 0)), (width / 2, modelled.get(link, 0))):
-            ax.annotate(f"{value / 1e9:.2f} GB", (i + offset, value / 1e9), ha="center", va="bottom", fontsize=7)
+    bars = [("measured", measured, MEASURED_COLOR, -width / 2), ("cost model", modelled, BOUND_COLOR, width / 2)]
+    if not ran:
+        bars = [("cost model", modelled, BOUND_COLOR, 0.0)]
+    for name, values, color, offset in bars:
+        gb = [values.get(link, 0) / 1e9 for link in links]
+        ax.bar([i + offset for i in x], gb, width, label=name, color=color)
+        for i, value in zip(x, gb):
+            ax.annotate(f"{value:.2f} GB", (i + offset, value), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(list(x), links)
+    ax.set_xlim(-0.6, len(links) - 0.4)  # one link alone keeps the bars' width
     ax.set_ylabel("GB over the run")
     ax.margins(y=0.15)
     ax.legend(fontsize=8, loc="upper center", ncols=2)

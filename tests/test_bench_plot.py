@@ -76,3 +76,20 @@ def test_plot_arguments_checked_before_anything_runs(tmp_path, capsys, monkeypat
     report = bound_only(tmp_path, "r")
     assert cli_main(["bench", "--plot", str(tmp_path / "x.png"), str(report)]) == 2
     assert "needs matplotlib: pip install 'flexgen[plot]'" in capsys.readouterr().err
+
+
+def test_bound_only_bytes_are_not_drawn_as_measured_zeros(tmp_path):
+    """A --bound-only result has no measured bytes: its panel shows the cost model's alone, not 0 GB bars."""
+    from matplotlib.figure import Figure
+
+    from flexgen.plot import _bytes
+
+    bound = json.loads(bound_only(tmp_path, "disk", "policy.weights_gpu=40", "policy.weights_cpu=0").read_text())
+    ran = json.loads(measured(bound_only(tmp_path, "ran", "policy.weights_gpu=40", "policy.weights_cpu=0")).read_text())
+    labels = {}
+    for name, report in (("bound", bound), ("ran", ran)):
+        ax = Figure().subplots()
+        _bytes(ax, report)
+        labels[name] = (ax.get_legend_handles_labels()[1], ax.get_title())
+    assert labels["bound"] == (["cost model"], "bytes moved per link (cost model only: not measured)")
+    assert labels["ran"] == (["measured", "cost model"], "bytes moved per link")
