@@ -37,7 +37,7 @@ def test_the_path_scan_sees_paths():
     assert {"scripts/install.sh", "docs/python-api.md"} <= found
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", DOCS + sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_docs_speak_of_the_project(doc):
     hits = [line for line in doc.read_text(encoding="utf-8").splitlines()
             if re.search(r"\b(the issue|issue \d+|this task)\b", line, re.IGNORECASE)]
