@@ -47,8 +47,19 @@ def read_report(path: Path) -> dict[str, Any]:
     return report
 
 
+def _figure_class() -> type:
+    """matplotlib's ``Figure``, or a ConfigError saying how to install the optional extra."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ConfigError("--plot needs matplotlib: pip install 'flexgen[plot]'") from exc
+    return Figure
+
+
 def check_plot_path(path: Path) -> None:
-    """The picture's path: in an existing folder, with a suffix matplotlib writes (png, svg, pdf)."""
+    """The picture's path: in an existing folder, with a suffix matplotlib writes (png, svg, pdf);
+    and matplotlib importable. Checked before a bench runs, so a mistake costs no measurement."""
+    _figure_class()
     if path.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise ConfigError(f"--plot: {path} must end in .png, .svg or .pdf")
     folder = path.parent if str(path.parent) else Path(".")
@@ -72,10 +83,7 @@ def label(report: dict[str, Any], name: str | None = None) -> str:
 
 def plot_reports(reports: Sequence[dict[str, Any]], path: Path, names: Sequence[str | None] | None = None) -> Path:
     """Draw ``reports`` side by side into ``path`` (written whole: a temporary file renamed over it)."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise ConfigError("--plot needs matplotlib: pip install 'flexgen[plot]'") from exc
+    Figure = _figure_class()
     names = list(names or [None] * len(reports))
     columns = len(reports)
     fig = Figure(figsize=(5.2 * columns, 8.4), layout="constrained")

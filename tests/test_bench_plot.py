@@ -76,6 +76,11 @@ def test_plot_arguments_checked_before_anything_runs(tmp_path, capsys, monkeypat
     report = bound_only(tmp_path, "r")
     assert cli_main(["bench", "--plot", str(tmp_path / "x.png"), str(report)]) == 2
     assert "needs matplotlib: pip install 'flexgen[plot]'" in capsys.readouterr().err
+    # before a bench runs, not after it: no result is written
+    assert cli_main(["bench", "--config", str(CPU_BENCH), "--json", str(tmp_path / "run.json"),
+                     "--plot", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err.strip() == "flexgen bench: error: --plot needs matplotlib: pip install 'flexgen[plot]'"
+    assert not (tmp_path / "run.json").exists() and not (tmp_path / "x.png").exists()
 
 
 def test_bound_only_bytes_are_not_drawn_as_measured_zeros(tmp_path):
