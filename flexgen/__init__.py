@@ -2,7 +2,10 @@
 
 Public API::
 
-    from flexgen import Policy, load_engine
+    from flexgen import batch_generate            # a batch job, as flexgen predict runs it
+    results = batch_generate("configs/quickstart.yaml", ["The policy says"])
+
+    from flexgen import Policy, load_engine      # the engine itself, on token ids
     engine = load_engine("opt-125m", policy=Policy(weights_gpu=0, weights_cpu=100))
     outputs = engine.generate([[2, 100, 200]], max_new_tokens=8)
 """
@@ -12,7 +15,8 @@ from flexgen.policy import Policy
 from flexgen.registry import available as available_plugins
 from flexgen.registry import list_plugins
 
-__all__ = ["Engine", "FlexGenError", "Policy", "available_plugins", "list_plugins", "load_engine"]
+__all__ = ["Completion", "Engine", "FlexGenError", "Policy", "available_plugins", "batch_generate", "list_plugins",
+           "load_engine"]
 __version__ = "0.1.0"
 
 
@@ -22,4 +26,8 @@ def __getattr__(name: str):
         from flexgen import engine
 
         return getattr(engine, name)
+    if name in ("batch_generate", "Completion"):
+        from flexgen import batch
+
+        return getattr(batch, name)
     raise AttributeError(f"module 'flexgen' has no attribute {name!r}")

@@ -65,10 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flexgen bench",
         description="Measure generation throughput on synthetic weights and prompts, beside the cost "
         "model's bound for the same policy on this machine.",
-        epilog="example: flexgen bench --config configs/bench/w1-opt-6.7b-gpu.yaml --baseline hf",
+        epilog="examples: flexgen bench --config configs/bench/w1-opt-6.7b-gpu.yaml --baseline hf --plot w1.png; "
+        "flexgen bench --plot all.png W1.json W2.json (earlier --json results, side by side)",
     )
-    parser.add_argument("--config", required=True, help="YAML config (configs/bench/*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.num_prompts=8")
+    parser.add_argument("--config", default=None,
+                        help="YAML config (configs/bench/*.yaml); required unless --plot draws earlier --json results")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. data.num_prompts=8; with --plot and no --config: bench JSON files")
     parser.add_argument("--baseline", choices=BASELINES, default=None,
                         help="also run HF transformers' generate on the same weights and prompts, and print the ratio")
     parser.add_argument("--baseline-batch-size", type=int, default=None,
@@ -88,12 +91,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measure this many times (engine and baseline alike) and keep the fastest; "
                         "steadier figures on a shared machine")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every figure to this JSON file")
+    parser.add_argument("--plot", default=None, metavar="FILE.png",
+                        help="also draw the result (throughput measured beside the bound per phase, bytes moved per "
+                        "link measured beside modelled) into this .png/.svg/.pdf; needs matplotlib "
+                        "(pip install 'flexgen[plot]')")
     return parser
 
 
 def bench_command(argv: list[str]) -> int:
     """Entry point of ``flexgen bench``; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.plot is not None:
+        from flexgen.plot import check_plot_path, plot_reports, read_report
+
+        check_plot_path(Path(args.plot))
+        if args.config is None:  # draw earlier results: the positional arguments are their JSON files
+            if not args.overrides:
+                raise ConfigError("--plot without --config draws bench JSON files: flexgen bench --plot out.png a.json ...")
+            files = [Path(name) for name in args.overrides]
+            plot_reports([read_report(f) for f in files], Path(args.plot), names=[f.name for f in files])
+            print(f"flexgen bench: drew {len(files)} result(s) into {args.plot}")
+            return 0
+    if args.config is None:
+        raise ConfigError("--config is required (or --plot FILE.png with bench JSON files to draw)")
     if args.repeat < 1:
         raise ConfigError(f"--repeat must be >= 1, got {args.repeat}")
     for key in ("baseline_batch_size", "baseline_prompts"):
@@ -128,6 +148,11 @@ def bench_command(argv: list[str]) -> int:
     )
     save(report)
     print(format_report(report))
+    if args.plot is not None:
+        from flexgen.plot import plot_reports
+
+        plot_reports([report.to_dict()], Path(args.plot))
+        print(f"  plot: {args.plot}")
     return 0
 
 
@@ -280,7 +305,7 @@ def _bench_device(cfg: FlexGenConfig) -> str:
 def _generation_kwargs(cfg: FlexGenConfig) -> dict[str, Any]:
     """Engine.generate's keywords; no stop token, so every sequence runs the full length the bound assumes."""
     kwargs = cfg.generation_kwargs()
-    kwargs["stop"] = None
+    kwargs["stop"] = kwargs["stop_strings"] = None
     return kwargs
 
 
@@ -556,8 +581,9 @@ def run_hf_baseline(
         for i, row in enumerate(rows):
             input_ids[i, longest - len(row):] = torch.tensor(row)
             mask[i, longest - len(row):] = 1
-        sampling = {"do_sample": True, "temperature": kwargs["temperature"], "top_p": kwargs["top_p"]} \
-            if kwargs["do_sample"] else {"do_sample": False}
+        sampling = {"do_sample": True, "temperature": kwargs["temperature"], "top_p": kwargs["top_p"],
+                    "top_k": kwargs["top_k"]} if kwargs["do_sample"] else {"do_sample": False}
+        sampling["repetition_penalty"] = kwargs["repetition_penalty"]
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out = module.generate(

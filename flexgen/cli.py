@@ -1,4 +1,4 @@
-"""``flexgen predict | bench | plugins | policy``.
+"""``flexgen predict | plan | bench | plugins | policy``.
 
 Each subcommand lives in its own module and is imported only when used, so ``flexgen plugins``
 stays fast and a broken optional piece cannot break the others. Every user mistake surfaces as
@@ -19,6 +19,7 @@ from flexgen.errors import FlexGenError, Terminated
 #: subcommand -> (module:function taking argv and returning an exit code, help line)
 COMMANDS = {
     "predict": ("flexgen.predict.run:predict_command", "generate for every prompt of a config; resumable"),
+    "plan": ("flexgen.plan:plan_command", "show what predict would do with a config, without running it"),
     "bench": ("flexgen.bench:bench_command", "measure throughput on synthetic weights beside its roofline"),
     "plugins": ("flexgen.cli:plugins_command", "list registered plugins per kind, with their distributions"),
     "policy": ("flexgen.optimizer:policy_command", "choose a policy for a model and workload with the cost model"),
@@ -44,10 +45,15 @@ def plugins_command(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("--version", "-V"):
+        from flexgen import __version__
+
+        print(f"flexgen {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: flexgen {" + ",".join(COMMANDS) + "} ...\n\ncommands:\n" + "\n".join(lines))
+        print("usage: flexgen [--version] {" + ",".join(COMMANDS) + "} ...\n\ncommands:\n" + "\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"flexgen: error: unknown command {argv[0]!r}", file=sys.stderr)
             return 2

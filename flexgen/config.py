@@ -54,6 +54,7 @@ PLUGIN_KEYS = ("storage", "attention", "weight_compressor", "cache_compressor", 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 HARDWARE_CAPS = ("gpu_memory", "cpu_memory", "disk_memory")
 BUILTIN_PREFIX = "builtin:"
+OUTPUT_ORDERS = ("blocks", "prompts")
 
 
 # --------------------------------------------------------------------------- schema
@@ -102,10 +103,13 @@ class PluginsConfig:
 class DataConfig:
     """Prompts: a file, or ``num_prompts`` synthetic prompts of ``prompt_len`` tokens."""
 
-    prompts: Optional[str] = None  # .jsonl ({"id", "text"} or {"id", "input_ids"}) or .txt
+    prompts: Optional[str] = None  # .jsonl, .txt, .csv, .tsv, .parquet, .arrow, or a save_to_disk folder
     num_prompts: Optional[int] = None
     prompt_len: Optional[int] = None
     seed: int = 0  # seed of synthetic prompts
+    text_field: str = "text"  # the column (or .jsonl key) holding a prompt's text
+    id_field: str = "id"  # the column (or .jsonl key) holding a prompt's id; without it, the row's number
+    split: Optional[str] = None  # the split of a saved DatasetDict (its only one by default)
 
 
 @dataclass
@@ -116,7 +120,9 @@ class GenerationConfig:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
-    stop: Any = None  # None | token id | list of token ids
+    top_k: int = 0  # with do_sample: keep the k most likely tokens; 0: off
+    repetition_penalty: float = 1.0  # HF's (CTRL's) penalty on tokens already in the sequence; 1.0: off
+    stop: Any = None  # None | a token id or a string | a list of token ids and strings
     seed: Optional[int] = 0  # with do_sample: each prompt's stream is drawn from (seed, its id, its tokens)
 
 
@@ -147,6 +153,7 @@ class OutputConfig:
 
     path: str = "outputs/predictions.jsonl"
     offload_dir: Optional[str] = None  # disk-tier folder; the engine's default when null
+    order: str = "blocks"  # blocks: lines as blocks finish (cheap resume); prompts: rewritten in prompt order at the end
 
 
 @dataclass
@@ -177,14 +184,23 @@ class FlexGenConfig:
         return {key: _plain(getattr(self.plugins, key)) for key in PLUGIN_KEYS}
 
     def generation_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``Engine.generate`` (the per-prompt sampling keys are added by the caller)."""
+        """Keyword arguments of ``Engine.generate`` (the per-prompt sampling keys and the tokenizer,
+        which stop strings need, are added by the caller).
+
+        ``generation.stop`` mixes token ids and strings; the engine takes them apart, as HF's
+        ``generate`` does (``eos_token_id`` and ``stop_strings``).
+        """
         g = self.generation
+        ids, strings = split_stop(_plain(g.stop))
         return {
             "max_new_tokens": g.max_new_tokens,
             "do_sample": g.do_sample,
             "temperature": g.temperature,
             "top_p": g.top_p,
-            "stop": _plain(g.stop),
+            "top_k": g.top_k,
+            "repetition_penalty": g.repetition_penalty,
+            "stop": ids or None,
+            "stop_strings": strings or None,
             "seed": g.seed,
         }
 
@@ -202,6 +218,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def split_stop(stop: Any) -> tuple[list[int], list[str]]:
+    """``generation.stop`` (null, an id, a string, or a list of both) as (token ids, stop strings)."""
+    items = stop if isinstance(stop, list) else [] if stop is None else [stop]
+    return [s for s in items if isinstance(s, int)], [s for s in items if isinstance(s, str)]
+
+
 # --------------------------------------------------------------------------- loading
 
 _INPUT_PATHS = (("model", "path"), ("model", "tokenizer"), ("data", "prompts"), ("hardware", "profile"))
@@ -210,15 +232,24 @@ _INPUT_PATHS = (("model", "path"), ("model", "tokenizer"), ("data", "prompts"), 
 _MAYBE_NAMES = ("tokenizer", "profile")
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> FlexGenConfig:
-    """Read a config file (optional) and apply ``key=value`` overrides; validate the result.
+def load_config(path: str | os.PathLike | Mapping | None = None, overrides: list[str] | tuple[str, ...] = (),
+                prompts_given: bool = False) -> FlexGenConfig:
+    """Read a config (a file, or a mapping: a dict or a ``DictConfig``) and apply ``key=value``
+    overrides; validate the result.
 
-    Raises :class:`ConfigError` (one line naming the key or file) for every user mistake.
+    Paths in a mapping are taken as written (relative to the current directory), as on the
+    command line. ``prompts_given``: the caller brings the prompts (the Python batch API), so
+    ``data.*`` need not name any. Raises :class:`ConfigError` (one line naming the key or file)
+    for every user mistake.
     """
     schema = OmegaConf.structured(FlexGenConfig)
     layers: list[tuple[DictConfig, str]] = []
-    if path is not None:
+    if isinstance(path, Mapping):
+        layers.append((_read_mapping(path), "in the given config"))
+    elif path is not None:
         layers.append((_read_file(Path(path)), f"in {path}"))
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides must be a list of key=value strings, got the string {overrides!r}")
     for item in overrides:
         layers.append((_parse_override(item), "on the command line"))
 
@@ -232,8 +263,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         cfg: FlexGenConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]  # resolves ${...}
     except OmegaConfBaseException as exc:
         raise ConfigError(f"config key {exc.full_key or '?'!r}: {_first_line(exc)}") from exc
-    validate(cfg)
+    validate(cfg, prompts_given)
     return cfg
+
+
+def _read_mapping(config: Mapping) -> DictConfig:
+    """A config given as a dict or a ``DictConfig`` (the Python batch API), as one layer."""
+    try:
+        raw = OmegaConf.to_container(config, resolve=False) if isinstance(config, DictConfig) else dict(config)
+        return OmegaConf.create(raw)
+    except (OmegaConfBaseException, TypeError, ValueError) as exc:
+        raise ConfigError(f"the given config: {_first_line(exc)}") from exc
 
 
 def _read_file(path: Path) -> DictConfig:
@@ -425,7 +465,7 @@ def _first_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- validation
 
 
-def validate(cfg: FlexGenConfig) -> None:
+def validate(cfg: FlexGenConfig, prompts_given: bool = False) -> None:
     """Range and consistency checks the types alone cannot express; ConfigError naming the key."""
     m = cfg.model
     if (m.path is None) == (m.synthetic is None):
@@ -459,9 +499,10 @@ def validate(cfg: FlexGenConfig) -> None:
         _check_plugin_value(f"plugins.{key}", _plain(getattr(cfg.plugins, key)), storage=key == "storage")
 
     d = cfg.data
-    if d.prompts is None:
+    if d.prompts is None and not prompts_given:
         if d.num_prompts is None or d.prompt_len is None:
-            raise ConfigError("set data.prompts (a .jsonl or .txt file), or both data.num_prompts and data.prompt_len")
+            raise ConfigError("set data.prompts (a .jsonl, .txt, .csv or .parquet file, or a saved dataset), or both "
+                              "data.num_prompts and data.prompt_len")
     for key in ("num_prompts", "prompt_len"):
         value = getattr(d, key)
         if value is not None and value < 1:
@@ -474,11 +515,18 @@ def validate(cfg: FlexGenConfig) -> None:
         raise ConfigError(f"generation.temperature must be > 0, got {g.temperature}")
     if not 0 < g.top_p <= 1:
         raise ConfigError(f"generation.top_p must be in (0, 1], got {g.top_p}")
+    if g.top_k < 0:
+        raise ConfigError(f"generation.top_k must be >= 0 (0: off), got {g.top_k}")
+    if not g.repetition_penalty > 0:
+        raise ConfigError(f"generation.repetition_penalty must be > 0 (1.0: off), got {g.repetition_penalty}")
     stop = _plain(g.stop)
     stops = stop if isinstance(stop, list) else [] if stop is None else [stop]
-    for token in stops:
-        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
-            raise ConfigError(f"generation.stop must be null, a token id or a list of token ids, got {stop!r}")
+    for item in stops:
+        if isinstance(item, bool) or not isinstance(item, (int, str)) or (isinstance(item, int) and item < 0) or item == "":
+            raise ConfigError(
+                "generation.stop must be null, a token id, a string, or a list of token ids and strings "
+                f"(e.g. [2, \"###\"]), got {stop!r}"
+            )
 
     t = cfg.trainer
     if t.accelerator not in ACCELERATORS:
@@ -489,6 +537,8 @@ def validate(cfg: FlexGenConfig) -> None:
     _check_hardware(cfg.hardware)
     if not cfg.output.path:
         raise ConfigError("output.path must name a .jsonl file")
+    if cfg.output.order not in OUTPUT_ORDERS:
+        raise ConfigError(f"output.order must be one of {', '.join(OUTPUT_ORDERS)}, got {cfg.output.order!r}")
 
 
 def _check_devices(devices: Any) -> None:
@@ -550,9 +600,24 @@ def resolve_offload_dir(cfg: FlexGenConfig) -> str | None:
     return str(Path(os.path.expanduser(cfg.output.offload_dir)).absolute())
 
 
-def to_yaml(cfg: FlexGenConfig) -> str:
-    """The resolved config as YAML (``flexgen predict --print-config``)."""
+def to_yaml(cfg: FlexGenConfig, resolved: tuple[Policy, dict[str, Any], dict[str, Any]] | None = None) -> str:
+    """The resolved config as YAML (``flexgen predict --print-config``).
+
+    ``resolved``: what ``policy: auto`` resolved to (policy, plugins, info): the policy keys
+    and plugins it chose are printed in place of ``auto``, under a comment saying so, so the
+    output can be saved as a config that runs that very policy.
+    """
     data = cfg.to_dict()
-    if data["policy"].pop("auto"):
+    auto = data["policy"].pop("auto")
+    header = ""
+    if auto and resolved is not None:
+        policy, plugins, info = resolved
+        data["policy"] = policy.to_dict()
+        data["plugins"] = plugins
+        predicted = info.get("predicted_throughput")
+        machine = (info.get("hardware") or {}).get("name", "this machine")
+        header = (f"# policy: auto, resolved by the cost model for {machine}"
+                  + (f" (predicted {predicted:.1f} tok/s)" if predicted else "") + "\n")
+    elif auto:
         data["policy"] = "auto"
-    return OmegaConf.to_yaml(OmegaConf.create(data))
+    return header + OmegaConf.to_yaml(OmegaConf.create(data))

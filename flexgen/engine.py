@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +157,10 @@ class GPUBatch:
     hidden: torch.Tensor | None = None  # resident in the batch's activation tier
     pending: HostAttention | None = None  # hidden states still being computed on the host
     outputs: list[torch.Tensor] = field(default_factory=list)
+    #: (B, prompt + new tokens) each row's tokens so far, on the compute device: what repetition
+    #: penalty and stop strings look at. A row's left padding holds its own first token, so a
+    #: row's set of tokens is its prompt's and its outputs', whatever the padding.
+    tokens: torch.Tensor | None = None
 
 
 @dataclass
@@ -198,7 +202,10 @@ class Engine:
         device: torch.device,
         offload_dir: Path,
         dtype: torch.dtype,
+        progress: Callable[[int, int, int], None] | None = None,
     ) -> None:
+        """``progress(layers placed, layers, tensors converted)`` is called as each model layer's
+        weights are placed (from this thread), so a caller can show how a long load goes."""
         self.spec = source.spec
         self.policy = policy
         self.device = device = resolve_device(device)
@@ -250,11 +257,14 @@ class Engine:
         self._attention_io = _executor("flexgen-attention")
         self._run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._cache: list[list[CacheUnit]] | None = None  # reused by every block that fits
+        self._stop_string_criteria: dict[Any, Any] = {}  # see _Sampling.build
         self._unpack_buffers: dict[str, list[torch.Tensor]] = {}  # see _unpacked
         self._cache_length = 0
 
         self.layers: list[list[PlacedWeight]] = []
         self._resident: dict[int, dict[str, torch.Tensor]] = {}  # layers needing no load at all
+        self._progress = progress
+        self.converted_weights = 0  # tensors this engine converted into a persistent tier (the disk's offload folder)
         self._place_weights(source)
         #: embedding tables whose rows are gathered where they live (name -> placed table)
         self._gathered = self._gathered_tables()
@@ -309,6 +319,8 @@ class Engine:
         _release_freed_memory()
         if all(p.tier == "gpu" and not p.compressed for p in placed):
             self._resident[index] = {p.spec.local: p.parts["data"] for p in placed}
+        if self._progress is not None:
+            self._progress(len(self.layers), self.spec.num_model_layers, self.converted_weights)
 
     def _place_one(self, source: WeightSource, weight: opt.WeightSpec, tier: str, key: str) -> PlacedWeight:
         backend = self.storage[tier]
@@ -316,6 +328,7 @@ class Engine:
         compressor = self.weight_compressor if compressed else _IDENTITY
         part_names = list(compressor.part_specs(weight.shape, self.dtype))
         parts: dict[str, torch.Tensor] = {}
+        converted = False
         if backend.persistent:  # reuse what an earlier run converted
             for name in part_names:
                 found = backend.get(f"{key}.{name}")
@@ -333,7 +346,9 @@ class Engine:
                 owned = source.fresh or part.untyped_storage().data_ptr() != made.untyped_storage().data_ptr()
                 parts[name] = (backend.adopt if owned else backend.put)(f"{key}.{name}", part)
             del made
+            converted = backend.persistent
         with self._stats_lock:  # placement runs on several threads
+            self.converted_weights += converted
             self.stats.compression["weights_raw_bytes"] += _numel(weight.shape) * _itemsize(self.dtype)
             self.stats.compression["weights_stored_bytes"] += sum(_nbytes(p) for p in parts.values())
         return PlacedWeight(weight, tier, parts, compressed)
@@ -603,25 +618,37 @@ class Engine:
         stop: int | Sequence[int] | None = None,
         seed: int | None = None,
         keys: Sequence[str] | None = None,
-    ) -> list[list[int]]:
-        """New tokens for every prompt, in order; a sequence ends after a ``stop`` token.
+        *,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        stop_strings: str | Sequence[str] | None = None,
+        tokenizer: Any = None,
+        return_finish_reasons: bool = False,
+    ) -> list[list[int]] | tuple[list[list[int]], list[str]]:
+        """New tokens for every prompt, in order; a sequence ends after a ``stop`` token or a stop string.
+
+        The controls mean what they mean in HF transformers' ``generate``, whose logits
+        processors compute them (:class:`_Sampling`): ``repetition_penalty`` (greedy too),
+        ``temperature``, ``top_k`` (0: off) and ``top_p`` (with ``do_sample``), and
+        ``stop_strings`` with the ``tokenizer`` that decodes the ids (HF's ``StopStringCriteria``).
+        A sequence's output ends with the token that stopped it.
 
         With ``do_sample``, each prompt samples from its own random stream, drawn from ``seed``,
         its key (``keys[i]``; default its index ``i``) and its token ids: its tokens do not depend
         on the block size, on the other prompts or on their order.
+
+        ``return_finish_reasons``: also return, per prompt, ``"stop"`` (a stop token or string
+        ended it) or ``"length"`` (``max_new_tokens`` reached), the names vLLM and the OpenAI API use.
         """
         prompts = self._check_prompts(input_ids, max_new_tokens)
         if keys is None:
             keys = [str(i) for i in range(len(prompts))]
         if len(keys) != len(prompts):
             raise PromptError(f"keys: {len(keys)} keys for {len(prompts)} prompts")
-        if do_sample and not temperature > 0:
-            raise PromptError(f"generation.temperature must be > 0 when sampling, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise PromptError(f"generation.top_p must be in (0, 1], got {top_p}")
-        stops = [] if stop is None else [stop] if isinstance(stop, int) else list(stop)
-        sampling = _Sampling(do_sample, temperature, top_p, stops)
+        sampling = _Sampling.build(do_sample, temperature, top_p, top_k, repetition_penalty, stop, stop_strings,
+                                   tokenizer, self._stop_string_criteria)
         outputs: list[list[int]] = []
+        reasons: list[str] = []
         block_size = self.policy.block_size
         with torch.inference_mode():
             for number, start in enumerate(range(0, len(prompts), block_size)):
@@ -629,15 +656,21 @@ class Engine:
                 padded = real + [real[0]] * (block_size - len(real))  # outputs of padding are dropped
                 streams = [_stream(seed or 0, str(key), ids) for key, ids in zip(keys[start:start + block_size], real)]
                 streams += [streams[0]] * (block_size - len(real))
-                tokens = self._generate_block(padded, max_new_tokens, sampling, streams, len(real))
+                tokens, why = self._generate_block(padded, max_new_tokens, sampling, streams, len(real))
                 outputs.extend(tokens[: len(real)])
-        return outputs
+                reasons.extend(why[: len(real)])
+        return (outputs, reasons) if return_finish_reasons else outputs
 
     def _check_prompts(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise PromptError(f"generation.max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if isinstance(input_ids, torch.Tensor):
             input_ids = input_ids.tolist()
+        if isinstance(input_ids, str) or any(isinstance(ids, str) for ids in input_ids):
+            raise PromptError(
+                "engine.generate takes token ids (a list of lists of ints), not text: tokenise the prompts first, "
+                "or use flexgen.batch_generate(config, ['text', ...]), which tokenises them with the model's tokenizer"
+            )
         prompts = []
         vocab, limit = self.spec.vocab_size, self.spec.max_positions
         for i, ids in enumerate(input_ids):
@@ -658,7 +691,8 @@ class Engine:
     def _generate_block(
         self, prompts: list[list[int]], max_new_tokens: int, sampling: "_Sampling",
         streams: list[bytes], num_real: int,
-    ) -> list[list[int]]:
+    ) -> tuple[list[list[int]], list[str]]:
+        """Every row's new tokens (cut after the token that stopped it) and finish reason."""
         B, K = self.policy.gpu_batch_size, self.policy.num_gpu_batches
         prompt_len = max(map(len, prompts))
         total = prompt_len + max_new_tokens
@@ -667,27 +701,33 @@ class Engine:
             rows = prompts[k * B:(k + 1) * B]
             ids = torch.full((B, prompt_len), self.spec.pad_token_id, dtype=torch.long)
             valid = torch.zeros((B, total), dtype=torch.bool)
+            tokens = torch.zeros((B, total), dtype=torch.long)
             for r, row in enumerate(rows):
                 ids[r, prompt_len - len(row):] = torch.tensor(row)
                 valid[r, prompt_len - len(row):] = True
+                tokens[r, :prompt_len] = ids[r]
+                tokens[r, : prompt_len - len(row)] = row[0]  # see GPUBatch.tokens
             padded = any(len(row) < prompt_len for row in rows)
-            batches.append(GPUBatch(ids.to(self.device), valid.to(self.device), valid, ids, padded))
+            batches.append(GPUBatch(ids.to(self.device), valid.to(self.device), valid, ids, padded,
+                                    tokens=tokens.to(self.device)))
         block = Block(batches, prompt_len, split_by_percent([1] * K, self.policy.percents("act")),
                       self._cache_for(total), sampling, streams)
         done = torch.zeros(B * K, dtype=torch.bool, device=self.device)
+        kept = torch.full((B * K,), max_new_tokens, dtype=torch.long, device=self.device)  # tokens each row keeps
         try:
             self._sync()
             started = time.perf_counter()
             for step in range(max_new_tokens):
                 self._run_step(block, step)
-                new = torch.cat([b.outputs[-1] for b in batches])[:, 0]
-                if sampling.stops:
-                    done |= torch.isin(new, torch.tensor(sampling.stops, device=self.device))
+                if sampling.stops_early:
+                    stopped = torch.cat([sampling.stopped(b.tokens[:, : prompt_len + step + 1]) for b in batches])
+                    kept = torch.where(stopped & ~done, step + 1, kept)
+                    done |= stopped
                 if step == 0:
                     self._sync()
                     prefill_end = time.perf_counter()
                     self.stats.prefill_time_s += prefill_end - started
-                if sampling.stops and bool(done[:num_real].all()):
+                if sampling.stops_early and bool(done[:num_real].all()):
                     break
             self._sync()
             self.stats.decode_time_s += time.perf_counter() - prefill_end
@@ -703,10 +743,11 @@ class Engine:
             for k, tier in enumerate(block.act_tiers):
                 self.storage[tier].free(self._act_key(k))
         tokens = torch.cat([torch.cat(b.outputs, dim=1) for b in batches]).tolist()
-        results = [_cut_at_stop(row, sampling.stops) for row in tokens]
+        results = [row[:n] for row, n in zip(tokens, kept.tolist())]
+        reasons = ["stop" if d else "length" for d in done.tolist()]
         self.stats.prompt_tokens += sum(len(p) for p in prompts[:num_real])
         self.stats.generated_tokens += sum(len(r) for r in results[:num_real])
-        return results
+        return results, reasons
 
     def _act_key(self, batch: int) -> str:
         return f"act/{self._run_id}/{batch}"
@@ -796,7 +837,10 @@ class Engine:
         if kind == "head":
             logits = opt.head(spec, weights, x)
             B = self.policy.gpu_batch_size
-            token = block.sampling.pick(logits, block.streams[task.batch * B:(task.batch + 1) * B], step)
+            position = block.prompt_len + step
+            token = block.sampling.pick(logits, batch.tokens[:, :position],
+                                        block.streams[task.batch * B:(task.batch + 1) * B], step)
+            batch.tokens[:, position] = token[:, 0]
             batch.outputs.append(token)
             batch.next_ids = token
             return None
@@ -930,33 +974,107 @@ class Engine:
         self.close()
 
 
-@dataclass
 class _Sampling:
-    do_sample: bool
-    temperature: float
-    top_p: float
-    stops: list[int]
+    """How the next token is chosen and when a sequence stops, with HF transformers' own pieces.
 
-    def pick(self, logits: torch.Tensor, streams: Sequence[bytes], step: int) -> torch.Tensor:
-        """Next token ids (B, 1): greedy, or sampled with temperature and nucleus (top-p).
+    The scores go through a ``LogitsProcessorList`` built as HF's ``generate`` builds it, in
+    its order: ``RepetitionPenaltyLogitsProcessor`` (greedy too), then, when sampling,
+    ``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper``. So each control
+    means exactly what it means in HF, and greedy decoding with a repetition penalty gives HF's
+    tokens. Only the draw itself is ours (:meth:`pick`): each row draws from its own
+    counter-based stream, so that a prompt's tokens depend on the seed and that prompt alone,
+    never on batching (HF's ``torch.multinomial`` draws from one generator for the whole batch).
 
-        Row r draws one uniform number from its own stream at this step (:func:`_uniform`) and
-        takes the token where it falls in the cumulative distribution (inverse transform
-        sampling): what a row draws depends on nothing but its stream and the step.
+    Stop strings are checked here too, per step, by HF's ``StopStringCriteria`` on the token
+    ids (it precomputes, from the tokenizer's vocabulary, which tokens can end which string).
+    Checking in the engine rather than on the decoded text afterwards lets a block end as soon
+    as every sequence in it has stopped, exactly as stop token ids do, and the engine stays
+    text-free: the tokenizer only goes into the criterion, built once per tokenizer and strings.
+    """
+
+    def __init__(self, do_sample: bool, processors: Any, stops: list[int], criterion: Any) -> None:
+        self.do_sample = do_sample
+        self.processors = processors  # a LogitsProcessorList, or None when there is nothing to do
+        self.stops = stops
+        self.criterion = criterion  # a StopStringCriteria, or None
+        self.stops_early = bool(stops) or criterion is not None
+
+    @classmethod
+    def build(cls, do_sample: bool, temperature: float, top_p: float, top_k: int, repetition_penalty: float,
+              stop: int | Sequence[int] | None, stop_strings: str | Sequence[str] | None, tokenizer: Any,
+              cache: dict[Any, Any]) -> "_Sampling":
+        """Check the controls (one-line :class:`PromptError` naming the setting) and build the processors."""
+        if do_sample and not temperature > 0:
+            raise PromptError(f"generation.temperature must be > 0 when sampling, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise PromptError(f"generation.top_p must be in (0, 1], got {top_p}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise PromptError(f"generation.top_k must be an integer >= 0 (0: off), got {top_k!r}")
+        if not repetition_penalty > 0:
+            raise PromptError(f"generation.repetition_penalty must be > 0 (1.0: off), got {repetition_penalty}")
+        stops = [] if stop is None else [stop] if isinstance(stop, int) else list(stop)
+        strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+        if any(not isinstance(s, str) or not s for s in strings):
+            raise PromptError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
+        processors = []
+        if repetition_penalty != 1.0 or (do_sample and (temperature != 1.0 or top_k or top_p < 1)):
+            from transformers import (
+                RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+            )
+
+            if repetition_penalty != 1.0:
+                processors.append(RepetitionPenaltyLogitsProcessor(float(repetition_penalty)))
+            if do_sample and temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(float(temperature)))
+            if do_sample and top_k:
+                processors.append(TopKLogitsWarper(top_k))
+            if do_sample and top_p < 1:
+                processors.append(TopPLogitsWarper(float(top_p)))
+        criterion = None
+        if strings:
+            if tokenizer is None:
+                raise PromptError("stop strings need the tokenizer that decodes the ids: pass tokenizer=")
+            key = (id(tokenizer), tuple(strings))
+            if key not in cache:
+                from transformers import StopStringCriteria
+
+                cache.clear()  # one tokenizer and one set of strings at a time, in practice
+                cache[key] = (tokenizer, StopStringCriteria(tokenizer, strings))
+            criterion = cache[key][1]
+        if processors:
+            from transformers import LogitsProcessorList
+
+            return cls(do_sample, LogitsProcessorList(processors), stops, criterion)
+        return cls(do_sample, None, stops, criterion)
+
+    def pick(self, logits: torch.Tensor, tokens: torch.Tensor, streams: Sequence[bytes], step: int) -> torch.Tensor:
+        """Next token ids (B, 1) from the last position's logits (B, V) and each row's ``tokens`` so far.
+
+        Greedy, or sampled: row r draws one uniform number from its own stream at this step
+        (:func:`_uniform`) and takes the token where it falls in the cumulative distribution
+        (inverse transform sampling): what a row draws depends on nothing but its stream and
+        the step.
         """
-        logits = logits.float()
+        scores = logits.float()
+        if self.processors is not None:
+            scores = self.processors(tokens, scores)
         if not self.do_sample:
-            return logits.argmax(dim=-1, keepdim=True)
-        probs = torch.softmax(logits / self.temperature, dim=-1)
-        if self.top_p < 1:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            outside = sorted_probs.cumsum(dim=-1) - sorted_probs > self.top_p
-            sorted_probs[outside] = 0
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+            return scores.argmax(dim=-1, keepdim=True)
+        probs = torch.softmax(scores, dim=-1)
         cdf = probs.double().cumsum(dim=-1)
         u = torch.tensor([_uniform(stream, step) for stream in streams], dtype=torch.float64, device=cdf.device)
         token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True)
         return token.clamp_(max=probs.shape[-1] - 1)
+
+    def stopped(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the rows whose last token (``tokens[:, -1]``) is a stop token or ends a stop string."""
+        last = tokens[:, -1]
+        hit = torch.zeros_like(last, dtype=torch.bool)
+        if self.stops:
+            hit |= torch.isin(last, torch.tensor(self.stops, device=last.device))
+        if self.criterion is not None:
+            hit |= self.criterion(tokens, None).to(hit.device)
+        return hit
 
 
 def _stream(seed: int, key: str, input_ids: Sequence[int]) -> bytes:
@@ -984,13 +1102,6 @@ def _next_layers(tasks: list[Task]) -> list[int | None]:
             following = tasks[t + 1].layer
         ahead[t] = following
     return ahead
-
-
-def _cut_at_stop(tokens: list[int], stops: list[int]) -> list[int]:
-    for i, token in enumerate(tokens):
-        if token in stops:
-            return tokens[: i + 1]
-    return tokens
 
 
 def _release_freed_memory() -> None:
@@ -1073,8 +1184,13 @@ def load_engine(
     offload_dir: str | Path | None = None,
     dtype: str = "float16",
     seed: int = 0,
+    progress: Callable[[int, int, int], None] | None = None,
 ) -> Engine:
-    """Build an engine for an HF OPT checkpoint directory or a synthetic OPT size name."""
+    """Build an engine for an HF OPT checkpoint directory or a synthetic OPT size name.
+
+    ``progress(layers placed, layers, tensors converted to the offload folder)`` follows the
+    placement of the weights (see :class:`Engine`).
+    """
     if dtype not in DTYPES:
         raise FlexGenError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if policy is None:
@@ -1084,4 +1200,4 @@ def load_engine(
     torch_dtype = DTYPES[dtype]
     source = open_source(model, dtype=torch_dtype, seed=seed)
     folder = Path(offload_dir) if offload_dir is not None else default_offload_dir()
-    return Engine(source, policy, dict(plugins or {}), resolve_device(device), folder, torch_dtype)
+    return Engine(source, policy, dict(plugins or {}), resolve_device(device), folder, torch_dtype, progress)

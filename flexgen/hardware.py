@@ -271,7 +271,7 @@ class HardwareProfile:
 #: its 70 W limit large cuBLAS fp16 products reach ~20-25; FlexGen's own fitted cost-model
 #: constants (experimental/cost_model.py of FMInference/FlexGen) say 21.2 TFLOP/s for prefill
 #: matmuls, 12.9 GB/s CPU->GPU, 12.3 GFLOP/s for CPU attention; we use 21 TFLOP/s, 12 GB/s
-#: both ways, and 12 GFLOP/s. Disk: 2 GB/s read as the issue and paper state; 1 GB/s write is
+#: both ways, and 12 GFLOP/s. Disk: 2 GB/s read as the paper states; 1 GB/s write is
 #: our assumption. Turing has no bf16 tensor cores, so bf16 runs at the fp32 rate (~4.5 of 8.1
 #: peak). Memory bandwidth 320 GB/s peak, ~240 achieved.
 T4_PAPER = HardwareProfile(

@@ -558,15 +558,16 @@ def policy_command(argv: list[str]) -> int:
         description="Choose the offloading policy with the highest predicted throughput that fits the machine.",
     )
     parser.add_argument("--model", required=True, help="OPT size (opt-30b) or an HF checkpoint directory")
-    parser.add_argument("--prompt-len", type=int, required=True)
-    parser.add_argument("--gen-len", type=int, required=True)
+    parser.add_argument("--prompt-len", type=int, required=True, help="prompt length in tokens (the longest prompt)")
+    parser.add_argument("--gen-len", type=int, required=True, help="new tokens generated per prompt")
     parser.add_argument("--num-prompts", type=int, default=None, help="prompts in the run (caps the block size)")
     parser.add_argument("--hardware", default=None,
                         help="a hardware YAML file or a preset (t4-paper, h200); default: measure this machine (cached)")
     parser.add_argument("--gpu-memory", default=None, help="cap the GPU memory, e.g. 24GiB")
     parser.add_argument("--cpu-memory", default=None, help="cap the CPU memory, e.g. 200GB")
     parser.add_argument("--disk-memory", default=None, help="cap the disk space, e.g. 1.5TB")
-    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+                        help="dtype of weights and cache, which sets their bytes (default: float16)")
     parser.add_argument("--attention", default="gpu,cpu", help="attention locations to consider (gpu,cpu)")
     parser.add_argument("--compression", default="none,int4",
                         help="weight and cache compressions to consider (none,int4,int8)")

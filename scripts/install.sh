@@ -17,7 +17,19 @@ fi
 # constrained to the installed version, so a dependency that wants another torch is an error
 # instead of a several-GB download.
 constraints=$(mktemp)
-trap 'rm -f "$constraints"' EXIT
+
+# pip builds each package inside its source folder and leaves build/ and *.egg-info there (the
+# installed metadata lives in site-packages). Remove the ones this script made, on success or
+# failure, so the clone stays as git checked it out; folders that were there before are kept.
+build_leftovers() { ls -d flexgen.egg-info build plugins/*/build plugins/*/src/*.egg-info 2>/dev/null || true; }
+existing=$(build_leftovers)
+cleanup() {
+    rm -f "$constraints"
+    for path in $(build_leftovers); do
+        grep -qxF "$path" <<<"$existing" || rm -rf "$path"
+    done
+}
+trap cleanup EXIT
 "$PYTHON" -c "import torch; print('torch==' + torch.__version__)" >"$constraints"
 "$PYTHON" -m pip install -c "$constraints" -e ".[test]"
 

@@ -23,6 +23,13 @@ import sys
 from pathlib import Path
 
 
+def said(stderr: str) -> list[str]:
+    """stderr without what a run says while it works (``flexgen: ...`` lines, progress bars): its
+    errors and warnings, each of which must be one line."""
+    lines = stderr.replace("\r", "\n").strip().splitlines()
+    return [line for line in lines if line.strip() and not line.startswith(("flexgen: ", "generating", "placing weights"))]
+
+
 def fingerprint(root: Path) -> dict[str, str]:
     """Relative path -> sha256 of a file's bytes, or ``link:<target>``; folders are not listed."""
     out = {}

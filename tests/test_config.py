@@ -37,7 +37,8 @@ def test_defaults_are_the_design_contract():
         "weight_compressor": "none", "cache_compressor": "none", "scheduler": "zigzag",
     }
     assert cfg.generation_kwargs() == {
-        "max_new_tokens": 32, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "stop": None, "seed": 0,
+        "max_new_tokens": 32, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+        "repetition_penalty": 1.0, "stop": None, "stop_strings": None, "seed": 0,
     }
     assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.strategy, cfg.trainer.num_nodes) == ("auto", 1, "auto", 1)
     assert cfg.output.path == "outputs/predictions.jsonl"
@@ -67,6 +68,8 @@ output: {path: out/o.jsonl}
     assert cfg.policy.gpu_batch_size == 8 and cfg.to_policy().weights_cpu == 50
     assert cfg.plugins_dict()["attention"] == {"name": "cpu", "threads": 2}
     assert cfg.generation_kwargs()["stop"] == [2, 3]
+    mixed = load_config(path, ["generation.stop=[2, '###', 3]"]).generation_kwargs()
+    assert (mixed["stop"], mixed["stop_strings"]) == ([2, 3], ["###"])
     # inputs written in the file: relative to the file's folder; outputs: relative to cwd
     assert cfg.model.path == str(tmp_path / "sub" / "ckpt")
     assert cfg.data.prompts == str(tmp_path / "sub" / "p.jsonl")
@@ -121,7 +124,12 @@ def test_unknown_key_suggests_close_match(override, expected):
         ("generation.max_new_tokens=0", "generation.max_new_tokens"),
         ("generation.top_p=1.5", "generation.top_p"),
         ("generation.temperature=0", "generation.temperature"),
-        ("generation.stop=[a]", "generation.stop"),
+        ("generation.stop=[-1]", "generation.stop"),
+        ("generation.stop=[[2]]", "generation.stop"),
+        ("generation.stop=[2, '']", "generation.stop"),
+        ("generation.top_k=-1", "generation.top_k"),
+        ("output.order=file", "output.order"),
+        ("generation.repetition_penalty=0", "generation.repetition_penalty"),
         ("model.dtype=fp8", "model.dtype"),
         ("model.synthetic=opt-13", "model.synthetic"),
         ("data.num_prompts=0", "data.num_prompts"),

@@ -47,11 +47,12 @@ class FakeEngine:
         self.closed = False
         self.weights = torch.nn.Linear(2, 2)  # something a careless Trainer could move or cast
 
-    def generate(self, input_ids, max_new_tokens=32, **kwargs):
+    def generate(self, input_ids, max_new_tokens=32, return_finish_reasons=False, **kwargs):
         self.calls.append({"input_ids": [list(p) for p in input_ids], "max_new_tokens": max_new_tokens, **kwargs})
         self.stats.prompt_tokens += sum(map(len, input_ids))
         self.stats.generated_tokens += max_new_tokens * len(input_ids)
-        return [expected_output(p, max_new_tokens) for p in input_ids]
+        outputs = [expected_output(p, max_new_tokens) for p in input_ids]
+        return (outputs, ["length"] * len(outputs)) if return_finish_reasons else outputs
 
     def close(self):
         self.closed = True
@@ -134,9 +135,9 @@ def test_prompt_file_errors_name_file_and_line(tmp_path, content, expected):
 def test_missing_or_wrong_kind_of_prompt_file(tmp_path):
     with pytest.raises(ConfigError, match="data.prompts: file .*nope.jsonl not found"):
         read_prompts(tmp_path / "nope.jsonl")
-    (tmp_path / "p.csv").write_text("a\n")
-    with pytest.raises(ConfigError, match=r"\.jsonl or \.txt"):
-        read_prompts(tmp_path / "p.csv")
+    (tmp_path / "p.xlsx").write_text("a\n")
+    with pytest.raises(ConfigError, match=r"\.jsonl, \.txt, \.csv"):
+        read_prompts(tmp_path / "p.xlsx")
 
 
 def test_check_prompts_vocab_and_positions():
@@ -247,7 +248,7 @@ def test_trainer_never_holds_the_engine_as_a_module(tmp_path):
     module.to(torch.float64)
     assert engine.weights.weight is weight and weight.dtype == torch.float32
     lines = module.predict_step({"block": 0, "ids": ["a"], "input_ids": [[5, 6]]}, 0)
-    assert lines == [{"id": "a", "input_ids": [5, 6], "output_ids": expected_output([5, 6], 2)}]
+    assert lines == [{"id": "a", "input_ids": [5, 6], "output_ids": expected_output([5, 6], 2), "finish_reason": "length"}]
 
 
 def test_synthetic_prompts_run(tmp_path):
@@ -380,8 +381,9 @@ def test_progress_bar_shows_tokens_per_second(tmp_path, capsys):
     write_prompts(tmp_path / "prompts.jsonl", n=4)
     run_predict(config(tmp_path, "trainer.enable_progress_bar=true"), engine_factory=Factory())
     captured = capsys.readouterr()
-    bar = captured.out + captured.err
-    assert "tok/s=" in bar and "prompts=4/4" in bar
+    bar = captured.err.replace("\r", "\n")
+    assert "tok/s=" in bar and "4/4" in bar and "tokens=12" in bar  # prompts counted, 3 new tokens each
+    assert "tok/s" not in captured.out, "stdout is for the summary"
 
 
 def test_unwritable_cache_for_the_quickstart(tmp_path, monkeypatch, capsys):

@@ -21,6 +21,7 @@ import pytest
 from flexgen.config import load_config
 from flexgen.predict.run import run_predict
 from flexgen.predict.writer import leftover_parts, part_path
+from tests.cli_driver import said
 from tests.test_predict_e2e import read_lines
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +94,7 @@ def test_sigterm_keeps_finished_blocks_and_says_so(workdir):
     proc.send_signal(signal.SIGTERM)
     code, err = stopped(proc)
     assert code == 143, err
-    assert err.strip() == "flexgen predict: terminated (SIGTERM); finished outputs are kept, rerun to resume"
+    assert said(err) == ["flexgen predict: terminated (SIGTERM); finished outputs are kept, rerun to resume"]
     kept = read_lines(out)  # every line whole
     assert 2 <= len(kept) < len(expected)
     assert scratch_folders(workdir) == []  # the engine closed: its KV-cache files are gone
@@ -115,7 +116,7 @@ def test_sigterm_stops_every_rank_of_a_ddp_run(workdir, target):
         os.killpg(proc.pid, signal.SIGTERM)  # what a terminal or a process-group kill does
     code, err = stopped(proc)
     assert code == 143, err
-    assert err.strip().splitlines() == ["flexgen predict: terminated (SIGTERM); finished outputs are kept, rerun to resume"]
+    assert said(err) == ["flexgen predict: terminated (SIGTERM); finished outputs are kept, rerun to resume"]
     time.sleep(0.5)
     leftover = subprocess.run(["pgrep", "-f", f"c.yaml {' '.join(SLOW)}"], capture_output=True, text=True).stdout
     assert leftover.strip() == "", "a rank is still running"

@@ -250,3 +250,37 @@ def test_an_unwritable_offload_folder(workdir, capsys):
         locked.chmod(0o700)
     err = capsys.readouterr().err.strip()
     assert code == 2 and "output.offload_dir: cannot write to" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ("HF_HUB_OFFLINE", "no-such-owner/no-such-tokenizer is neither a folder nor in the Hugging Face cache, and "
+                       "HF_HUB_OFFLINE is set; download it first (hf download no-such-owner/no-such-tokenizer)"),
+    ("unreachable hub", "no-such-owner/no-such-tokenizer is neither a folder nor in the Hugging Face cache, and "
+                        "127.0.0.1 cannot be reached"),
+])
+def test_a_hub_tokenizer_without_network_is_refused_at_once(workdir, capsys, monkeypatch, setting, expected):
+    """Not after transformers' minute of retries: the cache is tried, then the hub's host, once."""
+    from huggingface_hub import constants
+
+    from flexgen.cli import main
+
+    if setting == "HF_HUB_OFFLINE":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    else:  # a port nothing listens on: the connection is refused at once
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.chdir(workdir)
+    code = main([*PREDICT, "model.tokenizer=no-such-owner/no-such-tokenizer", "output.path=tok.jsonl"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and err.startswith("flexgen predict: error: model.tokenizer: "), err
+    assert expected in err
+    assert not (workdir / "tok.jsonl").exists()
+
+
+def test_a_tokenizer_folder_that_does_not_exist(workdir, capsys, monkeypatch):
+    from flexgen.cli import main
+
+    monkeypatch.chdir(workdir)
+    assert main([*PREDICT, "model.tokenizer=./no_tokenizer_here", "output.path=tok.jsonl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "flexgen predict: error: model.tokenizer: folder ./no_tokenizer_here does not exist"

@@ -7,8 +7,20 @@ Prompt files:
   the prompt's id is its line number (from 1). Ids are strings or integers, unique per file.
   Blank lines are skipped.
 * ``.txt``: one text prompt per non-blank line; the id is the line number (from 1).
+* tables, read with the ``datasets`` library (``pip install 'flexgen[datasets]'``): a ``.csv``,
+  ``.tsv``, ``.parquet`` or ``.arrow`` file (``datasets.load_dataset``), or a folder written by
+  ``Dataset.save_to_disk`` (``datasets.load_from_disk``; of a ``DatasetDict``, the split
+  ``data.split`` names, or its only one). A row is a prompt: its text in the ``data.text_field``
+  column (default ``text``), or its token ids in an ``input_ids`` column (which wins); its id in
+  the ``data.id_field`` column (default ``id``), or, without such a column, its row index
+  (from 0). The table is read into memory (prompts are held in memory anyway) through a
+  temporary cache, so no converted copy of it is left in the Hugging Face cache.
 * no file: ``data.num_prompts`` synthetic prompts of ``data.prompt_len`` random token ids
   (seeded), with ids 0, 1, ...
+* from Python (:func:`prompts_from_list`, used by :func:`flexgen.batch_generate`): strings or
+  token-id lists, their index in the list as id.
+
+``data.text_field`` and ``data.id_field`` name the keys of ``.jsonl`` objects as well.
 
 Text is tokenised with the model's tokenizer exactly as ``tokenizer(text)["input_ids"]`` does
 (OPT's prepends ``</s>``). Every problem is a :class:`~flexgen.errors.PromptError` naming the
@@ -61,20 +73,130 @@ class Prompt:
 # --------------------------------------------------------------------------- reading
 
 
-def read_prompts(path: str | Path, tokenizer: Any = None) -> list[Prompt]:
-    """Read a ``.jsonl`` or ``.txt`` prompt file; token ids are checked later by :func:`check_prompts`."""
+#: file suffix -> the ``datasets`` builder that reads it
+TABLE_FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+TEXT_FORMATS = (".jsonl", ".json", ".txt")
+
+#: a prompt before tokenisation: (where it is, for messages; its id; its text or None; its token ids or None)
+Row = tuple[str, Any, Optional[str], Optional[list]]
+
+
+def read_prompts(path: str | Path, tokenizer: Any = None, text_field: str = "text", id_field: str = "id",
+                 split: str | None = None) -> list[Prompt]:
+    """Read a prompt file or saved dataset (see the module docstring); token ids are checked later by
+    :func:`check_prompts`."""
     path = Path(path)
+    if path.is_dir():
+        return _tokenize(path, _read_table(path, None, text_field, id_field, split), tokenizer)
     if not path.is_file():
         raise ConfigError(f"data.prompts: file {path} not found")
     suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".json", ".txt"):
-        raise ConfigError(f"data.prompts: {path} must be a .jsonl or .txt file")
+    if suffix in TABLE_FORMATS:
+        return _tokenize(path, _read_table(path, TABLE_FORMATS[suffix], text_field, id_field, split), tokenizer)
+    if suffix not in TEXT_FORMATS:
+        raise ConfigError(f"data.prompts: {path} must be a .jsonl, .txt, .csv, .tsv, .parquet or .arrow file, "
+                          "or a folder written by datasets' save_to_disk")
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"data.prompts: cannot read {path} ({exc.strerror or exc})") from exc
-    rows = _read_txt(path, raw) if suffix == ".txt" else _read_jsonl(path, raw)
+    rows = _read_txt(path, raw) if suffix == ".txt" else _read_jsonl(path, raw, text_field, id_field)
     return _tokenize(path, rows, tokenizer)
+
+
+def prompts_from_list(items: Sequence[Any], tokenizer: Any = None) -> list[Prompt]:
+    """Prompts given in Python: strings (tokenised) or lists of token ids; each one's index is its id."""
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise PromptError("prompts must be a list of strings or of token-id lists, e.g. ['The policy says', ...]")
+    rows: list[Row] = []
+    for i, item in enumerate(items):
+        where = f"prompts[{i}]"
+        if isinstance(item, str):
+            if not item:
+                raise PromptError(f"{where}: an empty string")
+            _check_encodable(where, "text", item)
+            rows.append((where, i, item, None))
+        elif _is_token_list(item):
+            rows.append((where, i, None, [int(t) for t in item]))
+        else:
+            raise PromptError(f"{where}: expected a string or a non-empty list of token ids, got {type(item).__name__}")
+    return _tokenize("prompts", rows, tokenizer)
+
+
+def _is_token_list(value: Any) -> bool:
+    return (isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and len(value) > 0
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
+
+
+def _read_table(path: Path, builder: str | None, text_field: str, id_field: str, split: str | None) -> list[Row]:
+    """The rows of a table file (``builder``) or a saved dataset (``builder`` None), through ``datasets``."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ConfigError(f"data.prompts: reading {path.name} needs the datasets library; "
+                          "pip install 'flexgen[datasets]'") from exc
+    import tempfile
+
+    progress_was_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        if builder is None:
+            table = datasets.load_from_disk(str(path), keep_in_memory=True)
+        else:
+            options = {"sep": "	"} if path.suffix.lower() == ".tsv" else {}
+            with tempfile.TemporaryDirectory(prefix="flexgen-prompts-") as cache:
+                table = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache,
+                                              keep_in_memory=True, **options)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"data.prompts: {path} is not a dataset folder written by save_to_disk ({_first_line(exc)})") from exc
+    except Exception as exc:  # datasets and pyarrow raise many kinds for a malformed file
+        raise ConfigError(f"data.prompts: cannot read {path} as {builder or 'a saved dataset'} ({_first_line(exc)})") from exc
+    finally:
+        if progress_was_on:
+            datasets.enable_progress_bars()
+    if isinstance(table, datasets.DatasetDict):
+        names = list(table)
+        if split is None and len(names) == 1:
+            split = names[0]
+        if split not in table:
+            raise ConfigError(f"data.split: {path} holds the splits {', '.join(names)}; "
+                              f"{'set data.split to one of them' if split is None else f'not {split!r}'}")
+        table = table[split]
+    columns = list(table.column_names)
+    has_ids = "input_ids" in columns
+    if text_field not in columns and not has_ids:
+        raise ConfigError(f"data.text_field: {path} has no column {text_field!r} (nor input_ids); its columns: "
+                          f"{', '.join(columns)}")
+    if id_field not in columns and id_field != "id":
+        raise ConfigError(f"data.id_field: {path} has no column {id_field!r}; its columns: {', '.join(columns)}")
+    rows: list[Row] = []
+    seen: dict[PromptId, int] = {}
+    for index, record in enumerate(table):
+        where = f"{path} row {index}"
+        pid = record[id_field] if id_field in columns else index
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+            raise PromptError(f"{where}: {id_field!r} must be a string or an integer, got {pid!r}")
+        _check_encodable(where, id_field, pid)
+        if pid in seen:
+            raise PromptError(f"{where}: duplicate id {pid!r} (first in row {seen[pid]})")
+        seen[pid] = index
+        ids = record.get("input_ids") if has_ids else None
+        if ids is not None:
+            if not _is_token_list(ids):
+                raise PromptError(f"{where}: 'input_ids' must be a non-empty list of integers")
+            rows.append((where, pid, None, list(ids)))
+            continue
+        text = record.get(text_field)
+        if not isinstance(text, str) or not text:
+            raise PromptError(f"{where}: {text_field!r} must be a non-empty string, got {text!r}")
+        _check_encodable(where, text_field, text)
+        rows.append((where, pid, text, None))
+    return rows
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _lines(path: Path, raw: bytes) -> Iterable[tuple[int, str]]:
@@ -88,11 +210,11 @@ def _lines(path: Path, raw: bytes) -> Iterable[tuple[int, str]]:
             yield number, text
 
 
-def _read_txt(path: Path, raw: bytes) -> list[tuple[int, PromptId, Optional[str], Optional[list]]]:
-    return [(number, number, text, None) for number, text in _lines(path, raw)]
+def _read_txt(path: Path, raw: bytes) -> list[Row]:
+    return [(f"{path} line {number}", number, text, None) for number, text in _lines(path, raw)]
 
 
-def _read_jsonl(path: Path, raw: bytes) -> list[tuple[int, PromptId, Optional[str], Optional[list]]]:
+def _read_jsonl(path: Path, raw: bytes, text_field: str = "text", id_field: str = "id") -> list[Row]:
     rows = []
     seen: dict[PromptId, int] = {}
     for number, text in _lines(path, raw):
@@ -103,25 +225,25 @@ def _read_jsonl(path: Path, raw: bytes) -> list[tuple[int, PromptId, Optional[st
             raise PromptError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
         if not isinstance(obj, dict):
             raise PromptError(f"{where}: expected a JSON object with 'text' or 'input_ids', got {type(obj).__name__}")
-        pid = obj.get("id", number)
+        pid = obj.get(id_field, number)
         if isinstance(pid, bool) or not isinstance(pid, (str, int)):
-            raise PromptError(f"{where}: 'id' must be a string or an integer, got {pid!r}")
-        _check_encodable(where, "id", pid)
+            raise PromptError(f"{where}: {id_field!r} must be a string or an integer, got {pid!r}")
+        _check_encodable(where, id_field, pid)
         if pid in seen:
             raise PromptError(f"{where}: duplicate id {pid!r} (first on line {seen[pid]})")
         seen[pid] = number
-        ids, prompt_text = obj.get("input_ids"), obj.get("text")
+        ids, prompt_text = obj.get("input_ids"), obj.get(text_field)
         if ids is not None:
             if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
                 raise PromptError(f"{where}: 'input_ids' must be a non-empty list of integers")
-            rows.append((number, pid, None, ids))
+            rows.append((where, pid, None, ids))
         elif prompt_text is not None:
             if not isinstance(prompt_text, str) or not prompt_text:
-                raise PromptError(f"{where}: 'text' must be a non-empty string")
-            _check_encodable(where, "text", prompt_text)
-            rows.append((number, pid, prompt_text, None))
+                raise PromptError(f"{where}: {text_field!r} must be a non-empty string")
+            _check_encodable(where, text_field, prompt_text)
+            rows.append((where, pid, prompt_text, None))
         else:
-            raise PromptError(f"{where}: a prompt needs 'text' or 'input_ids'")
+            raise PromptError(f"{where}: a prompt needs {text_field!r} or 'input_ids'")
     return rows
 
 
@@ -137,10 +259,9 @@ def _check_encodable(where: str, key: str, value: Any) -> None:
                           "escape) and cannot be written as UTF-8") from exc
 
 
-def _tokenize(path: Path, rows, tokenizer: Any) -> list[Prompt]:
+def _tokenize(path: Path | str, rows: list[Row], tokenizer: Any) -> list[Prompt]:
     prompts = []
-    for number, pid, text, ids in rows:
-        where = f"{path} line {number}"
+    for where, pid, text, ids in rows:
         if ids is None:
             if tokenizer is None:
                 raise PromptError(
@@ -151,7 +272,7 @@ def _tokenize(path: Path, rows, tokenizer: Any) -> list[Prompt]:
                 raise PromptError(f"{where}: the text tokenises to no tokens")
         prompts.append(Prompt(pid, tuple(int(t) for t in ids), where, text))
     if not prompts:
-        raise PromptError(f"{path}: no prompts in the file")
+        raise PromptError(f"{path}: no prompts in the file" if isinstance(path, Path) else f"{path}: the list is empty")
     return prompts
 
 
@@ -182,11 +303,13 @@ def check_prompts(prompts: Sequence[Prompt], vocab_size: int, max_positions: int
             )
 
 
-def load_prompts(cfg: Any, tokenizer: Any, spec: Any) -> list[Prompt]:
-    """The prompts a config's ``data.*`` names, checked against the model (an ``OPTSpec``)."""
+def load_prompts(cfg: Any, tokenizer: Any, spec: Any, given: Sequence[Any] | None = None) -> list[Prompt]:
+    """The prompts a config's ``data.*`` names (or ``given`` from Python), checked against the model (an ``OPTSpec``)."""
     d = cfg.data
-    if d.prompts is not None:
-        prompts = read_prompts(os.path.expanduser(d.prompts), tokenizer)
+    if given is not None:
+        prompts = prompts_from_list(given, tokenizer)
+    elif d.prompts is not None:
+        prompts = read_prompts(os.path.expanduser(d.prompts), tokenizer, d.text_field, d.id_field, d.split)
     else:
         prompts = synthetic_prompts(d.num_prompts, d.prompt_len, spec.vocab_size, d.seed)
     check_prompts(prompts, spec.vocab_size, spec.max_positions, cfg.generation.max_new_tokens)

@@ -41,7 +41,7 @@ from flexgen.errors import ConfigError, FlexGenError
 from flexgen.policy import Policy
 from flexgen.predict.job import Job, job_path
 from flexgen.predict.writer import (
-    JsonlPredictionWriter, OutputLock, leftover_parts, merge_parts, part_path, prepare_output,
+    JsonlPredictionWriter, OutputLock, leftover_parts, merge_parts, part_path, prepare_output, reorder_output,
 )
 
 log = logging.getLogger(__name__)
@@ -67,12 +67,14 @@ class RunCoordinator(Callback):
         job: Job | None = None,
         prompts: list[Any] | None = None,
         restart: bool = False,
+        order: str = "blocks",
     ):
         self.out_path = out_path
         self.policy, self.plugins, self.policy_info = policy, plugins, policy_info
         self.load_engine, self.finish = load_engine, finish
         self.gpu_memory = gpu_memory
         self.job, self.prompts, self.restart = job, list(prompts or []), restart
+        self.order = order  # output.order: "prompts" rewrites the finished output in prompt order
         self.metrics: dict[str, Any] | None = None  # set on rank 0 at the end
         self.prompts_skipped = 0
         self.interrupted_by: BaseException | None = None  # what stopped the loop, if anything did
@@ -118,6 +120,10 @@ class RunCoordinator(Callback):
             elif hasattr(callback, "total_prompts"):  # the progress bar: this rank's prompts
                 callback.total_prompts = sum(len(b["ids"]) for b in share)
 
+        if rank == 0:
+            todo = sum(len(b["ids"]) for b in datamodule.batches)
+            log.info("%d prompts to generate (%d already done) in %d blocks of up to %d, over %d process(es)", todo,
+                     self.prompts_skipped, len(datamodule.batches), self.policy.block_size, world_size)
         device = trainer.strategy.root_device
         cap_gpu_memory(device, self.gpu_memory)
         self._engine = self.load_engine(self.policy, self.plugins, str(device))
@@ -164,6 +170,8 @@ class RunCoordinator(Callback):
                 )
             parts = leftover_parts(self.out_path)
             merged = merge_parts(self.out_path, parts)
+            if self.order == "prompts":
+                reorder_output(self.out_path, self.prompts)
             info = {"merged_lines": merged, "policy": self.policy, "plugins": self.plugins,
                     "policy_info": self.policy_info, "prompts_skipped": self.prompts_skipped,
                     "world_size": trainer.world_size}

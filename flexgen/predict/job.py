@@ -10,7 +10,8 @@ differs. A rerun is refused, with one line naming the setting, when:
 * the lines were made with other settings that change tokens (:func:`job_settings`): the
   model's weights (a checkpoint's :meth:`~flexgen.models.checkpoint.HFCheckpoint.content_fingerprint`,
   or a synthetic size and seed), ``model.dtype``, the generation settings (for greedy runs only
-  ``max_new_tokens`` and ``stop``: temperature, top-p and seed do not change greedy tokens),
+  ``max_new_tokens``, ``stop`` and ``repetition_penalty``: temperature, top-k, top-p and seed
+  do not change greedy tokens),
   the weight and cache compressors, and an attention plugin other than the exact built-ins;
 * a prompt's text or token ids changed under the same id;
 * a line has no fingerprint (an older flexgen's output): it cannot be checked.
@@ -75,10 +76,23 @@ def job_settings(model: str, dtype: str, generation: Mapping[str, Any], plugins:
         "generation.stop": stops,
         "generation.do_sample": bool(generation["do_sample"]),
     }
+    # Settings added later are recorded only when they are not their "off" value, so that the
+    # jobs of earlier versions, which could not set them, keep their fingerprint.
+    strings = generation.get("stop_strings") or []
+    if strings:
+        settings["generation.stop_strings"] = sorted([strings] if isinstance(strings, str) else strings)
+    if float(generation.get("repetition_penalty", 1.0)) != 1.0:
+        settings["generation.repetition_penalty"] = float(generation["repetition_penalty"])
     if generation["do_sample"]:
         settings["generation.temperature"] = float(generation["temperature"])
         settings["generation.top_p"] = float(generation["top_p"])
         settings["generation.seed"] = generation["seed"]
+        if generation.get("top_k"):
+            settings["generation.top_k"] = int(generation["top_k"])
+        if float(generation["top_p"]) < 1:
+            # top-p is now HF's TopPLogitsWarper, whose cut can differ from the earlier rule's at
+            # a tie; a sampled job of an earlier version is not resumed with it.
+            settings["generation.top_p_rule"] = "transformers"
     for key in ("weight_compressor", "cache_compressor"):
         settings[f"plugins.{key}"] = plugin_value(plugins[key])
     attention = plugin_value(plugins["attention"])

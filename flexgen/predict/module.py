@@ -15,6 +15,12 @@ Sampling (``generation.do_sample``): each prompt draws from its own random strea
 ``generation.seed``, the prompt's id and its token ids (``Engine.generate(..., keys=...)``), so
 a prompt's sampled tokens are the same whatever block it falls in, whatever prompts surround it,
 after a resume and with any number of processes.
+
+Each output line says why its sequence ended, ``"finish_reason"``: ``"stop"`` (a stop token or
+stop string) or ``"length"`` (``max_new_tokens`` reached), as vLLM and the OpenAI API name them.
+``"output_ids"`` end with the token that stopped the sequence (as HF's ``generate`` returns
+them); ``"text"`` is cut just before a stop string (as vLLM and the OpenAI API return text: the
+stop string is left out), while a stop *token* keeps its text unless it is a special token.
 """
 
 from __future__ import annotations
@@ -44,16 +50,30 @@ class FlexGenPredictModule(L.LightningModule):
         if not batch["ids"]:  # an empty block pads this rank's share to the common length
             return []
         keys = [json.dumps(pid) for pid in batch["ids"]]  # the engine mixes in the token ids
-        outputs = self.engine.generate(batch["input_ids"], keys=keys, **self.generation)
+        extra = {"tokenizer": self.tokenizer} if self.generation.get("stop_strings") else {}
+        outputs, reasons = self.engine.generate(batch["input_ids"], keys=keys, return_finish_reasons=True,
+                                                **self.generation, **extra)
         texts = batch.get("texts") or [None] * len(batch["ids"])
         lines = []
-        for pid, input_ids, text, output_ids in zip(batch["ids"], batch["input_ids"], texts, outputs, strict=True):
+        for pid, input_ids, text, output_ids, reason in zip(batch["ids"], batch["input_ids"], texts, outputs, reasons,
+                                                            strict=True):
             line: dict[str, Any] = {"id": pid, "input_ids": list(input_ids), "output_ids": [int(t) for t in output_ids]}
             if self.tokenizer is not None:
-                line["text"] = self.tokenizer.decode(line["output_ids"], skip_special_tokens=True)
+                line["text"] = output_text(self.tokenizer, line["output_ids"], self.generation.get("stop_strings"), reason)
             if text is not None:
                 line["prompt"] = text
+            line["finish_reason"] = reason
             lines.append(line)
             self.tokens_generated += len(line["output_ids"])
         self.prompts_done += len(lines)
         return lines
+
+
+def output_text(tokenizer: Any, output_ids: list[int], stop_strings: list[str] | None, finish_reason: str) -> str:
+    """The new tokens as text (special tokens skipped), cut just before the first stop string it holds."""
+    text = tokenizer.decode(output_ids, skip_special_tokens=True)
+    if finish_reason == "stop" and stop_strings:
+        found = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+        if found:
+            text = text[: min(found)]
+    return text

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,7 +85,10 @@ def predict_command(argv: list[str]) -> int:
         epilog="example: flexgen predict --config configs/quickstart.yaml generation.max_new_tokens=16",
     )
     parser.add_argument("--config", required=True, help="YAML config (see configs/ and README.md)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config and exit (policy: auto is resolved by the cost model)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (as flexgen plan does) and exit, without generating or writing anything")
     parser.add_argument("--restart", action="store_true",
                         help="discard the lines already in output.path (flexgen output only) and generate every prompt "
                         "again, e.g. after changing the model or generation settings")
@@ -93,8 +96,12 @@ def predict_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
-        print(to_yaml(cfg), end="")
+        print(to_yaml(cfg, resolved_policy(cfg) if cfg.policy.auto else None), end="")
         return 0
+    if args.dry_run:
+        from flexgen.plan import print_plan
+
+        return print_plan(cfg)
     with _cli_logging(), _sigterm_stops_the_run():
         summary = run_predict(cfg, restart=args.restart)
     if summary.get("rank", 0) == 0:  # with several processes, one summary is enough
@@ -174,35 +181,44 @@ class RunPlan:
     restart: bool = False
 
 
-def plan_run(cfg: FlexGenConfig, restart: bool = False) -> RunPlan:
-    """Steps 1-5 of the module docstring, up to the lock: user mistakes surface here, the output untouched."""
+def plan_run(cfg: FlexGenConfig, restart: bool = False, prompts: Sequence[Any] | None = None) -> RunPlan:
+    """Steps 1-5 of the module docstring, up to the lock: user mistakes surface here, the output untouched.
+
+    ``prompts``: strings or token-id lists given from Python (:func:`flexgen.batch_generate`)
+    instead of ``data.*``.
+    """
     from flexgen.predict.data import load_prompts
     from flexgen.predict.writer import check_writable
 
     model, model_dir, spec = resolve_model(cfg)
     weights = weights_identity(cfg, model_dir)
     tokenizer = load_tokenizer(cfg, model_dir)
-    prompts = load_prompts(cfg, tokenizer, spec)
-    policy, plugins, policy_info = resolve_policy(cfg, spec, prompts)
+    if tokenizer is None and cfg.generation_kwargs()["stop_strings"]:
+        raise ConfigError("generation.stop: stop strings need a tokenizer, and this model has none; set "
+                          "model.tokenizer, or give stop token ids instead")
+    loaded = load_prompts(cfg, tokenizer, spec, prompts)
+    policy, plugins, policy_info = resolve_policy(cfg, spec, loaded)
     offload_dir = check_offload_dir(cfg, policy)
     check_plugins(plugins, offload_dir)
     if not cfg.policy.auto:
-        check_fits(cfg, spec, policy, plugins, prompts, offload_dir)
+        check_fits(cfg, spec, policy, plugins, loaded, offload_dir)
     job = Job(job_settings(weights, cfg.model.dtype, cfg.generation_kwargs(), plugins))
     out_path = resolve_output_path(cfg)
     check_writable(out_path)
     check_own_json(Path(f"{out_path}.metrics.json"), lambda obj: "generated_tokens" in obj and "config" in obj,
                    "a flexgen metrics file")
-    return RunPlan(model, spec, tokenizer, prompts, policy, plugins, policy_info, out_path, job, restart)
+    return RunPlan(model, spec, tokenizer, loaded, policy, plugins, policy_info, out_path, job, restart)
 
 
-def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None, restart: bool = False) -> dict[str, Any]:
+def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None, restart: bool = False,
+                prompts: Sequence[Any] | None = None) -> dict[str, Any]:
     """Run (or resume) the predict job a config describes; return the summary dict.
 
     ``engine_factory`` replaces :func:`flexgen.engine.load_engine` (tests pass a fake engine).
-    ``restart`` discards what the output holds and generates every prompt again. With several
-    processes every process calls this; the summary is rank 0's (``rank`` says which process
-    returned it; the CLI prints rank 0's only).
+    ``restart`` discards what the output holds and generates every prompt again. ``prompts``
+    replaces ``data.*`` (see :func:`plan_run`). With several processes every process calls
+    this; the summary is rank 0's (``rank`` says which process returned it; the CLI prints
+    rank 0's only).
     """
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -210,7 +226,7 @@ def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None,
     from flexgen.predict.writer import check_output
 
     started = time.perf_counter()
-    plan = plan_run(cfg, restart)
+    plan = plan_run(cfg, restart, prompts)
     datamodule = PromptDataModule(plan.prompts, plan.policy.block_size)
     if rank_zero_only.rank != 0:
         # A process Lightning (or torchrun) started: rank 0 has checked the output and holds its
@@ -223,6 +239,11 @@ def run_predict(cfg: FlexGenConfig, engine_factory: EngineFactory | None = None,
     if not restart:
         datamodule.resume(found.state.done_ids)
         if datamodule.num_todo == 0 and not found.state.torn_bytes and not found.parts:
+            if cfg.output.order == "prompts":  # finished in block order by an earlier run: put it in order now
+                from flexgen.predict.writer import OutputLock, reorder_output
+
+                with OutputLock(plan.out_path):
+                    reorder_output(plan.out_path, plan.prompts)
             return {**_summary_base(plan), "prompts_skipped": len(plan.prompts), "complete": True,
                     "wall_time_s": time.perf_counter() - started, "stats": None, "rank": 0}
     return _execute(cfg, plan, datamodule, engine_factory or _load_engine, started)
@@ -240,7 +261,7 @@ def _execute(cfg: FlexGenConfig, plan: RunPlan, datamodule: Any, engine_factory:
     hooks = _RunHooks(cfg, plan, engine_factory, started, metrics_path)
     coordinator = RunCoordinator(plan.out_path, plan.policy, plan.plugins, plan.policy_info, hooks.load, hooks.finish,
                                  gpu_memory=cfg.hardware.gpu_memory, job=plan.job, prompts=plan.prompts,
-                                 restart=plan.restart)
+                                 restart=plan.restart, order=cfg.output.order)
     with _quiet_lightning():
         # The Trainer first: a bad trainer.* value should not wait for the model to load.
         trainer = make_trainer(cfg, plan.out_path, coordinator, accelerator, devices)
@@ -278,10 +299,23 @@ class _RunHooks:
     metrics_path: Path
 
     def load(self, policy: Policy, plugins: dict[str, Any], device: str) -> Any:
-        """This rank's engine. All ranks share ``output.offload_dir`` (see docs/distributed.md)."""
+        """This rank's engine, saying what it loads where. All ranks share ``output.offload_dir``
+        (see docs/distributed.md)."""
+        from flexgen.engine import default_offload_dir
+        from flexgen.predict.callbacks import LoadingReport
+
         cfg = self.cfg
-        return self.engine_factory(self.plan.model, policy=policy, plugins=plugins, device=device,
-                                   offload_dir=resolve_offload_dir(cfg), dtype=cfg.model.dtype, seed=cfg.model.seed)
+        offload_dir = resolve_offload_dir(cfg)
+        report = LoadingReport(self.plan.model, self.plan.spec, policy, plugins, cfg.model.dtype, device,
+                               offload_dir or str(default_offload_dir()))
+        try:
+            engine = self.engine_factory(self.plan.model, policy=policy, plugins=plugins, device=device,
+                                         offload_dir=offload_dir, dtype=cfg.model.dtype, seed=cfg.model.seed,
+                                         progress=report.progress)
+        finally:
+            report.close()
+        report.done(engine)
+        return engine
 
     def finish(self, ranks: list[dict[str, Any]], info: dict[str, Any]) -> dict[str, Any]:
         """Rank 0, at the end: write the metrics of all ranks atomically."""
@@ -318,7 +352,10 @@ def build_metrics(cfg: FlexGenConfig, plan: RunPlan, ranks: list[dict[str, Any]]
     tokens = sum(r["tokens_generated"] for r in ranks)
     loop_time = max(r["loop_time_s"] for r in ranks)
     policy: Policy = info["policy"]
+    from flexgen import __version__
+
     return {
+        "flexgen_version": __version__,
         **stats,
         "wall_time_s": wall_time_s,
         "wall_throughput": tokens / loop_time if loop_time > 0 else 0.0,
@@ -604,7 +641,11 @@ def load_tokenizer(cfg: FlexGenConfig, model_dir: Path | None) -> Any:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
+        if explicit is not None and not Path(source).is_dir():
+            return _hub_tokenizer(source)
         return AutoTokenizer.from_pretrained(source)
+    except ConfigError:
+        raise
     except Exception as exc:  # transformers raises OSError, ValueError, ... for a bad folder
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if explicit is not None:
@@ -613,6 +654,39 @@ def load_tokenizer(cfg: FlexGenConfig, model_dir: Path | None) -> Any:
         return None
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+def _hub_tokenizer(source: str) -> Any:
+    """``model.tokenizer`` naming no folder: a hub id, loaded from the local cache when it is there.
+
+    Without a network, transformers retries the hub for about a minute before it gives up; a
+    batch job on an offline machine should say at once what is wrong. So a name that looks like
+    a path must exist, the local cache is tried first (no network at all), and the hub is only
+    called when ``HF_HUB_OFFLINE`` is not set and its host answers within a few seconds.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    from transformers import AutoTokenizer
+
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:  # a hub id is "name" or "owner/name"
+        raise ConfigError(f"model.tokenizer: folder {source} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except Exception:  # not in the cache (OSError), or a damaged cached copy: try the hub below
+        pass
+    hint = f"download it first (hf download {source}) or name a tokenizer folder"
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"model.tokenizer: {source} is neither a folder nor in the Hugging Face cache, and "
+                          f"HF_HUB_OFFLINE is set; {hint}")
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as exc:
+        raise ConfigError(f"model.tokenizer: {source} is neither a folder nor in the Hugging Face cache, and "
+                          f"{url.hostname} cannot be reached ({exc.strerror or exc}); {hint}") from exc
+    return AutoTokenizer.from_pretrained(source)
 
 
 def resolve_policy(cfg: FlexGenConfig, spec: Any, prompts: list[Prompt]) -> tuple[Policy, dict[str, Any], dict[str, Any]]:
@@ -658,6 +732,15 @@ def resolve_policy(cfg: FlexGenConfig, spec: Any, prompts: list[Prompt]) -> tupl
                             "capacity": {t: getattr(hardware, f"{t}_memory") for t in ("gpu", "cpu", "disk")}}
     log.info("policy: auto chose %s (predicted %.1f tok/s)", choice.policy, info["predicted_throughput"] or 0.0)
     return choice.policy, plugins, info
+
+
+def resolved_policy(cfg: FlexGenConfig) -> tuple[Policy, dict[str, Any], dict[str, Any]]:
+    """(policy, plugins, info) as the run would resolve them: ``policy: auto`` asks the cost model."""
+    from flexgen.predict.data import load_prompts
+
+    _, model_dir, spec = resolve_model(cfg)
+    prompts = load_prompts(cfg, load_tokenizer(cfg, model_dir), spec)
+    return resolve_policy(cfg, spec, prompts)
 
 
 def resolve_accelerator(cfg: FlexGenConfig) -> tuple[str, Any]:

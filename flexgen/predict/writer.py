@@ -311,6 +311,57 @@ def prepare_output(path: Path, job: Job, prompts: list[Any], restart: bool = Fal
     return state.done_ids
 
 
+def reorder_output(path: Path, prompts: list[Any]) -> bool:
+    """Rewrite a finished output in the prompts' order (``output.order: prompts``); whether it changed.
+
+    The caller holds the lock on ``path`` and every prompt has its line. Lines whose ids are not
+    among the prompts (prompts removed from the file) keep their order, after the others. The
+    new file is written beside the old one, fsync-ed and renamed over it, so a crash leaves
+    either order, never a mix; it keeps the old file's permissions.
+    """
+    state = scan_output(path)
+    if state.torn_bytes:
+        return False  # not a finished output; the next run repairs it first
+    lines = good_lines(path, state)
+    position = {p.id: i for i, p in enumerate(prompts)}
+    keyed = sorted((position.get(_hashable(json.loads(line)["id"]), len(position)), n, line)
+                   for n, line in enumerate(lines))
+    ordered = [line for _, _, line in keyed]
+    if ordered == lines:
+        return False
+    tmp = path.with_name(f".{path.name}.reorder-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            append_durably(fd, b"".join(ordered), path)
+            if hasattr(os, "fchmod"):  # POSIX
+                os.fchmod(fd, stat.S_IMODE(os.stat(path).st_mode))
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError(f"output.path: cannot rewrite {path} in prompt order ({exc.strerror or exc}); its lines "
+                          "are kept in block order") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_folder(path.parent)
+    return True
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def check_writable(path: Path) -> None:
     """Make sure the output folder exists and the file can be appended to, changing no content."""
     if path.is_symlink():
