@@ -20,7 +20,7 @@ def test_every_option_has_help(command, monkeypatch):
         raise _Parsed(self)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_intermixed_args", capture)  # ArgParser's way
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_intermixed_args", capture)  # how the commands parse
     module_name, function_name = COMMANDS[command][0].split(":")
     with pytest.raises(_Parsed) as caught:
         getattr(importlib.import_module(module_name), function_name)([])
