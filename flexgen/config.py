@@ -17,11 +17,11 @@ Decisions written down here because the rest of the code relies on them:
   command line are relative to the current directory. ``~`` is expanded everywhere.
 * **``policy: auto``.** ``policy`` is either a mapping of policy keys or the string ``auto``;
   ``auto`` is stored as ``policy.auto = true`` and means the cost model
-  (:func:`flexgen.optimizer.auto_policy`) chooses every policy key, and the attention backend and
+  (:func:`flexgen.planner.optimizer.auto_policy`) chooses every policy key, and the attention backend and
   compressors it names replace those of ``plugins``. Setting ``policy.<key>`` as well is an
   error, since it would be silently ignored.
 * **``builtin:quickstart``** as ``model.path`` names the small synthetic OPT checkpoint built
-  locally by :mod:`flexgen.predict.quickstart` (no download).
+  locally by :mod:`flexgen.models.quickstart` (no download).
 * **``hardware``** describes the machine to the cost model (``policy: auto``): a profile (preset
   name or YAML file; measured on this machine and cached when null) and optional capacity caps
   (``gpu_memory: 24GiB``). A GPU cap also limits the process's CUDA allocator, so one machine
@@ -474,7 +474,7 @@ def validate(cfg: FlexGenConfig, prompts_given: bool = False) -> None:
             f"model.synthetic (an OPT size), got model.path={m.path!r} model.synthetic={m.synthetic!r}"
         )
     if m.path is not None and m.path.startswith(BUILTIN_PREFIX):
-        from flexgen.predict.quickstart import BUILTINS
+        from flexgen.models.quickstart import BUILTINS
 
         name = m.path[len(BUILTIN_PREFIX):]
         if name not in BUILTINS:
@@ -555,7 +555,7 @@ def _check_devices(devices: Any) -> None:
 
 def _check_hardware(h: "HardwareConfig") -> None:
     """Sizes parse (``24GiB``) and are positive; a profile is a preset or an existing file."""
-    from flexgen.hardware import PRESETS, parse_bytes
+    from flexgen.planner.hardware import PRESETS, parse_bytes
 
     for key in HARDWARE_CAPS:
         value = getattr(h, key)

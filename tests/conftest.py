@@ -62,7 +62,7 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def quickstart_cache(tmp_path_factory):
     """A private FLEXGEN_CACHE with the quickstart checkpoint, built once per test session."""
-    from flexgen.predict.quickstart import ensure_quickstart
+    from flexgen.models.quickstart import ensure_quickstart
 
     root = tmp_path_factory.mktemp("flexgen-cache")
     ensure_quickstart(root)

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from flexgen import cli
-from flexgen.bench import BenchReport, bench_command, format_report, hf_device_map, hf_model, run_bench
+from flexgen.bench.measure import BenchReport, format_report, hf_device_map, hf_model, run_bench
+from flexgen.cli.bench import bench_command
 from flexgen.config import load_config
 from flexgen.models.opt import spec_for_size
 from flexgen.policy import Policy
@@ -87,8 +88,8 @@ def test_bench_prints_measured_bound_and_percentage(env, tiny_checkpoint, capsys
 
 def test_bound_is_the_cost_models(env, tiny_checkpoint):
     """The bench's total bound is costmodel.estimate's bound_throughput for the same inputs."""
-    from flexgen.costmodel import Workload, estimate
-    from flexgen.hardware import load_hardware
+    from flexgen.planner.costmodel import Workload, estimate
+    from flexgen.planner.hardware import load_hardware
     from flexgen.models.opt import OPTSpec
 
     tmp_path, hardware = env
@@ -139,7 +140,7 @@ def test_baseline_on_some_prompts_and_repeats(env, tiny_checkpoint, capsys):
 
 def test_synthetic_model_with_measured_profile_cached(tmp_path, monkeypatch, capsys):
     """A synthetic OPT size end to end, with this machine's profile measured once and cached."""
-    from flexgen.hardware import measure_hardware
+    from flexgen.planner.hardware import measure_hardware
 
     monkeypatch.setenv("FLEXGEN_CACHE", str(tmp_path / "cache"))
     measure_hardware("cpu", quick=True)  # what the bench would measure, made quick for the test
@@ -247,7 +248,7 @@ def test_format_report_without_a_bound():
 
 
 def _hw_dict():
-    from flexgen.hardware import PRESETS
+    from flexgen.planner.hardware import PRESETS
 
     return PRESETS["t4-paper"].to_dict()
 

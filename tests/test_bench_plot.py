@@ -87,7 +87,7 @@ def test_bound_only_bytes_are_not_drawn_as_measured_zeros(tmp_path):
     """A --bound-only result has no measured bytes: its panel shows the cost model's alone, not 0 GB bars."""
     from matplotlib.figure import Figure
 
-    from flexgen.plot import _bytes
+    from flexgen.bench.plot import _bytes
 
     bound = json.loads(bound_only(tmp_path, "disk", "policy.weights_gpu=40", "policy.weights_cpu=0").read_text())
     ran = json.loads(measured(bound_only(tmp_path, "ran", "policy.weights_gpu=40", "policy.weights_cpu=0")).read_text())

@@ -107,7 +107,7 @@ def test_unpack_buffers_survive_host_attention_on_its_worker(checkpoint, quantiz
                      device="cpu", dtype="float32", offload_dir=tmp_path) as engine:
         engine.host_attention_on_worker = True
         assert engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS) == quantized_reference("int4")
-        assert all(len(buffers) == 2 for buffers in engine._unpack_buffers.values())
+        assert all(len(buffers) == 2 for buffers in engine.placement.unpack_buffers.values())
 
 
 def test_compressed_weights_are_reused_from_disk(checkpoint, quantized_reference, tmp_path):

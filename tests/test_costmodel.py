@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from flexgen.costmodel import Workload, cache_unit_counts, count_below, estimate
+from flexgen.planner.costmodel import Workload, cache_unit_counts, count_below, estimate
 from flexgen.errors import ConfigError
-from flexgen.hardware import GB, HardwareProfile, PRESETS, parse_bytes, parse_rate
+from flexgen.planner.hardware import GB, HardwareProfile, PRESETS, parse_bytes, parse_rate
 from flexgen.models import opt
 from flexgen.models.opt import OPTSpec
 from flexgen.policy import Policy, split_by_percent
@@ -232,7 +232,7 @@ def test_caps_and_presets():
 
 
 def test_load_hardware_yaml(tmp_path):
-    from flexgen.hardware import load_hardware, save_hardware
+    from flexgen.planner.hardware import load_hardware, save_hardware
 
     path = tmp_path / "box.yaml"
     path.write_text("base: t4-paper\ngpu_memory: 24GiB\nh2d_bandwidth: 25GB/s\ngpu_flops_fp16: 100 TFLOP/s\n")
@@ -258,7 +258,7 @@ def test_load_hardware_yaml(tmp_path):
 
 
 def test_measure_hardware_quick_and_cached(tmp_path, monkeypatch):
-    from flexgen.hardware import measure_hardware
+    from flexgen.planner.hardware import measure_hardware
 
     monkeypatch.setenv("FLEXGEN_CACHE", str(tmp_path))
     hw = measure_hardware("cpu", quick=True)
@@ -274,7 +274,7 @@ def test_measure_hardware_quick_and_cached(tmp_path, monkeypatch):
 def test_next_layers_weights_load_while_the_current_layer_computes():
     """The engine starts loading layer j+1's weights when layer j starts, so a slow attention
     layer hides the (larger) MLP weights after it; the embedding's weights load before anything."""
-    from flexgen.costmodel import _step_seconds
+    from flexgen.planner.costmodel import _step_seconds
 
     L = 2
     # (count, cache/activation loads, compute + synchronous stores, store-stream writes)

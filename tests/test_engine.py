@@ -323,7 +323,7 @@ def test_fetched_cache_path_equals_in_place_path(tiny_checkpoint, tmp_path, monk
     """On a GPU, attention away from the cache's home prefetches the cache prefix on an I/O
     thread and appends the new token; on a CPU every tier is where attention runs, so force
     that path here and require the tokens of the in-place path."""
-    from flexgen.engine import Engine
+    from flexgen.engine.kv_cache import KVCache
 
     path, _ = tiny_checkpoint
     policy = Policy(gpu_batch_size=2, num_gpu_batches=2, cache_gpu=30, cache_cpu=30)  # a mix of tiers
@@ -336,7 +336,7 @@ def test_fetched_cache_path_equals_in_place_path(tiny_checkpoint, tmp_path, monk
 
     in_place = run()
     fetched_units = []
-    monkeypatch.setattr(Engine, "_cache_resident_where_attended",
+    monkeypatch.setattr(KVCache, "resident_where_attended",
                         lambda self, unit: fetched_units.append(unit.tier) or unit.tier == "gpu")
     assert run() == in_place
     assert {"cpu", "disk"} <= set(fetched_units)

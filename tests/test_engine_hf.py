@@ -58,7 +58,7 @@ def test_host_attention_on_its_worker_equals_hf(reference, weights, cache, sched
                      device="cpu", dtype="float32", offload_dir=offload) as engine:
         engine.host_attention_on_worker = True
         started = []
-        start = engine._start_host_attention
-        engine._start_host_attention = lambda *args: started.append(1) or start(*args)
+        start = engine.attend.start_on_host
+        engine.attend.start_on_host = lambda *args: started.append(1) or start(*args)
         assert engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS) == expected
     assert started, "no decode attention ran on the worker"

@@ -15,7 +15,7 @@ import torch
 
 from flexgen import Policy, load_engine
 from flexgen.errors import PromptError
-from flexgen.predict.quickstart import resolve_builtin
+from flexgen.models.quickstart import resolve_builtin
 
 PROMPTS = [[2, 15, 16, 17, 18, 19], [2, 40, 41], [2, 7, 8, 9, 10, 11, 12, 13, 14], [2, 99], [2, 50, 51, 52, 53]]
 NEW_TOKENS = 12

@@ -18,11 +18,10 @@ from flexgen.models.family import (
     CacheGeometry,
     KVCache,
     ModelFamily,
-    family_for_config,
-    family_for_spec,
     grouped_attention,
     weights_from_state_dict,
 )
+from flexgen.models.families import family_for_config, family_for_spec
 from flexgen.models.llama import LLAMA_SIZES, LlamaFamily, LlamaSpec, rope_inv_freq
 from flexgen.models.opt_family import OPTFamily
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from flexgen.cli import main
-from flexgen.costmodel import estimate
+from flexgen.planner.costmodel import estimate
 from flexgen.errors import PolicyError
-from flexgen.hardware import KiB, MiB, PRESETS, save_hardware
+from flexgen.planner.hardware import KiB, MiB, PRESETS, save_hardware
 from flexgen.models.opt import OPTSpec, spec_for_size
-from flexgen.optimizer import MARGINS, auto_policy, violations, weight_edges
+from flexgen.planner.optimizer import MARGINS, auto_policy, violations, weight_edges
 from flexgen.policy import Policy, split_by_percent
 
 from tests.test_costmodel import FAKE_CPU, FAKE_GPU
@@ -216,7 +216,7 @@ def test_cli_errors_are_one_line(capsys, args, message):
 def test_chosen_policy_never_exceeds_a_capped_gpu(tmp_path, monkeypatch):
     """Plan for a 1 GiB GPU, run it, and read the CUDA allocator's peak."""
     from flexgen import load_engine
-    from flexgen.hardware import measure_hardware
+    from flexgen.planner.hardware import measure_hardware
 
     monkeypatch.setenv("FLEXGEN_CACHE", str(tmp_path / "cache"))
     cap = 1 << 30
@@ -237,7 +237,7 @@ def test_chosen_policy_never_exceeds_a_capped_gpu(tmp_path, monkeypatch):
 
 
 def test_cli_grid_prices_hand_written_policies(capsys):
-    from flexgen.optimizer import hand_written_grid
+    from flexgen.planner.optimizer import hand_written_grid
 
     assert len(hand_written_grid()) >= 12
     rc = main(["policy", "--model", "opt-13b", "--prompt-len", "512", "--gen-len", "32", "--hardware", "h200",

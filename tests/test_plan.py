@@ -8,7 +8,7 @@ import json
 from flexgen import Policy, load_engine
 from flexgen.cli import main as cli_main
 from flexgen.config import load_config
-from flexgen.plan import make_plan
+from flexgen.predict.plan import make_plan
 from flexgen.policy import TIERS
 from tests.cli_driver import fingerprint
 from tests.test_predict_e2e import QUICKSTART

@@ -21,7 +21,8 @@ from flexgen.errors import ConfigError, PromptError
 from flexgen.models.opt import spec_for_size
 from flexgen.predict.data import PromptDataModule, Prompt, check_prompts, make_blocks, read_prompts, synthetic_prompts
 from flexgen.predict.module import FlexGenPredictModule
-from flexgen.predict.run import plan_run, run_predict
+from flexgen.predict.resolve import plan_run
+from flexgen.predict.run import run_predict
 from flexgen.predict.writer import repair_output, scan_output
 
 REPO = Path(__file__).resolve().parents[1]
@@ -357,7 +358,7 @@ def test_policy_auto_uses_the_optimizer_choice(tmp_path, monkeypatch):
         return types.SimpleNamespace(policy=Policy(gpu_batch_size=3, weights_gpu=0, weights_cpu=100),
                                      plugins={"attention": "cpu"}, predicted_throughput=12.5)
 
-    monkeypatch.setitem(sys.modules, "flexgen.optimizer", types.SimpleNamespace(auto_policy_for_run=auto_policy_for_run))
+    monkeypatch.setitem(sys.modules, "flexgen.planner.optimizer", types.SimpleNamespace(auto_policy_for_run=auto_policy_for_run))
     rows = write_prompts(tmp_path / "prompts.jsonl")
     factory = Factory()
     run_predict(config(tmp_path, "policy=auto"), engine_factory=factory)
@@ -371,7 +372,7 @@ def test_policy_auto_uses_the_optimizer_choice(tmp_path, monkeypatch):
 
 
 def test_policy_auto_without_optimizer_is_a_config_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "flexgen.optimizer", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "flexgen.planner.optimizer", None)  # makes the import fail
     write_prompts(tmp_path / "prompts.jsonl")
     with pytest.raises(ConfigError, match="policy: auto needs the cost-model optimizer"):
         run_predict(config(tmp_path, "policy=auto"), engine_factory=Factory(forbid=True))

@@ -26,7 +26,8 @@ import pytest
 from flexgen.config import load_config
 from flexgen.predict.data import Prompt, PromptDataModule
 from flexgen.predict.distributed import aggregate_stats, cap_gpu_memory
-from flexgen.predict.run import plan_run, run_predict
+from flexgen.predict.resolve import plan_run
+from flexgen.predict.run import run_predict
 from flexgen.predict.writer import leftover_parts, part_path
 
 from tests.test_predict import Factory, config, expected_output, read_out, write_prompts
@@ -178,12 +179,12 @@ def test_policy_auto_is_chosen_by_rank_0_only(tmp_path, monkeypatch):
 
     from flexgen.models.opt import spec_for_size
     from flexgen.policy import Policy
-    from flexgen.predict.run import resolve_policy
+    from flexgen.predict.resolve import resolve_policy
 
     def refuse(*args, **kwargs):
         raise AssertionError("rank 1 should not run the optimizer")
 
-    monkeypatch.setitem(sys.modules, "flexgen.optimizer", types.SimpleNamespace(auto_policy_for_run=refuse))
+    monkeypatch.setitem(sys.modules, "flexgen.planner.optimizer", types.SimpleNamespace(auto_policy_for_run=refuse))
     monkeypatch.setattr(rank_zero_only, "rank", 1)
     write_prompts(tmp_path / "prompts.jsonl")
     policy, plugins, info = resolve_policy(config(tmp_path, "policy=auto"), spec_for_size("opt-125m"),

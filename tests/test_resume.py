@@ -22,7 +22,8 @@ import pytest
 
 from flexgen.errors import ConfigError
 from flexgen.predict.job import job_path
-from flexgen.predict.run import plan_run, run_predict
+from flexgen.predict.resolve import plan_run
+from flexgen.predict.run import run_predict
 from flexgen.predict.writer import part_path
 from tests.cli_driver import said
 from tests.test_predict import Factory, config, expected_output, read_out, write_prompts
@@ -41,7 +42,7 @@ def test_each_line_carries_its_job_and_prompt(tmp_path):
     prompts.write_text('{"id": "t", "text": "hello"}\n{"id": "i", "input_ids": [4, 5]}\n')
     tokenizer = type("Tok", (), {"__call__": lambda self, text: {"input_ids": [2, *map(ord, text)]},
                                  "decode": lambda self, ids, skip_special_tokens=True: "x"})()
-    import flexgen.predict.run as run
+    import flexgen.predict.resolve as run
 
     original = run.load_tokenizer
     run.load_tokenizer = lambda cfg, model_dir: tokenizer

@@ -106,7 +106,7 @@ def test_disk_scratch_and_conversion_temporaries_of_a_killed_run_are_removed(tmp
 
 
 def test_half_built_quickstart_of_a_killed_build_is_removed(tmp_path):
-    from flexgen.predict.quickstart import VERSION, ensure_quickstart
+    from flexgen.models.quickstart import VERSION, ensure_quickstart
 
     root = tmp_path / "cache"
     code = f"""

@@ -1,6 +1,6 @@
 """ModelFamily: what the engine, the cost model and the planner need to know about a kind of model.
 
-Today the engine, ``costmodel.py``, ``optimizer.py`` and ``bench.py`` call ``flexgen.models.opt``
+Today the engine, the planner (``flexgen.planner``) and the bench call ``flexgen.models.opt``
 by name. A :class:`ModelFamily` is the one small interface they can call instead, so that a new
 family (Llama, Mistral, Qwen2: :mod:`flexgen.models.llama`) is a new file, not an edit of the
 engine. It answers:
@@ -28,7 +28,7 @@ tests check it against HF transformers.
 
 Families are stateless objects; every method takes the spec, so a spec (a frozen dataclass)
 can travel alone through the planner and the cost model and the family be found again from it
-(:func:`family_for_spec`).
+(:func:`flexgen.models.families.family_for_spec`).
 """
 
 from __future__ import annotations
@@ -49,9 +49,6 @@ __all__ = [
     "ModelFamily",
     "ModelSpec",
     "WeightSpec",
-    "family_for_config",
-    "family_for_spec",
-    "families",
     "grouped_attention",
     "prefill_mask",
     "weights_from_state_dict",
@@ -182,7 +179,7 @@ class ModelFamily(ABC):
     name: ClassVar[str]
     #: HF ``config.json`` ``model_type`` values this family reads.
     model_types: ClassVar[tuple[str, ...]]
-    #: The class of its specs, so a spec finds its family again (:func:`family_for_spec`).
+    #: The class of its specs, so a spec finds its family again (:func:`flexgen.models.families.family_for_spec`).
     spec_type: ClassVar[type]
 
     # ---- reading
@@ -375,28 +372,3 @@ def weights_from_state_dict(family: ModelFamily, spec: ModelSpec, state_dict: Ma
 # --------------------------------------------------------------------------- finding a family
 
 
-def families() -> dict[str, ModelFamily]:
-    """The built-in families by name. (An entry-point group ``flexgen.models`` will add plugins.)"""
-    from flexgen.models.llama import LlamaFamily
-    from flexgen.models.opt_family import OPTFamily
-
-    return {family.name: family for family in (OPTFamily(), LlamaFamily())}
-
-
-def family_for_config(config: dict[str, Any], name: str = "model") -> ModelFamily:
-    """The family that reads an HF ``config.json`` dict; CheckpointError naming its model_type otherwise."""
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    known = families().values()
-    for family in known:
-        if model_type in family.model_types:
-            return family
-    types = ", ".join(t for family in known for t in family.model_types)
-    raise CheckpointError(f"{name}: config.json model_type {model_type!r} is not one flexgen runs ({types})")
-
-
-def family_for_spec(spec: ModelSpec) -> ModelFamily:
-    """The family a spec was made by."""
-    for family in families().values():
-        if isinstance(spec, family.spec_type):
-            return family
-    raise TypeError(f"no model family makes specs of type {type(spec).__name__}")

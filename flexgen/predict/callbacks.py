@@ -35,8 +35,8 @@ class LoadingReport:
 
     def __init__(self, model: str, spec: Any, policy: Any, plugins: dict[str, Any], dtype: str, device: str,
                  offload_dir: str) -> None:
-        from flexgen.hardware import format_bytes
-        from flexgen.plan import weight_rows
+        from flexgen.planner.hardware import format_bytes
+        from flexgen.predict.plan import weight_rows
         from flexgen.policy import TIERS
 
         rows = weight_rows(spec, policy, plugins["weight_compressor"], dtype)

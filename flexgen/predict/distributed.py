@@ -136,7 +136,7 @@ class RunCoordinator(Callback):
         # Lightning has just put in its own SIGTERM handler, which forwards the signal to the
         # processes it started and runs a collective (a broadcast) inside the handler: in a
         # predict loop nobody answers it, and a second SIGTERM makes it wait forever. The run's
-        # own handler (flexgen.predict.run._sigterm_stops_the_run) stops the loop as Ctrl-C
+        # own handler (flexgen.cli.predict._sigterm_stops_the_run) stops the loop as Ctrl-C
         # does, and Lightning's interrupt handling then stops the processes it started.
         if self._sigterm is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._sigterm)
@@ -276,7 +276,7 @@ def cap_gpu_memory(device: Any, size: str | None) -> float | None:
     """
     import torch
 
-    from flexgen.hardware import format_bytes, parse_bytes
+    from flexgen.planner.hardware import format_bytes, parse_bytes
 
     device = torch.device(device)
     if size is None or device.type != "cuda":

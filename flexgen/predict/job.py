@@ -115,7 +115,7 @@ def read_job_file(out_path: Path) -> dict[str, Any] | None:
 
 
 def write_job_file(out_path: Path, job: Job) -> None:
-    from flexgen.predict.run import write_json_atomic
+    from flexgen.atomic import write_json_atomic
 
     write_json_atomic(job_path(out_path), {_MARK: 1, "fingerprint": job.fingerprint, "settings": job.settings})
 

@@ -294,7 +294,7 @@ T4_PAPER = HardwareProfile(
     task_overhead_s=2e-4,
     decompress_bandwidth=20 * GB,      # assumed: ~1/12 of the memory bandwidth
     cpu_decompress_bandwidth=1 * GB,   # assumed
-    source="preset t4-paper (FlexGen paper's GCP T4 machine; achieved rates, see flexgen/hardware.py)",
+    source="preset t4-paper (FlexGen paper's GCP T4 machine; achieved rates, see flexgen/planner/hardware.py)",
 )
 
 #: The lent H200 machine (/work/.library/device/KINDS.md): 139 GiB usable GPU memory, 128 GiB

@@ -1,6 +1,6 @@
 """A cost model of one block: bytes per link, FLOPs, time and peak memory for any policy.
 
-It mirrors what ``flexgen/engine.py`` does, tensor by tensor, rather than FlexGen's paper
+It mirrors what ``flexgen/engine/`` does, tensor by tensor, rather than FlexGen's paper
 formulas, so that its byte counts can be checked against ``engine.stats``:
 
 * The model is the list ``[embed, attn 0, mlp 0, ..., attn L-1, mlp L-1, head]``. The weights
@@ -45,7 +45,7 @@ from functools import lru_cache
 from typing import Any
 
 from flexgen.errors import ConfigError
-from flexgen.hardware import HardwareProfile, format_bytes
+from flexgen.planner.hardware import HardwareProfile, format_bytes
 from flexgen.models import opt
 from flexgen.models.opt import OPTSpec
 from flexgen.policy import Policy, split_by_percent

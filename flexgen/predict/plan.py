@@ -19,12 +19,11 @@ or this machine measured once and cached, with the ``hardware.*_memory`` caps ap
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from flexgen.config import FlexGenConfig, load_config, resolve_offload_dir
+from flexgen.config import FlexGenConfig, resolve_offload_dir
 from flexgen.errors import ConfigError
 from flexgen.policy import TIERS, Policy, split_by_percent
 
@@ -98,12 +97,12 @@ def make_plan(cfg: FlexGenConfig) -> RunPlanView:
     import torch
 
     from flexgen import registry
-    from flexgen.costmodel import Workload, estimate, estimate_options
+    from flexgen.planner.costmodel import Workload, estimate, estimate_options
     from flexgen.engine import DTYPES, default_offload_dir
-    from flexgen.hardware import get_hardware
-    from flexgen.optimizer import violations
+    from flexgen.planner.hardware import get_hardware
+    from flexgen.planner.optimizer import violations
     from flexgen.predict.data import load_prompts
-    from flexgen.predict.run import _accelerator, load_tokenizer, resolve_model, resolve_policy
+    from flexgen.predict.resolve import _accelerator, load_tokenizer, resolve_model, resolve_policy
 
     model, model_dir, spec = resolve_model(cfg)
     tokenizer = load_tokenizer(cfg, model_dir)
@@ -155,7 +154,7 @@ def make_plan(cfg: FlexGenConfig) -> RunPlanView:
 
 
 def _size(n: float) -> str:
-    from flexgen.hardware import format_bytes
+    from flexgen.planner.hardware import format_bytes
 
     return format_bytes(n) if n else "-"
 
@@ -233,26 +232,3 @@ def format_plan(view: RunPlanView) -> str:
     return "\n".join(lines)
 
 
-def plan_command(argv: list[str]) -> int:
-    """Entry point of ``flexgen plan``; returns the exit status."""
-    from flexgen.predict.run import _Parser
-
-    parser = _Parser(
-        prog="flexgen plan",
-        description="Show what flexgen predict would do with a config, without running it: the resolved policy "
-        "(policy: auto too), where each layer's weights, each GPU batch's cache and activations live, the predicted "
-        "memory per tier and the predicted throughput.",
-        epilog="example: flexgen plan --config configs/quickstart.yaml policy=auto",
-    )
-    parser.add_argument("--config", required=True, help="YAML config, as for flexgen predict")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON (for scripts)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. policy.gpu_batch_size=8")
-    args = parser.parse_args(argv)
-    return print_plan(load_config(args.config, args.overrides), args.json)
-
-
-def print_plan(cfg: FlexGenConfig, as_json: bool = False) -> int:
-    """Print the plan of ``cfg`` (``flexgen plan``, ``flexgen predict --dry-run``)."""
-    view = make_plan(cfg)
-    print(json.dumps(view.to_dict(), indent=1, default=str) if as_json else format_plan(view))
-    return 0

@@ -1,6 +1,6 @@
-"""``flexgen predict | plan | bench | plugins | policy``.
+"""``flexgen predict | plan | bench | plugins | policy``: the command-line front ends, one module each.
 
-Each subcommand lives in its own module and is imported only when used, so ``flexgen plugins``
+Each subcommand lives in its own module of this folder and is imported only when used, so ``flexgen plugins``
 stays fast and a broken optional piece cannot break the others. Every user mistake surfaces as
 a :class:`~flexgen.errors.FlexGenError`: one line on stderr, exit status 2, no traceback. An
 interrupted command says so in one line too: exit status 130 for Ctrl-C (SIGINT), 143 for
@@ -9,7 +9,6 @@ SIGTERM.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
@@ -18,29 +17,12 @@ from flexgen.errors import FlexGenError, Terminated
 
 #: subcommand -> (module:function taking argv and returning an exit code, help line)
 COMMANDS = {
-    "predict": ("flexgen.predict.run:predict_command", "generate for every prompt of a config; resumable"),
-    "plan": ("flexgen.plan:plan_command", "show what predict would do with a config, without running it"),
-    "bench": ("flexgen.bench:bench_command", "measure throughput on synthetic weights beside its roofline"),
-    "plugins": ("flexgen.cli:plugins_command", "list registered plugins per kind, with their distributions"),
-    "policy": ("flexgen.optimizer:policy_command", "choose a policy for a model and workload with the cost model"),
+    "predict": ("flexgen.cli.predict:predict_command", "generate for every prompt of a config; resumable"),
+    "plan": ("flexgen.cli.plan:plan_command", "show what predict would do with a config, without running it"),
+    "bench": ("flexgen.cli.bench:bench_command", "measure throughput on synthetic weights beside its roofline"),
+    "plugins": ("flexgen.cli.plugins:plugins_command", "list registered plugins per kind, with their distributions"),
+    "policy": ("flexgen.cli.policy:policy_command", "choose a policy for a model and workload with the cost model"),
 }
-
-
-def plugins_command(argv: list[str]) -> int:
-    """Print every registered plugin; a plugin that fails to import gets a one-line warning."""
-    from flexgen import registry
-
-    parser = argparse.ArgumentParser(prog="flexgen plugins", description=COMMANDS["plugins"][1])
-    parser.add_argument("--no-check", action="store_true", help="list without importing the plugins")
-    args = parser.parse_args(argv)
-    rows = [(info, None) for info in registry.list_plugins()] if args.no_check else registry.check_all()
-    for kind, group in registry.GROUPS.items():
-        print(f"{kind} ({group}):")
-        for info, error in rows:
-            if info.kind == kind:
-                status = f"  [broken: {error}]" if error else ""
-                print(f"  {info.name:<12} {info.distribution:<28} {info.target}{status}")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

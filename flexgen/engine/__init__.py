@@ -1,0 +1,73 @@
+"""The engine: runs the zig-zag block schedule over weights, caches and activations in tiers.
+
+Public: :func:`load_engine`, :class:`Engine` (``generate``, ``stats``, ``close``),
+:class:`EngineStats`. The engine is a few rooms, one concern each, that meet in the step loop:
+
+=================  ==================================================================
+``loop.py``        :class:`Engine`: blocks, steps, tasks in the scheduler's order; the
+                   one place where the rooms meet, read top to bottom
+``placement.py``   where each weight lives; converting to disk; loading a layer
+``transfers.py``   I/O threads, CUDA streams and events, bytes counted per link
+``kv_cache.py``    the KV cache's units: allocation, layout, reads and writes
+``attend.py``      where a decode attention runs: in place, prefetched, on the host
+``sampling.py``    the next token (HF logits processors), per-prompt random streams
+``block.py``       a block's state between tasks (GPU batches, pending host attention)
+``stats.py``       :class:`EngineStats`: time, tokens, bytes per link, peak memory
+``sizes.py``       tensor sizes; handing freed memory back to the OS
+=================  ==================================================================
+
+The engine talks to storage, compression, attention and the model only through their
+interfaces; it knows which tier holds what, and when to move it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flexgen.engine.loop import DEFAULT_PLUGINS, Engine, resolve_device
+from flexgen.engine.stats import LINKS, EngineStats
+from flexgen.errors import FlexGenError, PolicyError
+from flexgen.models.checkpoint import open_source
+from flexgen.paths import cache_root
+from flexgen.policy import Policy
+
+__all__ = ["DEFAULT_PLUGINS", "DTYPES", "LINKS", "Engine", "EngineStats", "default_offload_dir", "load_engine",
+           "resolve_device"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_offload_dir() -> Path:
+    """Where disk-tier tensors live unless the user says otherwise."""
+    return cache_root() / "offload"
+
+
+def load_engine(
+    model: str | Path,
+    policy: Policy | None = None,
+    plugins: Mapping[str, Any] | None = None,
+    device: str | torch.device = "auto",
+    offload_dir: str | Path | None = None,
+    dtype: str = "float16",
+    seed: int = 0,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> Engine:
+    """Build an engine for an HF OPT checkpoint directory or a synthetic OPT size name.
+
+    ``progress(layers placed, layers, tensors converted to the offload folder)`` follows the
+    placement of the weights (see :class:`Engine`).
+    """
+    if dtype not in DTYPES:
+        raise FlexGenError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if policy is None:
+        policy = Policy()
+    if not isinstance(policy, Policy):
+        raise PolicyError(f"policy must be a flexgen.Policy, got {type(policy).__name__}")
+    torch_dtype = DTYPES[dtype]
+    source = open_source(model, dtype=torch_dtype, seed=seed)
+    folder = Path(offload_dir) if offload_dir is not None else default_offload_dir()
+    return Engine(source, policy, dict(plugins or {}), resolve_device(device), folder, torch_dtype, progress)

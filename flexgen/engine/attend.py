@@ -1,0 +1,95 @@
+"""Where a decode step's attention runs, and over which copy of the cache.
+
+Three cases, decided per (layer, GPU batch) by where its cache unit lives and where the
+attention backend runs:
+
+* the cache lives where attention runs (a GPU cache with GPU attention, a host cache with
+  CPU delegation): the new token is written, and attention reads the cache in place;
+* the cache lives elsewhere: its prefix was prefetched while the task before computed
+  (:mod:`flexgen.engine.loop`), and the new token is appended to that copy as a read of the
+  cache would return it;
+* a host cache, CPU attention and a GPU computing the rest: attention runs on a worker
+  thread (:meth:`DecodeAttention.start_on_host`), so the GPU computes the other GPU
+  batches meanwhile, and the loop finishes it when the batch is next used.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import torch
+
+from flexgen.attention.base import AttentionBackend
+from flexgen.engine.block import GPUBatch
+from flexgen.engine.kv_cache import CacheUnit, KVCache
+from flexgen.engine.transfers import Transfers, executor
+
+
+class DecodeAttention:
+    """Runs decode (and prefill) attention through the backend, next to the cache it reads."""
+
+    def __init__(self, attention: AttentionBackend, attention_device: torch.device, device: torch.device,
+                 cache: KVCache, transfers: Transfers) -> None:
+        self.attention = attention
+        self.attention_device = attention_device
+        self.device = device
+        self.cache = cache
+        self.transfers = transfers
+        self.worker = executor("flexgen-attention")
+
+    def valid(self, batch: GPUBatch, valid: torch.Tensor, length: int) -> torch.Tensor | None:
+        """``valid[:, :length]`` for attention; None where nothing is padding and the backend accepts
+        that, so that on a GPU ``scaled_dot_product_attention`` may choose its fused kernels.
+        Decided from the prompts' lengths on the host, never by reading the mask on the device."""
+        if not batch.padded and self.attention.accepts_unmasked:
+            return None
+        return valid[:, :length]
+
+    def prefill(self, unit: CacheUnit, batch: GPUBatch, length: int, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> torch.Tensor:
+        """Attention over the prompt, whose keys and values then go into the cache."""
+        out = self.attention.prefill(q, k, v, self.valid(batch, batch.valid, length))
+        self.cache.write(unit, 0, k, v)
+        return out
+
+    def decode(self, unit: CacheUnit, batch: GPUBatch, length: int, q: torch.Tensor, k_new: torch.Tensor,
+               v_new: torch.Tensor, prefix) -> torch.Tensor:
+        """Attention of the new token, on the compute device; the cache is read where it lives when
+        attention runs there, else ``prefix`` (prefetched) is used with the new token appended."""
+        dest = self.attention_device
+        valid = self.valid(batch, batch.valid, length + 1)
+        if self.cache.resident_where_attended(unit):
+            self.cache.write(unit, length, k_new, v_new)
+            if dest.type == "cpu":
+                self.transfers.wait_for_stores_on_host()
+            k, v = self.cache.read(unit, length + 1, dest)
+        else:
+            k, v = self.cache.append(prefix, self.cache.write(unit, length, k_new, v_new), length, dest)
+        out = self.attention.decode(q.to(dest), k, v, None if valid is None else valid.to(dest))
+        return out.to(self.device)
+
+    def start_on_host(self, unit: CacheUnit, batch: GPUBatch, length: int, q: torch.Tensor, k_new: torch.Tensor,
+                      v_new: torch.Tensor) -> Future:
+        """Decode attention on the attention worker, over a cache that lives on the host.
+
+        The new keys and values go into the cache and the query to the host on the store
+        stream; the worker waits for those copies alone (an event), never for the whole device,
+        and attends while the main thread issues the next tasks.
+        """
+        self.cache.write(unit, length, k_new, v_new)
+        q_host = self.transfers.to_host(q)
+        landed = self.transfers.stores_done if self.transfers.cuda else None
+        valid = self.valid(batch, batch.valid_host, length + 1)
+        pin = self.transfers.cuda
+
+        def attend() -> torch.Tensor:
+            if landed is not None:
+                landed.synchronize()
+            k, v = self.cache.read(unit, length + 1, self.attention_device)
+            out = self.attention.decode(q_host, k, v, valid)
+            return out.pin_memory() if pin else out  # pinned: the copy back runs asynchronously
+
+        return self.worker.submit(attend)
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True)

@@ -1,0 +1,227 @@
+"""Weight placement: every weight put in its tier once, and a layer's weights brought to compute.
+
+At load, each weight is made (read from the checkpoint, or drawn for synthetic weights), cast,
+compressed where the policy says, and handed to its tier's storage; disk-tier tensors are
+converted once into the offload folder and reused by later runs. During generation,
+:meth:`WeightPlacement.load_layer` brings one model layer's weights to the compute device
+and decompresses them, on the weight I/O thread (:mod:`flexgen.engine.transfers`).
+Embedding tables away from compute memory are not loaded whole: the rows a step needs are
+gathered where the table lives (:meth:`WeightPlacement.gather_rows`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+import torch
+
+from flexgen.compression.base import Compressor, keeps_rows
+from flexgen.compression.none import NoCompression
+from flexgen.engine.sizes import itemsize, nbytes, numel, release_freed_memory, short_hash
+from flexgen.engine.stats import EngineStats
+from flexgen.engine.transfers import Transfers
+from flexgen.models import opt
+from flexgen.models.checkpoint import WeightSource
+from flexgen.policy import Policy, split_by_percent
+from flexgen.storage.base import StorageBackend
+
+#: Vectors (biases, layer norms) are stored as they are, whatever the weight compressor.
+IDENTITY = NoCompression()
+
+
+@dataclass
+class PlacedWeight:
+    """One weight tensor at home in a tier, possibly compressed into parts."""
+
+    spec: opt.WeightSpec
+    tier: str
+    parts: dict[str, torch.Tensor]
+    compressed: bool
+
+
+class WeightPlacement:
+    """Where each weight of the model lives, and how a layer of them reaches compute."""
+
+    def __init__(self, spec: opt.OPTSpec, policy: Policy, storage: Mapping[str, StorageBackend],
+                 compressor: Compressor, compressor_id: str, device: torch.device, dtype: torch.dtype,
+                 transfers: Transfers, stats: EngineStats,
+                 progress: Callable[[int, int, int], None] | None = None) -> None:
+        """``progress(layers placed, layers, tensors converted)`` is called as each model layer's
+        weights are placed (from the placing thread), so a caller can show how a long load goes."""
+        self.spec = spec
+        self.policy = policy
+        self.storage = storage
+        self.compressor = compressor
+        self.compressor_id = compressor_id  # what names the converted files' folder
+        self.device = device
+        self.dtype = dtype
+        self.transfers = transfers
+        self.stats = stats
+        self.cuda = device.type == "cuda"
+        self.layers: list[list[PlacedWeight]] = []
+        self.resident: dict[int, dict[str, torch.Tensor]] = {}  # layers needing no load at all
+        #: embedding tables whose rows are gathered where they live (name -> placed table)
+        self.gathered: dict[str, PlacedWeight] = {}
+        self.unpack_buffers: dict[str, list[torch.Tensor]] = {}  # see unpacked
+        self.progress = progress
+        self.converted_weights = 0  # tensors converted into a persistent tier (the disk's offload folder)
+
+    def tier_location(self, tier: str) -> torch.device:
+        """The device whose memory a tier's tensors can be used from without a copy."""
+        return self.device if tier == "gpu" else torch.device("cpu")
+
+    # ------------------------------------------------------------------ at load
+
+    def place(self, source: WeightSource) -> None:
+        """Put every weight in its tier, converting disk-tier tensors once.
+
+        Each tensor is made (read from the checkpoint, or drawn for synthetic weights) on the
+        device that uses or compresses it: the compute device for the gpu tier and for a
+        compressed weight, the CPU otherwise; then it is cast, compressed and stored, on a few
+        threads at once. A layer's tensors are queued before the layer before it is waited on,
+        so no layer waits for the slowest tensor of the last, and at most two layers are in
+        flight, which bounds the memory a conversion takes.
+        """
+        folder = f"weights/{source.fingerprint()}-{str(self.dtype).removeprefix('torch.')}-{short_hash(self.compressor_id)}"
+        percents = self.policy.percents("weights")
+        workers = min(4, os.cpu_count() or 1)
+        in_flight: deque[list[Future]] = deque()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flexgen-place") as pool:
+            for index in range(self.spec.num_model_layers):
+                specs = opt.layer_weights(self.spec, index)
+                tiers = split_by_percent([numel(w.shape) for w in specs], percents)
+                in_flight.append([
+                    pool.submit(self._place_one, source, weight, tier, f"{folder}/{weight.name}")
+                    for weight, tier in zip(specs, tiers)
+                ])
+                if len(in_flight) == 2:
+                    self._register_layer([f.result() for f in in_flight.popleft()])
+            while in_flight:
+                self._register_layer([f.result() for f in in_flight.popleft()])
+        self.gathered = self._gathered_tables()
+
+    def _register_layer(self, placed: list[PlacedWeight]) -> None:
+        index = len(self.layers)
+        self.layers.append(placed)
+        release_freed_memory()
+        if all(p.tier == "gpu" and not p.compressed for p in placed):
+            self.resident[index] = {p.spec.local: p.parts["data"] for p in placed}
+        if self.progress is not None:
+            self.progress(len(self.layers), self.spec.num_model_layers, self.converted_weights)
+
+    def _place_one(self, source: WeightSource, weight: opt.WeightSpec, tier: str, key: str) -> PlacedWeight:
+        backend = self.storage[tier]
+        compressed = len(weight.shape) >= 2 and not isinstance(self.compressor, NoCompression)
+        compressor = self.compressor if compressed else IDENTITY
+        part_names = list(compressor.part_specs(weight.shape, self.dtype))
+        parts: dict[str, torch.Tensor] = {}
+        converted = False
+        if backend.persistent:  # reuse what an earlier run converted
+            for name in part_names:
+                found = backend.get(f"{key}.{name}")
+                if found is not None:
+                    parts[name] = found
+        if len(parts) != len(part_names):
+            made_on = self.device if tier == "gpu" or compressed else torch.device("cpu")
+            column_major = self._prefers_column_major(weight, tier, compressed)
+            made = source.get(weight, device=made_on, column_major=column_major)
+            packed = compressor.compress(made.to(self.dtype))
+            for name in part_names:
+                part = packed.pop(name)
+                # A part that is a fresh tensor nothing else holds can be kept as it is; one
+                # that is a view of a checkpoint's memory map is copied.
+                owned = source.fresh or part.untyped_storage().data_ptr() != made.untyped_storage().data_ptr()
+                parts[name] = (backend.adopt if owned else backend.put)(f"{key}.{name}", part)
+            del made
+            converted = backend.persistent
+        with self.stats.lock:  # placement runs on several threads
+            self.converted_weights += converted
+            self.stats.compression["weights_raw_bytes"] += numel(weight.shape) * itemsize(self.dtype)
+            self.stats.compression["weights_stored_bytes"] += sum(nbytes(p) for p in parts.values())
+        return PlacedWeight(weight, tier, parts, compressed)
+
+    def _prefers_column_major(self, weight: opt.WeightSpec, tier: str, compressed: bool) -> bool:
+        """Whether to keep a matrix column-major, for CPU matmuls with few rows (decode).
+
+        CPU GEMM with a handful of rows reads an (out, in)-contiguous weight several times
+        slower than an (in, out)-contiguous one; a decode step of OPT-125M is ~25 % faster.
+        Only compute-resident, uncompressed matrices that go through ``F.linear`` qualify:
+        embeddings are gathered by row.
+        """
+        return (self.device.type == "cpu" and tier == "gpu" and not compressed
+                and len(weight.shape) == 2 and not weight.local.startswith("embed_"))
+
+    def _gathered_tables(self) -> dict[str, PlacedWeight]:
+        """The embedding tables not already usable in compute memory, whose rows can be gathered at home.
+
+        A step embeds a few tokens per sequence, so it needs a few rows of each table: bringing
+        a whole 50k-row table over PCIe every step would waste it. A compressed table qualifies
+        when its compressor keeps the row axis in every part (it groups along the rows' own
+        axis), so rows of the parts decompress to rows of the table.
+        """
+        gathered = {}
+        for placed in self.layers[0] if self.layers else []:
+            if placed.spec.local not in opt.EMBEDDING_TABLES or (placed.tier == "gpu" and not placed.compressed):
+                continue
+            if placed.compressed and not keeps_rows(self.compressor, placed.spec.shape, self.dtype):
+                continue
+            gathered[placed.spec.local] = placed
+        return gathered
+
+    # ------------------------------------------------------------------ during generation
+
+    def submit_layer(self, index: int) -> Future:
+        """Start bringing model layer ``index``'s weights to compute (a future of (weights, event))."""
+        if index in self.resident:
+            future: Future = Future()
+            future.set_result((self.resident[index], None))
+            return future
+        return self.transfers.load_weights(self.load_layer, index)
+
+    def load_layer(self, index: int) -> dict[str, torch.Tensor]:
+        """The weights of a model layer on the compute device, decompressed."""
+        weights = {}
+        for placed in self.layers[index]:
+            if index == 0 and placed.spec.local in self.gathered:
+                continue  # its rows are gathered at home when the tokens are known
+            parts = {name: self.transfers.fetch(placed.tier, t, self.device) for name, t in placed.parts.items()}
+            weights[placed.spec.local] = self.unpacked(placed, parts) if placed.compressed else parts["data"]
+        return weights
+
+    def unpacked(self, placed: PlacedWeight, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A compressed weight decompressed on the compute device.
+
+        On the CPU it is unpacked in one pass into a buffer kept per weight name: a fresh
+        tensor per load would be returned to the OS and faulted in again every layer, two to
+        three times the cost of the unpacking. Two buffers per name are used in turn, because
+        two layers of one kind are alive at once at most (the one being loaded, and the one
+        computed or finished by a pending host attention before that load is asked for). On
+        CUDA the caching allocator already reuses memory, and the fused kernel writes a fresh
+        tensor.
+        """
+        if self.cuda:
+            return self.compressor.decompress(parts, placed.spec.shape, self.dtype)
+        buffers = self.unpack_buffers.setdefault(placed.spec.local, [])
+        if len(buffers) < 2:
+            buffers.append(torch.empty(placed.spec.shape, dtype=self.dtype))
+        else:
+            buffers.append(buffers.pop(0))  # the one used least recently goes last, and is used now
+        return self.compressor.decompress_into(parts, buffers[-1], self.dtype)
+
+    def gather_rows(self, placed: PlacedWeight, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` (B, n) of an embedding table, gathered where it lives, on the compute device."""
+        flat = index.reshape(-1)
+        home = self.tier_location(placed.tier)
+        parts = {name: self.transfers.fetch(placed.tier, t.index_select(0, flat.to(home)), self.device)
+                 for name, t in placed.parts.items()}
+        shape = (flat.numel(), placed.spec.shape[1])
+        rows = self.compressor.decompress(parts, shape, self.dtype) if placed.compressed else parts["data"]
+        return rows.to(self.dtype).reshape(*index.shape, shape[1])
+
+    def close(self) -> None:
+        self.layers.clear()
+        self.resident.clear()
+        self.unpack_buffers.clear()
