@@ -39,6 +39,7 @@ the read side of a host memory copy, half of ``cpu_memory_bandwidth``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import math
@@ -168,6 +169,9 @@ class BenchReport:
     #: seconds load_engine took: placing (synthetic weights: making) every weight in its tier
     load_time_s: float | None = None
     engine_stats: dict[str, Any] | None = None
+    #: the engine's intra-op thread setting (:meth:`flexgen.threads.ThreadChoice.to_dict`); the HF
+    #: baseline runs with the same number of threads
+    threads: dict[str, Any] | None = None
     baseline: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -246,10 +250,13 @@ def run_bench(
         batch = baseline_batch_size or policy.gpu_batch_size
         hf_ids = ids[:baseline_prompts] if baseline_prompts else ids
         say(f"flexgen bench: running HF transformers on the same weights, {len(hf_ids)} prompts, batch {batch} ...")
-        report.baseline = run_hf_baseline(
-            model, spec, cfg.model.dtype, cfg.model.seed, policy, device, offload_dir, hf_ids, kwargs, batch, warmup,
-            repeat,
-        )
+        threads = report.threads["threads"] if report.threads else None
+        with _torch_threads(threads):
+            report.baseline = run_hf_baseline(
+                model, spec, cfg.model.dtype, cfg.model.seed, policy, device, offload_dir, hf_ids, kwargs, batch, warmup,
+                repeat,
+            )
+        report.baseline["threads"] = threads
         hf_tokens = report.baseline.pop("tokens")
         same = sum(a == b for a, b in zip(engine_tokens, hf_tokens))
         report.baseline["identical_outputs"] = same
@@ -258,6 +265,20 @@ def run_bench(
         hf_total = report.baseline["total_throughput"]
         report.baseline["ratio"] = total / hf_total if total and hf_total else None
     return report
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """Run the baseline with the engine's intra-op threads (None: as they are), so both sides compute alike."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _bench_device(cfg: FlexGenConfig) -> str:
@@ -400,7 +421,7 @@ def _run_engine(report, cfg, model, policy, plugins, device, offload_dir, ids, k
     started = time.perf_counter()
     engine = load_engine(
         model, policy=policy, plugins=plugins, device=device, offload_dir=offload_dir,
-        dtype=cfg.model.dtype, seed=cfg.model.seed,
+        dtype=cfg.model.dtype, seed=cfg.model.seed, threads=cfg.threads(),
     )
     report.load_time_s = time.perf_counter() - started
     say(f"flexgen bench: engine loaded in {report.load_time_s:.1f} s")
@@ -429,6 +450,7 @@ def _run_engine(report, cfg, model, policy, plugins, device, offload_dir, ids, k
         total=stats["total_throughput"],
     )
     report.engine_stats = stats
+    report.threads = stats.get("threads")
     return tokens
 
 
@@ -641,6 +663,10 @@ def format_report(r: BenchReport) -> str:
         lines.append(f"  (the cost model's prediction for this schedule, with its overheads: {_rate(r.predicted_total)} tokens/s)")
     if r.load_time_s is not None:
         lines.append(f"  engine loaded (weights placed) in {r.load_time_s:.1f} s")
+    if r.threads:
+        from flexgen.threads import ThreadChoice
+
+        lines.append(f"  {ThreadChoice.from_dict(r.threads).describe()}; the baseline uses as many")
     if r.engine_stats and r.bound_bytes:
         moved = r.engine_stats["bytes_moved"]
         links = [k for k in r.bound_bytes if moved.get(k) or r.bound_bytes[k]]

@@ -139,6 +139,7 @@ class HardwareConfig:
     gpu_memory: Optional[str] = None  # cap; on CUDA also the process's allocator limit
     cpu_memory: Optional[str] = None  # cap for planning (policy: auto)
     disk_memory: Optional[str] = None  # cap for planning (policy: auto)
+    threads: Any = "auto"  # intra-op threads of the engine: auto (see flexgen/threads.py) or a number
 
 
 @dataclass
@@ -187,6 +188,12 @@ class FlexGenConfig:
             "stop": _plain(g.stop),
             "seed": g.seed,
         }
+
+    def threads(self) -> int | None:
+        """``hardware.threads``: None for auto, else the number of intra-op threads."""
+        from flexgen.threads import parse_threads
+
+        return parse_threads(_plain(self.hardware.threads), "hardware.threads")
 
     def hardware_caps(self) -> dict[str, str]:
         """The ``hardware.*_memory`` caps that are set, as keyword arguments of ``with_caps``."""
@@ -511,6 +518,9 @@ def _check_hardware(h: "HardwareConfig") -> None:
         value = getattr(h, key)
         if value is not None and parse_bytes(value, f"hardware.{key}") <= 0:
             raise ConfigError(f"hardware.{key} must be more than 0 bytes, got {value!r}")
+    from flexgen.threads import parse_threads
+
+    parse_threads(_plain(h.threads), "hardware.threads")
     profile = h.profile
     if profile is not None and profile not in ("auto", "measure") and profile not in PRESETS:
         if not Path(os.path.expanduser(profile)).is_file():

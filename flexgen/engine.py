@@ -20,6 +20,7 @@ interfaces; it knows which tier holds what, and when to move it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -44,6 +45,7 @@ from flexgen.models.checkpoint import WeightSource, open_source
 from flexgen.paths import cache_root
 from flexgen.policy import TIERS, Policy, split_by_percent
 from flexgen.scheduling.base import Task
+from flexgen.threads import ThreadGovernor, affinity_cores, parse_threads, single_threaded_ops
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -81,6 +83,8 @@ class EngineStats:
             ("weights_raw_bytes", "weights_stored_bytes", "cache_raw_bytes", "cache_stored_bytes"), 0
         )
     )
+    #: the intra-op thread setting of the last step (:meth:`flexgen.threads.ThreadChoice.to_dict`)
+    threads: dict[str, Any] | None = None
 
     @property
     def total_time_s(self) -> float:
@@ -102,6 +106,7 @@ class EngineStats:
             "bytes_moved": dict(self.bytes_moved),
             "peak_memory": dict(self.peak_memory),
             "compression": dict(self.compression),
+            "threads": dict(self.threads) if self.threads else None,
         }
 
     def reset(self) -> None:
@@ -198,6 +203,7 @@ class Engine:
         device: torch.device,
         offload_dir: Path,
         dtype: torch.dtype,
+        threads: int | None = None,
     ) -> None:
         self.spec = source.spec
         self.policy = policy
@@ -253,6 +259,13 @@ class Engine:
         self._unpack_buffers: dict[str, list[torch.Tensor]] = {}  # see _unpacked
         self._cache_length = 0
 
+        #: Intra-op threads (flexgen/threads.py): on the CPU decided from the cores, their load
+        #: and the work (the largest product of a decode step: the first MLP matrix); on CUDA
+        #: only an explicit setting is applied, torch's own is kept otherwise.
+        work = 2 * policy.gpu_batch_size * self.spec.hidden_size * self.spec.ffn_dim
+        self._threads = ThreadGovernor(threads, work if not self._cuda else None) \
+            if not self._cuda or threads is not None else None
+
         self.layers: list[list[PlacedWeight]] = []
         self._resident: dict[int, dict[str, torch.Tensor]] = {}  # layers needing no load at all
         self._place_weights(source)
@@ -282,14 +295,15 @@ class Engine:
         compressed weight, the CPU otherwise; then it is cast, compressed and stored, on a few
         threads at once. A layer's tensors are queued before the layer before it is waited on,
         so no layer waits for the slowest tensor of the last, and at most two layers are in
-        flight, which bounds the memory a conversion takes.
+        flight, which bounds the memory a conversion takes. The threads share the cores: each
+        runs its torch operations on one OpenMP thread (:func:`flexgen.threads.single_threaded_ops`).
         """
         compressor_id = repr(registry.parse_spec(self.plugins["weight_compressor"], "plugins.weight_compressor"))
         folder = f"weights/{source.fingerprint()}-{str(self.dtype).removeprefix('torch.')}-{_short_hash(compressor_id)}"
         percents = self.policy.percents("weights")
-        workers = min(4, os.cpu_count() or 1)
+        workers = min(8, max(2, affinity_cores()))
         in_flight: deque[list[Future]] = deque()
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flexgen-place") as pool:
+        with single_threaded_ops(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flexgen-place") as pool:
             for index in range(self.spec.num_model_layers):
                 specs = opt.layer_weights(self.spec, index)
                 tiers = split_by_percent([_numel(w.shape) for w in specs], percents)
@@ -623,7 +637,7 @@ class Engine:
         sampling = _Sampling(do_sample, temperature, top_p, stops)
         outputs: list[list[int]] = []
         block_size = self.policy.block_size
-        with torch.inference_mode():
+        with torch.inference_mode(), self._threads_applied():
             for number, start in enumerate(range(0, len(prompts), block_size)):
                 real = prompts[start:start + block_size]
                 padded = real + [real[0]] * (block_size - len(real))  # outputs of padding are dropped
@@ -632,6 +646,15 @@ class Engine:
                 tokens = self._generate_block(padded, max_new_tokens, sampling, streams, len(real))
                 outputs.extend(tokens[: len(real)])
         return outputs
+
+    def _threads_applied(self):
+        """The engine's thread setting while it generates; the caller's is given back afterwards."""
+        return self._threads.applied() if self._threads is not None else contextlib.nullcontext()
+
+    def _update_threads(self) -> None:
+        """Between steps: decide the thread count again when the machine's load may have changed."""
+        if self._threads is not None:
+            self.stats.threads = self._threads.update().to_dict()
 
     def _check_prompts(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -679,6 +702,7 @@ class Engine:
             self._sync()
             started = time.perf_counter()
             for step in range(max_new_tokens):
+                self._update_threads()
                 self._run_step(block, step)
                 new = torch.cat([b.outputs[-1] for b in batches])[:, 0]
                 if sampling.stops:
@@ -1073,8 +1097,13 @@ def load_engine(
     offload_dir: str | Path | None = None,
     dtype: str = "float16",
     seed: int = 0,
+    threads: int | str | None = None,
 ) -> Engine:
-    """Build an engine for an HF OPT checkpoint directory or a synthetic OPT size name."""
+    """Build an engine for an HF OPT checkpoint directory or a synthetic OPT size name.
+
+    ``threads``: intra-op threads to compute with; None or ``"auto"`` lets the engine decide
+    (:mod:`flexgen.threads`), a positive integer fixes it.
+    """
     if dtype not in DTYPES:
         raise FlexGenError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if policy is None:
@@ -1084,4 +1113,5 @@ def load_engine(
     torch_dtype = DTYPES[dtype]
     source = open_source(model, dtype=torch_dtype, seed=seed)
     folder = Path(offload_dir) if offload_dir is not None else default_offload_dir()
-    return Engine(source, policy, dict(plugins or {}), resolve_device(device), folder, torch_dtype)
+    setting = parse_threads(threads, "threads")
+    return Engine(source, policy, dict(plugins or {}), resolve_device(device), folder, torch_dtype, threads=setting)
