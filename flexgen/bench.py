@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from flexgen.config import FlexGenConfig, load_config, resolve_offload_dir
+from flexgen.dtypes import compute_dtype
 from flexgen.errors import ConfigError, FlexGenError
 from flexgen.hardware import HardwareProfile
 from flexgen.predict.run import _Parser  # argparse whose mistakes are one-line ConfigErrors
@@ -158,6 +159,9 @@ class BenchReport:
     plugins: dict[str, Any]
     hardware: dict[str, Any]
     disk_cache: str
+    #: the dtype the products run in (the model's, except half precision on a CPU without native
+    #: support); None: the model's
+    compute_dtype: str | None = None
     bound: Rates = field(default_factory=Rates)
     bound_bottleneck: dict[str, str] = field(default_factory=dict)
     bound_note: str | None = None
@@ -215,11 +219,12 @@ def run_bench(
     from flexgen.predict.run import load_tokenizer, resolve_model, resolve_policy
 
     say = progress or (lambda line: None)
+    device = _bench_device(cfg)
+    cfg.resolve_dtype(device)
     model, model_dir, spec = resolve_model(cfg)
     tokenizer = load_tokenizer(cfg, model_dir)
     prompts = load_prompts(cfg, tokenizer, spec)
     policy, plugins, _ = resolve_policy(cfg, spec, prompts)
-    device = _bench_device(cfg)
     offload_dir = resolve_offload_dir(cfg)
     prompt_len = max(len(p.input_ids) for p in prompts)
     gen_len = cfg.generation.max_new_tokens
@@ -227,7 +232,8 @@ def run_bench(
     profile = _hardware_profile(hardware, device, refresh_hardware, offload_dir, say)
     report = BenchReport(
         model=spec.name if cfg.model.synthetic is None else f"{cfg.model.synthetic} (synthetic, seed {cfg.model.seed})",
-        dtype=cfg.model.dtype, device=device, num_prompts=len(prompts), prompt_len=prompt_len, gen_len=gen_len,
+        dtype=cfg.model.dtype, device=device, compute_dtype=compute_dtype(cfg.model.dtype, device),
+        num_prompts=len(prompts), prompt_len=prompt_len, gen_len=gen_len,
         policy=policy.to_dict(), plugins=plugins, hardware=profile.to_dict(), disk_cache="cold",
     )
     if (profile.device == "cuda") != device.startswith("cuda"):
@@ -321,6 +327,13 @@ def _bound(report, cfg, spec, policy, plugins, profile, disk_cache, offload_dir,
     """Fill ``report.bound`` from the cost model; a note instead when it cannot price the config."""
     from flexgen.costmodel import Workload, estimate, estimate_options
 
+    if report.compute_dtype not in (None, report.dtype):
+        # Half precision computed in float32 (a CPU without native support): its products run at
+        # the float32 rate, which the profile states under the model's dtype for the cost model.
+        key = {"float16": "gpu_flops_fp16", "bfloat16": "gpu_flops_bf16"}[report.dtype]
+        profile = dataclasses.replace(profile, **{key: profile.gpu_flops(report.compute_dtype)})
+        report.notes.append(f"{report.dtype} is computed in {report.compute_dtype} on this CPU; the bound "
+                            f"prices its products at the {report.compute_dtype} rate")
     try:
         options = estimate_options(plugins)
         workload = Workload(report.prompt_len, report.gen_len, report.num_prompts)
@@ -633,7 +646,8 @@ def format_report(r: BenchReport) -> str:
     names = {k: (v.get("name") if isinstance(v, dict) else v) for k, v in r.plugins.items() if k != "storage"}
     hw = r.hardware
     lines = [
-        f"flexgen bench: {r.model}, {r.dtype}, on {r.device}; {r.num_prompts} prompts x {r.prompt_len} tokens, "
+        f"flexgen bench: {r.model}, {r.dtype}{'' if r.compute_dtype in (None, r.dtype) else ' computed in ' + r.compute_dtype}, "
+        f"on {r.device}; {r.num_prompts} prompts x {r.prompt_len} tokens, "
         f"{r.gen_len} new tokens each",
         f"  policy: block {p['num_gpu_batches']} x {p['gpu_batch_size']}; gpu/cpu/disk % weights {tiers('weights')}, "
         f"cache {tiers('cache')}, activations {tiers('act')}; overlap {p['overlap']}, pin {p['pin_weights']}",
@@ -642,7 +656,7 @@ def format_report(r: BenchReport) -> str:
         f"  hardware: {hw['name']} [{hw['source']}]",
         f"    host->device {hw['h2d_bandwidth'] / 1e9:.1f} GB/s, device->host {hw['d2h_bandwidth'] / 1e9:.1f} GB/s, "
         f"disk read {hw['disk_read_bandwidth'] / 1e9:.2f} GB/s ({r.disk_cache}), "
-        f"matmul {HardwareProfile(**hw).gpu_flops(r.dtype) / 1e12:.2f} TFLOP/s ({r.dtype}), "
+        f"matmul {HardwareProfile(**hw).gpu_flops(r.compute_dtype or r.dtype) / 1e12:.2f} TFLOP/s ({r.compute_dtype or r.dtype}), "
         f"cpu attention {hw['cpu_attention_flops'] / 1e9:.1f} GFLOP/s",
         f"    memory: gpu {hw['gpu_memory'] / 2**30:.1f} GiB, cpu {hw['cpu_memory'] / 2**30:.1f} GiB, "
         f"disk {hw['disk_memory'] / 2**30:.1f} GiB",

@@ -49,7 +49,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from flexgen.errors import ConfigError, FlexGenError
 from flexgen.policy import Policy
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 PLUGIN_KEYS = ("storage", "attention", "weight_compressor", "cache_compressor", "scheduler")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 HARDWARE_CAPS = ("gpu_memory", "cpu_memory", "disk_memory")
@@ -65,7 +65,7 @@ class ModelConfig:
 
     path: Optional[str] = None  # HF OPT checkpoint dir, or builtin:quickstart
     synthetic: Optional[str] = None  # an OPT size (opt-125m ... opt-175b): seeded random weights
-    dtype: str = "float16"  # float32 | float16 | bfloat16
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16 (auto: see flexgen/dtypes.py)
     tokenizer: Optional[str] = None  # defaults to model.path; needed only for text prompts
     seed: int = 0  # seed of synthetic weights
 
@@ -194,6 +194,15 @@ class FlexGenConfig:
         from flexgen.threads import parse_threads
 
         return parse_threads(_plain(self.hardware.threads), "hardware.threads")
+
+    def resolve_dtype(self, device: str) -> str:
+        """Replace ``model.dtype: auto`` by its choice for ``device`` (``cpu`` or ``cuda``), once,
+        before anything reads it: the job fingerprint, the cost model, the engine and the metrics
+        then all see the dtype that really runs (:mod:`flexgen.dtypes`)."""
+        from flexgen.dtypes import resolve_dtype
+
+        self.model.dtype = resolve_dtype(self.model.dtype, device)
+        return self.model.dtype
 
     def hardware_caps(self) -> dict[str, str]:
         """The ``hardware.*_memory`` caps that are set, as keyword arguments of ``with_caps``."""

@@ -39,6 +39,7 @@ from flexgen import registry
 from flexgen.attention.base import PackedKV
 from flexgen.compression.base import keeps_rows
 from flexgen.compression.none import NoCompression
+from flexgen.dtypes import DTYPE_CHOICES, compute_dtype, resolve_dtype
 from flexgen.errors import FlexGenError, PluginError, PolicyError, PromptError
 from flexgen.models import opt
 from flexgen.models.checkpoint import WeightSource, open_source
@@ -59,6 +60,9 @@ DEFAULT_PLUGINS: dict[str, Any] = {
 
 #: Vectors (biases, layer norms) are stored as they are, whatever the weight compressor.
 _IDENTITY = NoCompression()
+
+#: Bytes of output embedding unpacked at a time on the CPU (see Engine._logits).
+_HEAD_SLICE_BYTES = 32 << 20
 
 LINKS = ("disk->cpu", "cpu->gpu", "gpu->cpu", "cpu->disk")
 
@@ -85,6 +89,10 @@ class EngineStats:
     )
     #: the intra-op thread setting of the last step (:meth:`flexgen.threads.ThreadChoice.to_dict`)
     threads: dict[str, Any] | None = None
+    #: the model's dtype and the one its products run in (they differ for half precision on a
+    #: CPU without native instructions for it; see flexgen/dtypes.py)
+    dtype: str | None = None
+    compute_dtype: str | None = None
 
     @property
     def total_time_s(self) -> float:
@@ -107,6 +115,8 @@ class EngineStats:
             "peak_memory": dict(self.peak_memory),
             "compression": dict(self.compression),
             "threads": dict(self.threads) if self.threads else None,
+            "dtype": self.dtype,
+            "compute_dtype": self.compute_dtype,
         }
 
     def reset(self) -> None:
@@ -124,6 +134,14 @@ class PlacedWeight:
     tier: str
     parts: dict[str, torch.Tensor]
     compressed: bool
+
+
+@dataclass
+class _Unpack:
+    """A weight whose bytes the I/O thread brought in, to be unpacked by the compute thread."""
+
+    placed: PlacedWeight
+    parts: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -209,12 +227,19 @@ class Engine:
         self.policy = policy
         self.device = device = resolve_device(device)
         self.dtype = dtype
+        #: What the products run in: the model's dtype, except on a CPU without native
+        #: instructions for it, where half precision is computed in float32 (flexgen/dtypes.py).
+        #: Compute memory (gpu-tier weights, the KV cache, activations) holds this dtype; the cpu
+        #: and disk tiers hold weights in the model's dtype, converted as each layer is used.
+        self.compute_dtype = DTYPES[compute_dtype(str(dtype).removeprefix("torch."), device)]
+        self.cache_dtype = self.compute_dtype
         self.offload_dir = offload_dir
         self.plugins = {**DEFAULT_PLUGINS, **{k: v for k, v in plugins.items() if v is not None}}
         unknown = sorted(set(self.plugins) - set(DEFAULT_PLUGINS))
         if unknown:
             raise PluginError(f"unknown plugins key {unknown[0]!r}; keys: {', '.join(DEFAULT_PLUGINS)}")
-        self.stats = EngineStats()
+        self.stats = EngineStats(dtype=str(dtype).removeprefix("torch."),
+                                 compute_dtype=str(self.compute_dtype).removeprefix("torch."))
         self._stats_lock = threading.Lock()  # the I/O thread counts bytes too
 
         storage_specs = {**DEFAULT_PLUGINS["storage"], **dict(self.plugins["storage"])}
@@ -256,7 +281,7 @@ class Engine:
         self._attention_io = _executor("flexgen-attention")
         self._run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._cache: list[list[CacheUnit]] | None = None  # reused by every block that fits
-        self._unpack_buffers: dict[str, list[torch.Tensor]] = {}  # see _unpacked
+        self._unpack_buffers: dict[str, torch.Tensor] = {}  # see _unpacked
         self._cache_length = 0
 
         #: Intra-op threads (flexgen/threads.py): on the CPU decided from the cores, their load
@@ -276,7 +301,7 @@ class Engine:
 
     def _check_cache_compressor(self) -> None:
         shape = (3, 2, self.spec.num_heads, self.spec.head_dim)
-        for name, (part_shape, _) in self.cache_compressor.part_specs(shape, self.dtype).items():
+        for name, (part_shape, _) in self.cache_compressor.part_specs(shape, self.cache_dtype).items():
             if tuple(part_shape[:3]) != shape[:3]:
                 raise PluginError(
                     f"plugins.cache_compressor: part {name!r} does not keep the (token, batch, head) axes; "
@@ -339,7 +364,9 @@ class Engine:
             made_on = self.device if tier == "gpu" or compressed else torch.device("cpu")
             column_major = self._prefers_column_major(weight, tier, compressed)
             made = source.get(weight, device=made_on, column_major=column_major)
-            packed = compressor.compress(made.to(self.dtype))
+            # Kept for compute (gpu tier, uncompressed): in the compute dtype; at rest: the model's.
+            at_rest = self.compute_dtype if tier == "gpu" and not compressed else self.dtype
+            packed = compressor.compress(made.to(at_rest))
             for name in part_names:
                 part = packed.pop(name)
                 # A part that is a fresh tensor nothing else holds can be kept as it is; one
@@ -483,34 +510,83 @@ class Engine:
         return result
 
     def _load_layer(self, index: int) -> dict[str, torch.Tensor]:
-        """The weights of a model layer on the compute device, decompressed."""
+        """The weights of a model layer on the compute device, decompressed.
+
+        On the CPU this runs on the weight I/O thread and only brings the bytes in: weights
+        to decompress, or to convert to the compute dtype, are left as :class:`_Unpack` for the
+        compute thread (:meth:`_ready`), whose OpenMP team has the cores. A second team started
+        from the I/O thread would compete with it for the same cores.
+        """
         weights = {}
         for placed in self.layers[index]:
             if index == 0 and placed.spec.local in self._gathered:
                 continue  # its rows are gathered at home when the tokens are known
             parts = {name: self._fetch(placed.tier, t, self.device) for name, t in placed.parts.items()}
-            weights[placed.spec.local] = self._unpacked(placed, parts) if placed.compressed else parts["data"]
+            if self._cuda:
+                weights[placed.spec.local] = self._unpacked(placed, parts) if placed.compressed else parts["data"]
+            elif placed.compressed or parts["data"].dtype != self.compute_dtype:
+                weights[placed.spec.local] = _Unpack(placed, parts)
+            else:
+                weights[placed.spec.local] = parts["data"]
         return weights
+
+    def _ready(self, weights: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """A loaded layer's weights with what the I/O thread left packed unpacked, on the compute
+        thread; once per layer (the dict is shared by the layer's GPU batches). The output
+        embedding is left packed when it can be unpacked a slice at a time (:meth:`_logits`)."""
+        for name, value in weights.items():
+            if isinstance(value, _Unpack) and not (name == "lm_head.weight" and self._rows_unpackable(value.placed)):
+                weights[name] = self._unpacked(value.placed, value.parts)
+        return weights
+
+    def _rows_unpackable(self, placed: PlacedWeight) -> bool:
+        return not placed.compressed or keeps_rows(self.weight_compressor, placed.spec.shape, self.dtype)
+
+    def _logits(self, weights: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) of the head; with a packed output embedding, a slice of its rows at a time.
+
+        The output embedding is the largest weight (50,272 rows; 1.4 GB in float32 at OPT-30B's
+        width): unpacked whole, it alone would take more memory than every other layer's
+        buffers together. Its rows are unpacked into one small buffer in turn, each slice's
+        logits computed before the next is unpacked.
+        """
+        packed = weights.get("lm_head.weight")
+        if not isinstance(packed, _Unpack):
+            return opt.head(self.spec, weights, x)
+        features = opt.head_features(self.spec, weights, x)  # (B, e)
+        vocab, width = packed.placed.spec.shape
+        rows = max(1, min(vocab, _HEAD_SLICE_BYTES // (width * _itemsize(self.compute_dtype))))
+        compressor = self.weight_compressor if packed.placed.compressed else _IDENTITY
+        buffer = self._unpack_buffer("lm_head.weight/slice", (rows, width))
+        logits_t = torch.empty(vocab, features.shape[0], dtype=self.compute_dtype)  # (vocab, B): slices contiguous
+        for start in range(0, vocab, rows):
+            stop = min(vocab, start + rows)
+            parts = {name: part[start:stop] for name, part in packed.parts.items()}
+            w = compressor.decompress_into(parts, buffer[: stop - start], self.dtype)
+            torch.mm(w, features.t(), out=logits_t[start:stop])
+        return logits_t.t()
+
+    def _unpack_buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        buffer = self._unpack_buffers.get(name)
+        if buffer is None or tuple(buffer.shape) != tuple(shape):
+            buffer = self._unpack_buffers[name] = torch.empty(shape, dtype=self.compute_dtype)
+        return buffer
 
     def _unpacked(self, placed: PlacedWeight, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """A compressed weight decompressed on the compute device.
 
         On the CPU it is unpacked in one pass into a buffer kept per weight name: a fresh
         tensor per load would be returned to the OS and faulted in again every layer, two to
-        three times the cost of the unpacking. Two buffers per name are used in turn, because
-        two layers of one kind are alive at once at most (the one being loaded, and the one
-        computed or finished by a pending host attention before that load is asked for). On
-        CUDA the caching allocator already reuses memory, and the fused kernel writes a fresh
-        tensor.
+        three times the cost of the unpacking. One buffer per name is enough: the compute
+        thread unpacks a layer when it first uses it (:meth:`_ready`), and by then every task
+        of the layer of the same kind before it is finished (a pending host attention of that
+        layer is finished by the next layer, of the other kind). On CUDA the caching allocator
+        already reuses memory, and the fused kernel writes a fresh tensor.
         """
+        compressor = self.weight_compressor if placed.compressed else _IDENTITY  # or a dtype conversion
         if self._cuda:
-            return self.weight_compressor.decompress(parts, placed.spec.shape, self.dtype)
-        buffers = self._unpack_buffers.setdefault(placed.spec.local, [])
-        if len(buffers) < 2:
-            buffers.append(torch.empty(placed.spec.shape, dtype=self.dtype))
-        else:
-            buffers.append(buffers.pop(0))  # the one used least recently goes last, and is used now
-        return self.weight_compressor.decompress_into(parts, buffers[-1], self.dtype)
+            return compressor.decompress(parts, placed.spec.shape, self.dtype)
+        return compressor.decompress_into(parts, self._unpack_buffer(placed.spec.local, placed.spec.shape), self.dtype)
 
     def _submit_layer(self, index: int) -> Future:
         if index in self._resident:
@@ -537,15 +613,15 @@ class Engine:
             self._cache_length = length
         L, K, B = self.spec.num_layers, self.policy.num_gpu_batches, self.policy.gpu_batch_size
         shape = (length, B, self.spec.num_heads, self.spec.head_dim)
-        self.stats.compression["cache_stored_bytes"] += 2 * L * K * self.cache_compressor.nbytes(shape, self.dtype)
-        self.stats.compression["cache_raw_bytes"] += 2 * L * K * _numel(shape) * _itemsize(self.dtype)
+        self.stats.compression["cache_stored_bytes"] += 2 * L * K * self.cache_compressor.nbytes(shape, self.cache_dtype)
+        self.stats.compression["cache_raw_bytes"] += 2 * L * K * _numel(shape) * _itemsize(self.cache_dtype)
         return self._cache
 
     def _allocate_cache(self, length: int) -> list[list[CacheUnit]]:
         """Allocate the KV cache: one unit per (decoder layer, GPU batch)."""
         L, K, B = self.spec.num_layers, self.policy.num_gpu_batches, self.policy.gpu_batch_size
         shape = (length, B, self.spec.num_heads, self.spec.head_dim)
-        specs = self.cache_compressor.part_specs(shape, self.dtype)
+        specs = self.cache_compressor.part_specs(shape, self.cache_dtype)
         tiers = split_by_percent([1] * (L * K), self.policy.percents("cache"))
         units = []
         for layer in range(L):
@@ -587,9 +663,9 @@ class Engine:
         for parts in (unit.k, unit.v):
             moved = {name: self._fetch(unit.tier, t[:n], dest) for name, t in parts.items()}
             if self._reads_packed():
-                out.append(PackedKV(moved, self.cache_compressor, shape, self.dtype))
+                out.append(PackedKV(moved, self.cache_compressor, shape, self.cache_dtype))
             else:
-                out.append(self.cache_compressor.decompress(moved, shape, self.dtype).permute(1, 2, 0, 3))
+                out.append(self.cache_compressor.decompress(moved, shape, self.cache_dtype).permute(1, 2, 0, 3))
         return out[0], out[1]
 
     def _write_cache(self, unit: CacheUnit, start: int, k: torch.Tensor, v: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -752,7 +828,7 @@ class Engine:
                 # Issue the next task's I/O before computing this one, so the two overlap.
                 pending = self._prefetch(block, following, task, step, length)
             batch = block.batches[task.batch]
-            weights = self._wait(loads[task.layer])
+            weights = self._ready(self._wait(loads[task.layer]))
             x = self._wait(hidden_f) if hidden_f is not None else self._hidden(batch)
             cached = self._wait(cache_f, on_host=self.attention_device.type == "cpu") if cache_f is not None else None
             out = self._compute(block, task, step, length, weights, x, cached)
@@ -818,7 +894,7 @@ class Engine:
         if kind == "mlp":
             return opt.mlp(spec, weights, x)
         if kind == "head":
-            logits = opt.head(spec, weights, x)
+            logits = self._logits(weights, x)
             B = self.policy.gpu_batch_size
             token = block.sampling.pick(logits, block.streams[task.batch * B:(task.batch + 1) * B], step)
             batch.outputs.append(token)
@@ -863,7 +939,7 @@ class Engine:
                  for name, t in placed.parts.items()}
         shape = (flat.numel(), placed.spec.shape[1])
         rows = self.weight_compressor.decompress(parts, shape, self.dtype) if placed.compressed else parts["data"]
-        return rows.to(self.dtype).reshape(*index.shape, shape[1])
+        return rows.to(self.compute_dtype).reshape(*index.shape, shape[1])
 
     def _valid(self, batch: GPUBatch, valid: torch.Tensor, length: int) -> torch.Tensor | None:
         """``valid[:, :length]`` for attention; None where nothing is padding and the backend accepts
@@ -920,10 +996,10 @@ class Engine:
             written = [{n: p.to(dest) for n, p in packed.items()} for packed in self._write_cache(unit, length, k_new, v_new)]
             if self._reads_packed():  # still packed: join the parts, compressed bytes only
                 k, v = (PackedKV({n: torch.cat([prefix.parts[n], new[n]]) for n in new}, self.cache_compressor,
-                                 (length + 1, *shape[1:]), self.dtype)
+                                 (length + 1, *shape[1:]), self.cache_dtype)
                         for prefix, new in zip(cached, written))
             else:
-                stored = [self.cache_compressor.decompress(new, shape, self.dtype) for new in written]
+                stored = [self.cache_compressor.decompress(new, shape, self.cache_dtype) for new in written]
                 k = torch.cat([cached[0], stored[0].permute(1, 2, 0, 3)], dim=2)
                 v = torch.cat([cached[1], stored[1].permute(1, 2, 0, 3)], dim=2)
         out = self.attention.decode(q.to(dest), k, v, None if valid is None else valid.to(dest))
@@ -1095,17 +1171,21 @@ def load_engine(
     plugins: Mapping[str, Any] | None = None,
     device: str | torch.device = "auto",
     offload_dir: str | Path | None = None,
-    dtype: str = "float16",
+    dtype: str = "auto",
     seed: int = 0,
     threads: int | str | None = None,
 ) -> Engine:
     """Build an engine for an HF OPT checkpoint directory or a synthetic OPT size name.
 
-    ``threads``: intra-op threads to compute with; None or ``"auto"`` lets the engine decide
-    (:mod:`flexgen.threads`), a positive integer fixes it.
+    ``dtype``: the model's dtype; ``auto`` is float16 on CUDA, bfloat16 on a CPU with native
+    bfloat16 matrix instructions, float32 on other CPUs (:mod:`flexgen.dtypes`, which also says
+    when half precision is computed in float32). ``threads``: intra-op threads to compute with;
+    None or ``"auto"`` lets the engine decide (:mod:`flexgen.threads`), a positive integer fixes it.
     """
-    if dtype not in DTYPES:
-        raise FlexGenError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPE_CHOICES:
+        raise FlexGenError(f"model.dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     if policy is None:
         policy = Policy()
     if not isinstance(policy, Policy):
@@ -1114,4 +1194,4 @@ def load_engine(
     source = open_source(model, dtype=torch_dtype, seed=seed)
     folder = Path(offload_dir) if offload_dir is not None else default_offload_dir()
     setting = parse_threads(threads, "threads")
-    return Engine(source, policy, dict(plugins or {}), resolve_device(device), folder, torch_dtype, threads=setting)
+    return Engine(source, policy, dict(plugins or {}), device, folder, torch_dtype, threads=setting)

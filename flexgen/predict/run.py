@@ -175,6 +175,7 @@ def plan_run(cfg: FlexGenConfig, restart: bool = False) -> RunPlan:
     from flexgen.predict.data import load_prompts
     from flexgen.predict.writer import check_writable
 
+    cfg.resolve_dtype("cuda" if _accelerator(cfg) == "gpu" else "cpu")
     model, model_dir, spec = resolve_model(cfg)
     weights = weights_identity(cfg, model_dir)
     tokenizer = load_tokenizer(cfg, model_dir)
@@ -338,7 +339,8 @@ def build_metrics(cfg: FlexGenConfig, plan: RunPlan, ranks: list[dict[str, Any]]
 def summary_from_metrics(plan: RunPlan, metrics: dict[str, Any], metrics_path: Path) -> dict[str, Any]:
     """What the CLI prints (and ``run_predict`` returns), from rank 0's metrics."""
     engine_keys = ("prefill_time_s", "decode_time_s", "prompt_tokens", "generated_tokens", "prefill_throughput",
-                   "decode_throughput", "total_throughput", "bytes_moved", "peak_memory", "compression", "threads")
+                   "decode_throughput", "total_throughput", "bytes_moved", "peak_memory", "compression", "threads",
+                   "dtype", "compute_dtype")
     return {
         **_summary_base(plan),
         **metrics["prompts"],
@@ -735,6 +737,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  policy ({summary['policy_source']}): block {p['num_gpu_batches']} x {p['gpu_batch_size']}; "
         f"gpu/cpu/disk % weights {_tiers(p, 'weights')}, cache {_tiers(p, 'cache')}, activations {_tiers(p, 'act')}"
     )
+    if generated and stats.get("dtype") and stats.get("compute_dtype") not in (None, stats["dtype"]):
+        lines.append(f"  dtype: {stats['dtype']}, computed in {stats['compute_dtype']} (no native {stats['dtype']} "
+                     "matrix instructions on this CPU)")
     threads = stats.get("threads") if generated else None
     if threads:
         from flexgen.threads import ThreadChoice
