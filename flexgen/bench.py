@@ -44,7 +44,9 @@ import dataclasses
 import gc
 import math
 import os
+import statistics
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -177,7 +179,16 @@ class BenchReport:
     #: baseline runs with the same number of threads
     threads: dict[str, Any] | None = None
     baseline: dict[str, Any] | None = None
+    #: total tokens/s of every measured run (``--repeat``), in order; ``measured`` is the fastest
+    runs_total: list[float] = field(default_factory=list)
+    #: the largest anonymous resident memory (RssAnon: heap, not the page cache) of this process
+    #: while the engine loaded and generated, sampled every few ms; None off Linux
+    peak_rss_anon: int | None = None
     notes: list[str] = field(default_factory=list)
+
+    def median_total(self) -> float | None:
+        """The median of the runs' total throughput (steadier than the fastest on a shared machine)."""
+        return statistics.median(self.runs_total) if self.runs_total else None
 
     def reached(self, kind: str) -> float | None:
         """Measured ÷ bound in percent, or None when either is missing."""
@@ -270,7 +281,51 @@ def run_bench(
         total = report.measured.total if report.measured else None
         hf_total = report.baseline["total_throughput"]
         report.baseline["ratio"] = total / hf_total if total and hf_total else None
+        ours, theirs = report.median_total(), statistics.median(report.baseline["runs_total"])
+        report.baseline["ratio_of_medians"] = ours / theirs if ours and theirs else None
     return report
+
+
+class PeakRssAnon:
+    """Samples this process's RssAnon (``/proc/self/status``) on a thread and keeps the largest.
+
+    RssAnon is the memory the process itself holds (heap, tensors), not the page cache that
+    disk reads fill, which the kernel gives back under pressure: the figure that says whether
+    a model larger than RAM really streams. ``peak`` is None where the file does not exist.
+    """
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="flexgen-rss", daemon=True)
+
+    @staticmethod
+    def read() -> int | None:
+        try:
+            with open("/proc/self/status", encoding="ascii") as status:
+                for line in status:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+    def _run(self) -> None:
+        while True:
+            value = self.read()
+            if value is not None:
+                self.peak = value if self.peak is None else max(self.peak, value)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> "PeakRssAnon":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @contextlib.contextmanager
@@ -428,7 +483,17 @@ def _warm_read_rate(profile, offload_dir: str | None, measured_here: bool) -> tu
 
 
 def _run_engine(report, cfg, model, policy, plugins, device, offload_dir, ids, kwargs, warmup, repeat, say) -> list[list[int]]:
-    """Load the engine, warm it up, generate for every prompt ``repeat`` times; the fastest fills ``report.measured``."""
+    """Load the engine, warm it up, generate for every prompt ``repeat`` times; the fastest fills
+    ``report.measured``, every run's total goes to ``report.runs_total``, the peak RssAnon to
+    ``report.peak_rss_anon``."""
+    with PeakRssAnon() as rss:
+        tokens = _generate_in_engine(report, cfg, model, policy, plugins, device, offload_dir, ids, kwargs, warmup,
+                                     repeat, say)
+    report.peak_rss_anon = rss.peak
+    return tokens
+
+
+def _generate_in_engine(report, cfg, model, policy, plugins, device, offload_dir, ids, kwargs, warmup, repeat, say):
     from flexgen.engine import load_engine
 
     started = time.perf_counter()
@@ -449,6 +514,7 @@ def _run_engine(report, cfg, model, policy, plugins, device, offload_dir, ids, k
             say(f"flexgen bench: generating {len(ids)} x {kwargs['max_new_tokens']} tokens ...")
             tokens = engine.generate(ids, **kwargs)
             run = engine.stats.to_dict()
+            report.runs_total.append(run["total_throughput"])
             if stats is None or run["total_throughput"] > stats["total_throughput"]:
                 stats = run
     finally:
@@ -604,7 +670,7 @@ def run_hf_baseline(
     new_tokens = kwargs["max_new_tokens"]
     if warmup:
         generate(ids[:batch_size], min(2, new_tokens))
-    seconds = float("inf")
+    runs = []
     for _ in range(repeat):  # keep the fastest, as for the engine
         tokens: list[list[int]] = []
         sync()
@@ -612,7 +678,8 @@ def run_hf_baseline(
         for start in range(0, len(ids), batch_size):
             tokens.extend(generate(ids[start:start + batch_size], new_tokens))
         sync()
-        seconds = min(seconds, time.perf_counter() - started)
+        runs.append(time.perf_counter() - started)
+    seconds = min(runs)
     generated = sum(len(t) for t in tokens)
     # Drop the model here, not at return: ``generate`` above holds it, and Accelerate's hooks
     # make reference cycles, so only then do gc and the CUDA cache release its memory.
@@ -626,6 +693,7 @@ def run_hf_baseline(
         "time_s": seconds,
         "generated_tokens": generated,
         "total_throughput": generated / seconds if seconds > 0 else None,
+        "runs_total": [generated / s for s in runs if s > 0],
         "tokens": tokens,
     }
 
@@ -636,7 +704,7 @@ def run_hf_baseline(
 def _rate(value: float | None) -> str:
     if value is None or not math.isfinite(value):
         return "-"
-    return f"{value:,.1f}"
+    return f"{value:,.1f}" if value >= 1 or value == 0 else f"{value:.3g}"  # a model larger than RAM: < 1
 
 
 def format_report(r: BenchReport) -> str:
@@ -690,6 +758,8 @@ def format_report(r: BenchReport) -> str:
         peak = r.engine_stats["peak_memory"]
         lines.append("  peak memory, measured | cost model: " + ", ".join(
             f"{t} {_gb(peak.get(t, 0))} | {_gb(r.bound_peak.get(t, 0))}" for t in ("gpu", "cpu", "disk")))
+    if r.peak_rss_anon is not None:
+        lines.append(f"  peak RssAnon of the process (loading and generating): {_gb(r.peak_rss_anon)}")
     if r.baseline is not None:
         b = r.baseline
         ratio = f"{b['ratio']:.2f}x" if b.get("ratio") else "-"
@@ -697,6 +767,10 @@ def format_report(r: BenchReport) -> str:
             f"  baseline hf: {_rate(b['total_throughput'])} tokens/s total (batch {b['batch_size']}, {b['placement']}); "
             f"flexgen / hf = {ratio}; identical outputs for {b['identical_outputs']}/{b['num_prompts']} prompts"
         )
+        if len(b.get("runs_total") or []) > 1 and b.get("ratio_of_medians"):
+            lines.append(f"    medians of {len(r.runs_total)} runs: flexgen {_rate(r.median_total())}, hf "
+                         f"{_rate(statistics.median(b['runs_total']))} tokens/s; flexgen / hf = "
+                         f"{b['ratio_of_medians']:.2f}x")
     for note in r.notes:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
