@@ -49,7 +49,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from flexgen.errors import ConfigError, FlexGenError
 from flexgen.policy import Policy
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 PLUGIN_KEYS = ("storage", "attention", "weight_compressor", "cache_compressor", "scheduler")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 HARDWARE_CAPS = ("gpu_memory", "cpu_memory", "disk_memory")
@@ -66,7 +66,7 @@ class ModelConfig:
 
     path: Optional[str] = None  # HF OPT checkpoint dir, or builtin:quickstart
     synthetic: Optional[str] = None  # an OPT size (opt-125m ... opt-175b): seeded random weights
-    dtype: str = "float16"  # float32 | float16 | bfloat16
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16 (auto: see flexgen/dtypes.py)
     tokenizer: Optional[str] = None  # defaults to model.path; needed only for text prompts
     seed: int = 0  # seed of synthetic weights
 
@@ -145,6 +145,7 @@ class HardwareConfig:
     gpu_memory: Optional[str] = None  # cap; on CUDA also the process's allocator limit
     cpu_memory: Optional[str] = None  # cap for planning (policy: auto)
     disk_memory: Optional[str] = None  # cap for planning (policy: auto)
+    threads: Any = "auto"  # intra-op threads of the engine: auto (see flexgen/threads.py) or a number
 
 
 @dataclass
@@ -203,6 +204,21 @@ class FlexGenConfig:
             "stop_strings": strings or None,
             "seed": g.seed,
         }
+
+    def threads(self) -> int | None:
+        """``hardware.threads``: None for auto, else the number of intra-op threads."""
+        from flexgen.threads import parse_threads
+
+        return parse_threads(_plain(self.hardware.threads), "hardware.threads")
+
+    def resolve_dtype(self, device: str) -> str:
+        """Replace ``model.dtype: auto`` by its choice for ``device`` (``cpu`` or ``cuda``), once,
+        before anything reads it: the job fingerprint, the cost model, the engine and the metrics
+        then all see the dtype that really runs (:mod:`flexgen.dtypes`)."""
+        from flexgen.dtypes import resolve_dtype
+
+        self.model.dtype = resolve_dtype(self.model.dtype, device)
+        return self.model.dtype
 
     def hardware_caps(self) -> dict[str, str]:
         """The ``hardware.*_memory`` caps that are set, as keyword arguments of ``with_caps``."""
@@ -561,6 +577,9 @@ def _check_hardware(h: "HardwareConfig") -> None:
         value = getattr(h, key)
         if value is not None and parse_bytes(value, f"hardware.{key}") <= 0:
             raise ConfigError(f"hardware.{key} must be more than 0 bytes, got {value!r}")
+    from flexgen.threads import parse_threads
+
+    parse_threads(_plain(h.threads), "hardware.threads")
     profile = h.profile
     if profile is not None and profile not in ("auto", "measure") and profile not in PRESETS:
         if not Path(os.path.expanduser(profile)).is_file():

@@ -46,6 +46,8 @@ class Workspace:
         key = (name, device, dtype)
         buffers = self._buffers()
         buffer = buffers.get(key)
+        if buffer is not None and buffer.is_inference() and not torch.is_inference_mode_enabled():
+            buffer = None  # made under inference_mode (the engine's generate): unusable outside it
         if buffer is None or buffer.numel() < numel:
             buffers.pop(key, None)  # let go of the old buffer before allocating its successor
             buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -132,10 +133,28 @@ def test_baseline_on_some_prompts_and_repeats(env, tiny_checkpoint, capsys):
     config = tiny_config(tmp_path, tiny_checkpoint[0])
     assert bench_command(["--config", str(config), "--hardware", str(hardware), "--baseline", "hf",
                           "--baseline-prompts", "2", "--repeat", "2", "--json", str(tmp_path / "r.json")]) == 0
-    assert "identical outputs for 2/2 prompts" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "identical outputs for 2/2 prompts" in out and "medians of 2 runs" in out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["baseline"]["generated_tokens"] == 2 * 4
     assert report["engine_stats"]["generated_tokens"] == 5 * 4  # the best of the repeats, not their sum
+    assert len(report["runs_total"]) == len(report["baseline"]["runs_total"]) == 2
+    assert report["measured"]["total"] == max(report["runs_total"])
+    assert report["baseline"]["ratio_of_medians"] > 0
+
+
+def test_peak_rss_anon_sees_an_allocation():
+    """The sampler keeps the largest RssAnon: a 64 MB tensor held for a while shows in it."""
+    from flexgen.bench.measure import PeakRssAnon
+
+    if PeakRssAnon.read() is None:
+        pytest.skip("no /proc/self/status here")
+    before = PeakRssAnon.read()
+    with PeakRssAnon(interval_s=0.001) as rss:
+        block = torch.ones(16 << 20)  # 64 MB, every page written
+        time.sleep(0.05)
+        del block
+    assert rss.peak >= before + (48 << 20)
 
 
 def test_synthetic_model_with_measured_profile_cached(tmp_path, monkeypatch, capsys):

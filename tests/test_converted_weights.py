@@ -205,3 +205,26 @@ def test_disk_tier_errors_name_the_offload_folder(tmp_path):
     (tmp_path / "file2").write_text("")  # the folder replaced by a file after the tier opened
     with pytest.raises(StorageError, match="output.offload_dir: cannot write"):
         disk.put("weights/x/a", torch.ones(3))
+
+
+@pytest.mark.parametrize("reopened", [False, True], ids=["just-written", "mapped-by-a-later-run"])
+def test_a_cpu_fetch_asks_for_the_tensors_own_bytes_ahead(tmp_path, monkeypatch, reopened):
+    """On the CPU a disk fetch brings the tensor's file range in before compute touches it
+    (DiskStorage._bring_in): the range asked of the kernel is exactly where its bytes lie."""
+    tensor = torch.arange(3000, dtype=torch.float32).reshape(30, 100).to(torch.bfloat16)
+    disk = DiskStorage(offload_dir=tmp_path)
+    resident = disk.put("decoder.layers.0.w", tensor)
+    if reopened:
+        disk.close()
+        disk = DiskStorage(offload_dir=tmp_path)
+        resident = disk.get("decoder.layers.0.w")
+    advised = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: advised.append((offset, length, advice)),
+                        raising=False)
+    assert torch.equal(disk.fetch(resident, torch.device("cpu")), tensor)
+    [(offset, length, advice)] = advised
+    assert advice == getattr(os, "POSIX_FADV_WILLNEED", advice)
+    with open(tmp_path / "decoder.layers.0.w.safetensors", "rb") as file:
+        file.seek(offset)
+        assert file.read(length) == tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+    disk.close()

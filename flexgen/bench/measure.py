@@ -38,11 +38,14 @@ the read side of a host memory copy, half of ``cpu_memory_bandwidth``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import math
 import os
+import statistics
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -50,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from flexgen.config import FlexGenConfig, resolve_offload_dir
+from flexgen.dtypes import compute_dtype
 from flexgen.errors import ConfigError, FlexGenError
 from flexgen.planner.hardware import HardwareProfile
 
@@ -84,6 +88,9 @@ class BenchReport:
     plugins: dict[str, Any]
     hardware: dict[str, Any]
     disk_cache: str
+    #: the dtype the products run in (the model's, except half precision on a CPU without native
+    #: support); None: the model's
+    compute_dtype: str | None = None
     bound: Rates = field(default_factory=Rates)
     bound_bottleneck: dict[str, str] = field(default_factory=dict)
     bound_note: str | None = None
@@ -95,8 +102,20 @@ class BenchReport:
     #: seconds load_engine took: placing (synthetic weights: making) every weight in its tier
     load_time_s: float | None = None
     engine_stats: dict[str, Any] | None = None
+    #: the engine's intra-op thread setting (:meth:`flexgen.threads.ThreadChoice.to_dict`); the HF
+    #: baseline runs with the same number of threads
+    threads: dict[str, Any] | None = None
     baseline: dict[str, Any] | None = None
+    #: total tokens/s of every measured run (``--repeat``), in order; ``measured`` is the fastest
+    runs_total: list[float] = field(default_factory=list)
+    #: the largest anonymous resident memory (RssAnon: heap, not the page cache) of this process
+    #: while the engine loaded and generated, sampled every few ms; None off Linux
+    peak_rss_anon: int | None = None
     notes: list[str] = field(default_factory=list)
+
+    def median_total(self) -> float | None:
+        """The median of the runs' total throughput (steadier than the fastest on a shared machine)."""
+        return statistics.median(self.runs_total) if self.runs_total else None
 
     def reached(self, kind: str) -> float | None:
         """Measured ÷ bound in percent, or None when either is missing."""
@@ -138,11 +157,12 @@ def run_bench(
     from flexgen.predict.resolve import load_tokenizer, resolve_model, resolve_policy
 
     say = progress or (lambda line: None)
+    device = _bench_device(cfg)
+    cfg.resolve_dtype(device)
     model, model_dir, spec = resolve_model(cfg)
     tokenizer = load_tokenizer(cfg, model_dir)
     prompts = load_prompts(cfg, tokenizer, spec)
     policy, plugins, _ = resolve_policy(cfg, spec, prompts)
-    device = _bench_device(cfg)
     offload_dir = resolve_offload_dir(cfg)
     prompt_len = max(len(p.input_ids) for p in prompts)
     gen_len = cfg.generation.max_new_tokens
@@ -150,7 +170,8 @@ def run_bench(
     profile = _hardware_profile(hardware, device, refresh_hardware, offload_dir, say)
     report = BenchReport(
         model=spec.name if cfg.model.synthetic is None else f"{cfg.model.synthetic} (synthetic, seed {cfg.model.seed})",
-        dtype=cfg.model.dtype, device=device, num_prompts=len(prompts), prompt_len=prompt_len, gen_len=gen_len,
+        dtype=cfg.model.dtype, device=device, compute_dtype=compute_dtype(cfg.model.dtype, device),
+        num_prompts=len(prompts), prompt_len=prompt_len, gen_len=gen_len,
         policy=policy.to_dict(), plugins=plugins, hardware=profile.to_dict(), disk_cache="cold",
     )
     if (profile.device == "cuda") != device.startswith("cuda"):
@@ -173,10 +194,13 @@ def run_bench(
         batch = baseline_batch_size or policy.gpu_batch_size
         hf_ids = ids[:baseline_prompts] if baseline_prompts else ids
         say(f"flexgen bench: running HF transformers on the same weights, {len(hf_ids)} prompts, batch {batch} ...")
-        report.baseline = run_hf_baseline(
-            model, spec, cfg.model.dtype, cfg.model.seed, policy, device, offload_dir, hf_ids, kwargs, batch, warmup,
-            repeat,
-        )
+        threads = report.threads["threads"] if report.threads else None
+        with _torch_threads(threads):
+            report.baseline = run_hf_baseline(
+                model, spec, cfg.model.dtype, cfg.model.seed, policy, device, offload_dir, hf_ids, kwargs, batch, warmup,
+                repeat,
+            )
+        report.baseline["threads"] = threads
         hf_tokens = report.baseline.pop("tokens")
         same = sum(a == b for a, b in zip(engine_tokens, hf_tokens))
         report.baseline["identical_outputs"] = same
@@ -184,7 +208,65 @@ def run_bench(
         total = report.measured.total if report.measured else None
         hf_total = report.baseline["total_throughput"]
         report.baseline["ratio"] = total / hf_total if total and hf_total else None
+        ours, theirs = report.median_total(), statistics.median(report.baseline["runs_total"])
+        report.baseline["ratio_of_medians"] = ours / theirs if ours and theirs else None
     return report
+
+
+class PeakRssAnon:
+    """Samples this process's RssAnon (``/proc/self/status``) on a thread and keeps the largest.
+
+    RssAnon is the memory the process itself holds (heap, tensors), not the page cache that
+    disk reads fill, which the kernel gives back under pressure: the figure that says whether
+    a model larger than RAM really streams. ``peak`` is None where the file does not exist.
+    """
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="flexgen-rss", daemon=True)
+
+    @staticmethod
+    def read() -> int | None:
+        try:
+            with open("/proc/self/status", encoding="ascii") as status:
+                for line in status:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+    def _run(self) -> None:
+        while True:
+            value = self.read()
+            if value is not None:
+                self.peak = value if self.peak is None else max(self.peak, value)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> "PeakRssAnon":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """Run the baseline with the engine's intra-op threads (None: as they are), so both sides compute alike."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _bench_device(cfg: FlexGenConfig) -> str:
@@ -227,6 +309,13 @@ def _bound(report, cfg, spec, policy, plugins, profile, disk_cache, offload_dir,
     """Fill ``report.bound`` from the cost model; a note instead when it cannot price the config."""
     from flexgen.planner.costmodel import Workload, estimate, estimate_options
 
+    if report.compute_dtype not in (None, report.dtype):
+        # Half precision computed in float32 (a CPU without native support): its products run at
+        # the float32 rate, which the profile states under the model's dtype for the cost model.
+        key = {"float16": "gpu_flops_fp16", "bfloat16": "gpu_flops_bf16"}[report.dtype]
+        profile = dataclasses.replace(profile, **{key: profile.gpu_flops(report.compute_dtype)})
+        report.notes.append(f"{report.dtype} is computed in {report.compute_dtype} on this CPU; the bound "
+                            f"prices its products at the {report.compute_dtype} rate")
     try:
         options = estimate_options(plugins)
         workload = Workload(report.prompt_len, report.gen_len, report.num_prompts)
@@ -321,13 +410,23 @@ def _warm_read_rate(profile, offload_dir: str | None, measured_here: bool) -> tu
 
 
 def _run_engine(report, cfg, model, policy, plugins, device, offload_dir, ids, kwargs, warmup, repeat, say) -> list[list[int]]:
-    """Load the engine, warm it up, generate for every prompt ``repeat`` times; the fastest fills ``report.measured``."""
+    """Load the engine, warm it up, generate for every prompt ``repeat`` times; the fastest fills
+    ``report.measured``, every run's total goes to ``report.runs_total``, the peak RssAnon to
+    ``report.peak_rss_anon``."""
+    with PeakRssAnon() as rss:
+        tokens = _generate_in_engine(report, cfg, model, policy, plugins, device, offload_dir, ids, kwargs, warmup,
+                                     repeat, say)
+    report.peak_rss_anon = rss.peak
+    return tokens
+
+
+def _generate_in_engine(report, cfg, model, policy, plugins, device, offload_dir, ids, kwargs, warmup, repeat, say):
     from flexgen.engine import load_engine
 
     started = time.perf_counter()
     engine = load_engine(
         model, policy=policy, plugins=plugins, device=device, offload_dir=offload_dir,
-        dtype=cfg.model.dtype, seed=cfg.model.seed,
+        dtype=cfg.model.dtype, seed=cfg.model.seed, threads=cfg.threads(),
     )
     report.load_time_s = time.perf_counter() - started
     say(f"flexgen bench: engine loaded in {report.load_time_s:.1f} s")
@@ -342,6 +441,7 @@ def _run_engine(report, cfg, model, policy, plugins, device, offload_dir, ids, k
             say(f"flexgen bench: generating {len(ids)} x {kwargs['max_new_tokens']} tokens ...")
             tokens = engine.generate(ids, **kwargs)
             run = engine.stats.to_dict()
+            report.runs_total.append(run["total_throughput"])
             if stats is None or run["total_throughput"] > stats["total_throughput"]:
                 stats = run
     finally:
@@ -356,6 +456,7 @@ def _run_engine(report, cfg, model, policy, plugins, device, offload_dir, ids, k
         total=stats["total_throughput"],
     )
     report.engine_stats = stats
+    report.threads = stats.get("threads")
     return tokens
 
 
@@ -497,7 +598,7 @@ def run_hf_baseline(
     new_tokens = kwargs["max_new_tokens"]
     if warmup:
         generate(ids[:batch_size], min(2, new_tokens))
-    seconds = float("inf")
+    runs = []
     for _ in range(repeat):  # keep the fastest, as for the engine
         tokens: list[list[int]] = []
         sync()
@@ -505,7 +606,8 @@ def run_hf_baseline(
         for start in range(0, len(ids), batch_size):
             tokens.extend(generate(ids[start:start + batch_size], new_tokens))
         sync()
-        seconds = min(seconds, time.perf_counter() - started)
+        runs.append(time.perf_counter() - started)
+    seconds = min(runs)
     generated = sum(len(t) for t in tokens)
     # Drop the model here, not at return: ``generate`` above holds it, and Accelerate's hooks
     # make reference cycles, so only then do gc and the CUDA cache release its memory.
@@ -519,6 +621,7 @@ def run_hf_baseline(
         "time_s": seconds,
         "generated_tokens": generated,
         "total_throughput": generated / seconds if seconds > 0 else None,
+        "runs_total": [generated / s for s in runs if s > 0],
         "tokens": tokens,
     }
 
@@ -529,7 +632,7 @@ def run_hf_baseline(
 def _rate(value: float | None) -> str:
     if value is None or not math.isfinite(value):
         return "-"
-    return f"{value:,.1f}"
+    return f"{value:,.1f}" if value >= 1 or value == 0 else f"{value:.3g}"  # a model larger than RAM: < 1
 
 
 def format_report(r: BenchReport) -> str:
@@ -539,7 +642,8 @@ def format_report(r: BenchReport) -> str:
     names = {k: (v.get("name") if isinstance(v, dict) else v) for k, v in r.plugins.items() if k != "storage"}
     hw = r.hardware
     lines = [
-        f"flexgen bench: {r.model}, {r.dtype}, on {r.device}; {r.num_prompts} prompts x {r.prompt_len} tokens, "
+        f"flexgen bench: {r.model}, {r.dtype}{'' if r.compute_dtype in (None, r.dtype) else ' computed in ' + r.compute_dtype}, "
+        f"on {r.device}; {r.num_prompts} prompts x {r.prompt_len} tokens, "
         f"{r.gen_len} new tokens each",
         f"  policy: block {p['num_gpu_batches']} x {p['gpu_batch_size']}; gpu/cpu/disk % weights {tiers('weights')}, "
         f"cache {tiers('cache')}, activations {tiers('act')}; overlap {p['overlap']}, pin {p['pin_weights']}",
@@ -548,7 +652,7 @@ def format_report(r: BenchReport) -> str:
         f"  hardware: {hw['name']} [{hw['source']}]",
         f"    host->device {hw['h2d_bandwidth'] / 1e9:.1f} GB/s, device->host {hw['d2h_bandwidth'] / 1e9:.1f} GB/s, "
         f"disk read {hw['disk_read_bandwidth'] / 1e9:.2f} GB/s ({r.disk_cache}), "
-        f"matmul {HardwareProfile(**hw).gpu_flops(r.dtype) / 1e12:.2f} TFLOP/s ({r.dtype}), "
+        f"matmul {HardwareProfile(**hw).gpu_flops(r.compute_dtype or r.dtype) / 1e12:.2f} TFLOP/s ({r.compute_dtype or r.dtype}), "
         f"cpu attention {hw['cpu_attention_flops'] / 1e9:.1f} GFLOP/s",
         f"    memory: gpu {hw['gpu_memory'] / 2**30:.1f} GiB, cpu {hw['cpu_memory'] / 2**30:.1f} GiB, "
         f"disk {hw['disk_memory'] / 2**30:.1f} GiB",
@@ -569,6 +673,10 @@ def format_report(r: BenchReport) -> str:
         lines.append(f"  (the cost model's prediction for this schedule, with its overheads: {_rate(r.predicted_total)} tokens/s)")
     if r.load_time_s is not None:
         lines.append(f"  engine loaded (weights placed) in {r.load_time_s:.1f} s")
+    if r.threads:
+        from flexgen.threads import ThreadChoice
+
+        lines.append(f"  {ThreadChoice.from_dict(r.threads).describe()}; the baseline uses as many")
     if r.engine_stats and r.bound_bytes:
         moved = r.engine_stats["bytes_moved"]
         links = [k for k in r.bound_bytes if moved.get(k) or r.bound_bytes[k]]
@@ -578,6 +686,8 @@ def format_report(r: BenchReport) -> str:
         peak = r.engine_stats["peak_memory"]
         lines.append("  peak memory, measured | cost model: " + ", ".join(
             f"{t} {_gb(peak.get(t, 0))} | {_gb(r.bound_peak.get(t, 0))}" for t in ("gpu", "cpu", "disk")))
+    if r.peak_rss_anon is not None:
+        lines.append(f"  peak RssAnon of the process (loading and generating): {_gb(r.peak_rss_anon)}")
     if r.baseline is not None:
         b = r.baseline
         ratio = f"{b['ratio']:.2f}x" if b.get("ratio") else "-"
@@ -585,6 +695,10 @@ def format_report(r: BenchReport) -> str:
             f"  baseline hf: {_rate(b['total_throughput'])} tokens/s total (batch {b['batch_size']}, {b['placement']}); "
             f"flexgen / hf = {ratio}; identical outputs for {b['identical_outputs']}/{b['num_prompts']} prompts"
         )
+        if len(b.get("runs_total") or []) > 1 and b.get("ratio_of_medians"):
+            lines.append(f"    medians of {len(r.runs_total)} runs: flexgen {_rate(r.median_total())}, hf "
+                         f"{_rate(statistics.median(b['runs_total']))} tokens/s; flexgen / hf = "
+                         f"{b['ratio_of_medians']:.2f}x")
     for note in r.notes:
         lines.append(f"  note: {note}")
     return "\n".join(lines)

@@ -28,18 +28,17 @@ from typing import Any
 
 import torch
 
-from flexgen.engine.loop import DEFAULT_PLUGINS, Engine, resolve_device
+from flexgen.dtypes import DTYPE_CHOICES, resolve_dtype
+from flexgen.engine.loop import DEFAULT_PLUGINS, DTYPES, Engine, resolve_device
 from flexgen.engine.stats import LINKS, EngineStats
 from flexgen.errors import FlexGenError, PolicyError
 from flexgen.models.checkpoint import open_source
 from flexgen.paths import cache_root
 from flexgen.policy import Policy
+from flexgen.threads import parse_threads
 
 __all__ = ["DEFAULT_PLUGINS", "DTYPES", "LINKS", "Engine", "EngineStats", "default_offload_dir", "load_engine",
            "resolve_device"]
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def default_offload_dir() -> Path:
     """Where disk-tier tensors live unless the user says otherwise."""
@@ -52,17 +51,24 @@ def load_engine(
     plugins: Mapping[str, Any] | None = None,
     device: str | torch.device = "auto",
     offload_dir: str | Path | None = None,
-    dtype: str = "float16",
+    dtype: str = "auto",
     seed: int = 0,
     progress: Callable[[int, int, int], None] | None = None,
+    threads: int | str | None = None,
 ) -> Engine:
     """Build an engine for an HF OPT checkpoint directory or a synthetic OPT size name.
 
+    ``dtype``: the model's dtype; ``auto`` is float16 on CUDA, bfloat16 on a CPU with native
+    bfloat16 matrix instructions, float32 on other CPUs (:mod:`flexgen.dtypes`, which also says
+    when half precision is computed in float32). ``threads``: intra-op threads to compute with;
+    None or ``"auto"`` lets the engine decide (:mod:`flexgen.threads`), a positive integer fixes it.
     ``progress(layers placed, layers, tensors converted to the offload folder)`` follows the
     placement of the weights (see :class:`Engine`).
     """
-    if dtype not in DTYPES:
-        raise FlexGenError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPE_CHOICES:
+        raise FlexGenError(f"model.dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     if policy is None:
         policy = Policy()
     if not isinstance(policy, Policy):
@@ -70,4 +76,5 @@ def load_engine(
     torch_dtype = DTYPES[dtype]
     source = open_source(model, dtype=torch_dtype, seed=seed)
     folder = Path(offload_dir) if offload_dir is not None else default_offload_dir()
-    return Engine(source, policy, dict(plugins or {}), resolve_device(device), folder, torch_dtype, progress)
+    setting = parse_threads(threads, "threads")
+    return Engine(source, policy, dict(plugins or {}), device, folder, torch_dtype, progress, threads=setting)

@@ -21,6 +21,7 @@ interfaces.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from flexgen import registry
+from flexgen.dtypes import compute_dtype
 from flexgen.engine.attend import DecodeAttention
 from flexgen.engine.block import Block, GPUBatch, HostAttention, next_layers
 from flexgen.engine.kv_cache import KVCache
@@ -45,6 +47,9 @@ from flexgen.models import opt
 from flexgen.models.checkpoint import WeightSource
 from flexgen.policy import TIERS, Policy, split_by_percent
 from flexgen.scheduling.base import Task
+from flexgen.threads import ThreadGovernor
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 DEFAULT_PLUGINS: dict[str, Any] = {
     "storage": {"gpu": "gpu", "cpu": "cpu", "disk": "disk"},
@@ -67,19 +72,27 @@ class Engine:
         offload_dir: Path,
         dtype: torch.dtype,
         progress: Callable[[int, int, int], None] | None = None,
+        threads: int | None = None,
     ) -> None:
         """``progress(layers placed, layers, tensors converted)`` is called as each model layer's
-        weights are placed (from this thread), so a caller can show how a long load goes."""
+        weights are placed (from this thread), so a caller can show how a long load goes.
+        ``threads``: intra-op threads to compute with (None: decided by :mod:`flexgen.threads`)."""
         self.spec = source.spec
         self.policy = policy
         self.device = device = resolve_device(device)
         self.dtype = dtype
+        #: What the products run in: the model's dtype, except on a CPU without native
+        #: instructions for it, where half precision is computed in float32 (flexgen/dtypes.py).
+        #: Compute memory (gpu-tier weights, the KV cache, activations) holds this dtype; the cpu
+        #: and disk tiers hold weights in the model's dtype, converted as each layer is used.
+        self.compute_dtype = DTYPES[compute_dtype(str(dtype).removeprefix("torch."), device)]
         self.offload_dir = offload_dir
         self.plugins = {**DEFAULT_PLUGINS, **{k: v for k, v in plugins.items() if v is not None}}
         unknown = sorted(set(self.plugins) - set(DEFAULT_PLUGINS))
         if unknown:
             raise PluginError(f"unknown plugins key {unknown[0]!r}; keys: {', '.join(DEFAULT_PLUGINS)}")
-        self.stats = EngineStats()
+        self.stats = EngineStats(dtype=str(dtype).removeprefix("torch."),
+                                 compute_dtype=str(self.compute_dtype).removeprefix("torch."))
 
         storage_specs = {**DEFAULT_PLUGINS["storage"], **dict(self.plugins["storage"])}
         self.storage = {
@@ -106,17 +119,23 @@ class Engine:
         self.placement = WeightPlacement(
             self.spec, policy, self.storage, self.weight_compressor,
             repr(registry.parse_spec(self.plugins["weight_compressor"], "plugins.weight_compressor")),
-            device, dtype, self.transfers, self.stats, progress,
+            device, dtype, self.compute_dtype, self.transfers, self.stats, progress,
         )
         self.cache = KVCache(self.spec, policy, self.storage, self.cache_compressor, self.attention,
-                             self.attention_device, self.placement.tier_location, dtype, self.transfers,
-                             self.stats, self._run_id)
+                             self.attention_device, self.placement.tier_location, self.compute_dtype,
+                             self.transfers, self.stats, self._run_id)
         self.attend = DecodeAttention(self.attention, self.attention_device, device, self.cache, self.transfers)
         #: Decode attention on the host runs on its own worker thread, so the main thread goes
         #: on issuing the other GPU batches' work while it runs (CPU delegation beside GPU
         #: work). On by default where that pays: a GPU computes and attention runs on the host.
         #: Tests turn it on to run this path on a machine without CUDA.
         self.host_attention_on_worker = self._cuda and policy.overlap and self.attention_device.type == "cpu"
+        #: Intra-op threads (flexgen/threads.py): on the CPU decided from the cores, their load
+        #: and the work (the largest product of a decode step: the first MLP matrix); on CUDA
+        #: only an explicit setting is applied, torch's own is kept otherwise.
+        work = 2 * policy.gpu_batch_size * self.spec.hidden_size * self.spec.ffn_dim
+        self._threads = (ThreadGovernor(threads, work if not self._cuda else None)
+                         if not self._cuda or threads is not None else None)
 
         self.placement.place(source)
         self._note_memory()
@@ -183,7 +202,7 @@ class Engine:
         outputs: list[list[int]] = []
         reasons: list[str] = []
         block_size = self.policy.block_size
-        with torch.inference_mode():
+        with torch.inference_mode(), self._threads_applied():
             for start in range(0, len(prompts), block_size):
                 real = prompts[start:start + block_size]
                 padded = real + [real[0]] * (block_size - len(real))  # outputs of padding are dropped
@@ -193,6 +212,15 @@ class Engine:
                 outputs.extend(tokens[: len(real)])
                 reasons.extend(why[: len(real)])
         return (outputs, reasons) if return_finish_reasons else outputs
+
+    def _threads_applied(self):
+        """The engine's thread setting while it generates; the caller's is given back afterwards."""
+        return self._threads.applied() if self._threads is not None else contextlib.nullcontext()
+
+    def _update_threads(self) -> None:
+        """Between steps: decide the thread count again when the machine's load may have changed."""
+        if self._threads is not None:
+            self.stats.threads = self._threads.update().to_dict()
 
     def _check_prompts(self, input_ids: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -251,6 +279,7 @@ class Engine:
             self.transfers.sync()
             started = time.perf_counter()
             for step in range(max_new_tokens):
+                self._update_threads()
                 self._run_step(block, step)
                 if sampling.stops_early:
                     stopped = torch.cat([sampling.stopped(b.tokens[:, : prompt_len + step + 1]) for b in batches])
@@ -301,7 +330,7 @@ class Engine:
                 # Issue the next task's I/O before computing this one, so the two overlap.
                 pending = self._prefetch(block, following, task, step, length)
             batch = block.batches[task.batch]
-            weights = self.transfers.wait(loads[task.layer])
+            weights = self.placement.ready(self.transfers.wait(loads[task.layer]))
             x = self.transfers.wait(hidden_f) if hidden_f is not None else self._hidden(batch)
             prefix = (self.transfers.wait(cache_f, on_host=self.attention_device.type == "cpu")
                       if cache_f is not None else None)
@@ -358,7 +387,7 @@ class Engine:
         if kind == "mlp":
             return opt.mlp(spec, weights, x)
         if kind == "head":
-            logits = opt.head(spec, weights, x)
+            logits = self.placement.logits(weights, x)
             B = self.policy.gpu_batch_size
             position = block.prompt_len + step
             token = block.sampling.pick(logits, batch.tokens[:, :position],

@@ -3,19 +3,20 @@
 At load, each weight is made (read from the checkpoint, or drawn for synthetic weights), cast,
 compressed where the policy says, and handed to its tier's storage; disk-tier tensors are
 converted once into the offload folder and reused by later runs. During generation,
-:meth:`WeightPlacement.load_layer` brings one model layer's weights to the compute device
-and decompresses them, on the weight I/O thread (:mod:`flexgen.engine.transfers`).
+:meth:`WeightPlacement.load_layer` brings one model layer's weights to the compute device, on
+the weight I/O thread (:mod:`flexgen.engine.transfers`), and decompresses them there on CUDA;
+on the CPU the compute thread unpacks them (:meth:`WeightPlacement.ready`).
 Embedding tables away from compute memory are not loaded whole: the rows a step needs are
 gathered where the table lives (:meth:`WeightPlacement.gather_rows`).
 """
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 import torch
 
 from flexgen.compression.base import Compressor, keeps_rows
@@ -27,9 +28,13 @@ from flexgen.models import opt
 from flexgen.models.checkpoint import WeightSource
 from flexgen.policy import Policy, split_by_percent
 from flexgen.storage.base import StorageBackend
+from flexgen.threads import affinity_cores, single_threaded_ops
 
 #: Vectors (biases, layer norms) are stored as they are, whatever the weight compressor.
 IDENTITY = NoCompression()
+
+#: Bytes of output embedding unpacked at a time on the CPU (see WeightPlacement.logits).
+HEAD_SLICE_BYTES = 32 << 20
 
 
 @dataclass
@@ -42,12 +47,20 @@ class PlacedWeight:
     compressed: bool
 
 
+@dataclass
+class Unpack:
+    """A weight whose bytes the I/O thread brought in, to be unpacked by the compute thread."""
+
+    placed: PlacedWeight
+    parts: dict[str, torch.Tensor]
+
+
 class WeightPlacement:
     """Where each weight of the model lives, and how a layer of them reaches compute."""
 
     def __init__(self, spec: opt.OPTSpec, policy: Policy, storage: Mapping[str, StorageBackend],
                  compressor: Compressor, compressor_id: str, device: torch.device, dtype: torch.dtype,
-                 transfers: Transfers, stats: EngineStats,
+                 compute_dtype: torch.dtype, transfers: Transfers, stats: EngineStats,
                  progress: Callable[[int, int, int], None] | None = None) -> None:
         """``progress(layers placed, layers, tensors converted)`` is called as each model layer's
         weights are placed (from the placing thread), so a caller can show how a long load goes."""
@@ -57,7 +70,10 @@ class WeightPlacement:
         self.compressor = compressor
         self.compressor_id = compressor_id  # what names the converted files' folder
         self.device = device
-        self.dtype = dtype
+        self.dtype = dtype  # the model's: weights at rest in the cpu and disk tiers
+        #: what the products run in (flexgen/dtypes.py): uncompressed gpu-tier weights are kept
+        #: in it, and weights at rest are converted to it as each layer is used
+        self.compute_dtype = compute_dtype
         self.transfers = transfers
         self.stats = stats
         self.cuda = device.type == "cuda"
@@ -65,7 +81,7 @@ class WeightPlacement:
         self.resident: dict[int, dict[str, torch.Tensor]] = {}  # layers needing no load at all
         #: embedding tables whose rows are gathered where they live (name -> placed table)
         self.gathered: dict[str, PlacedWeight] = {}
-        self.unpack_buffers: dict[str, list[torch.Tensor]] = {}  # see unpacked
+        self.unpack_buffers: dict[str, torch.Tensor] = {}  # see unpacked
         self.progress = progress
         self.converted_weights = 0  # tensors converted into a persistent tier (the disk's offload folder)
 
@@ -83,13 +99,14 @@ class WeightPlacement:
         compressed weight, the CPU otherwise; then it is cast, compressed and stored, on a few
         threads at once. A layer's tensors are queued before the layer before it is waited on,
         so no layer waits for the slowest tensor of the last, and at most two layers are in
-        flight, which bounds the memory a conversion takes.
+        flight, which bounds the memory a conversion takes. The threads share the cores: each
+        runs its torch operations on one OpenMP thread (:func:`flexgen.threads.single_threaded_ops`).
         """
         folder = f"weights/{source.fingerprint()}-{str(self.dtype).removeprefix('torch.')}-{short_hash(self.compressor_id)}"
         percents = self.policy.percents("weights")
-        workers = min(4, os.cpu_count() or 1)
+        workers = min(8, max(2, affinity_cores()))
         in_flight: deque[list[Future]] = deque()
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flexgen-place") as pool:
+        with single_threaded_ops(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flexgen-place") as pool:
             for index in range(self.spec.num_model_layers):
                 specs = opt.layer_weights(self.spec, index)
                 tiers = split_by_percent([numel(w.shape) for w in specs], percents)
@@ -128,7 +145,9 @@ class WeightPlacement:
             made_on = self.device if tier == "gpu" or compressed else torch.device("cpu")
             column_major = self._prefers_column_major(weight, tier, compressed)
             made = source.get(weight, device=made_on, column_major=column_major)
-            packed = compressor.compress(made.to(self.dtype))
+            # Kept for compute (gpu tier, uncompressed): in the compute dtype; at rest: the model's.
+            at_rest = self.compute_dtype if tier == "gpu" and not compressed else self.dtype
+            packed = compressor.compress(made.to(at_rest))
             for name in part_names:
                 part = packed.pop(name)
                 # A part that is a fresh tensor nothing else holds can be kept as it is; one
@@ -181,35 +200,84 @@ class WeightPlacement:
             return future
         return self.transfers.load_weights(self.load_layer, index)
 
-    def load_layer(self, index: int) -> dict[str, torch.Tensor]:
-        """The weights of a model layer on the compute device, decompressed."""
-        weights = {}
+    def load_layer(self, index: int) -> dict[str, Any]:
+        """The weights of a model layer on the compute device, decompressed.
+
+        On the CPU this runs on the weight I/O thread and only brings the bytes in: weights
+        to decompress, or to convert to the compute dtype, are left as :class:`Unpack` for the
+        compute thread (:meth:`ready`), whose OpenMP team has the cores. A second team started
+        from the I/O thread would compete with it for the same cores.
+        """
+        weights: dict[str, Any] = {}
         for placed in self.layers[index]:
             if index == 0 and placed.spec.local in self.gathered:
                 continue  # its rows are gathered at home when the tokens are known
             parts = {name: self.transfers.fetch(placed.tier, t, self.device) for name, t in placed.parts.items()}
-            weights[placed.spec.local] = self.unpacked(placed, parts) if placed.compressed else parts["data"]
+            if self.cuda:
+                weights[placed.spec.local] = self.unpacked(placed, parts) if placed.compressed else parts["data"]
+            elif placed.compressed or parts["data"].dtype != self.compute_dtype:
+                weights[placed.spec.local] = Unpack(placed, parts)
+            else:
+                weights[placed.spec.local] = parts["data"]
         return weights
+
+    def ready(self, weights: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """A loaded layer's weights with what the I/O thread left packed unpacked, on the compute
+        thread; once per layer (the dict is shared by the layer's GPU batches). The output
+        embedding is left packed when it can be unpacked a slice at a time (:meth:`logits`)."""
+        for name, value in weights.items():
+            if isinstance(value, Unpack) and not (name == "lm_head.weight" and self._rows_unpackable(value.placed)):
+                weights[name] = self.unpacked(value.placed, value.parts)
+        return weights
+
+    def _rows_unpackable(self, placed: PlacedWeight) -> bool:
+        return not placed.compressed or keeps_rows(self.compressor, placed.spec.shape, self.dtype)
+
+    def logits(self, weights: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) of the head; with a packed output embedding, a slice of its rows at a time.
+
+        The output embedding is the largest weight (50,272 rows; 1.4 GB in float32 at OPT-30B's
+        width): unpacked whole, it alone would take more memory than every other layer's
+        buffers together. Its rows are unpacked into one small buffer in turn, each slice's
+        logits computed before the next is unpacked.
+        """
+        packed = weights.get("lm_head.weight")
+        if not isinstance(packed, Unpack):
+            return opt.head(self.spec, weights, x)
+        features = opt.head_features(self.spec, weights, x)  # (B, e)
+        vocab, width = packed.placed.spec.shape
+        rows = max(1, min(vocab, HEAD_SLICE_BYTES // (width * itemsize(self.compute_dtype))))
+        compressor = self.compressor if packed.placed.compressed else IDENTITY
+        buffer = self._unpack_buffer("lm_head.weight/slice", (rows, width))
+        logits_t = torch.empty(vocab, features.shape[0], dtype=self.compute_dtype)  # (vocab, B): slices contiguous
+        for start in range(0, vocab, rows):
+            stop = min(vocab, start + rows)
+            parts = {name: part[start:stop] for name, part in packed.parts.items()}
+            w = compressor.decompress_into(parts, buffer[: stop - start], self.dtype)
+            torch.mm(w, features.t(), out=logits_t[start:stop])
+        return logits_t.t()
+
+    def _unpack_buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        buffer = self.unpack_buffers.get(name)
+        if buffer is None or tuple(buffer.shape) != tuple(shape):
+            buffer = self.unpack_buffers[name] = torch.empty(shape, dtype=self.compute_dtype)
+        return buffer
 
     def unpacked(self, placed: PlacedWeight, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """A compressed weight decompressed on the compute device.
 
         On the CPU it is unpacked in one pass into a buffer kept per weight name: a fresh
         tensor per load would be returned to the OS and faulted in again every layer, two to
-        three times the cost of the unpacking. Two buffers per name are used in turn, because
-        two layers of one kind are alive at once at most (the one being loaded, and the one
-        computed or finished by a pending host attention before that load is asked for). On
-        CUDA the caching allocator already reuses memory, and the fused kernel writes a fresh
-        tensor.
+        three times the cost of the unpacking. One buffer per name is enough: the compute
+        thread unpacks a layer when it first uses it (:meth:`ready`), and by then every task
+        of the layer of the same kind before it is finished (a pending host attention of that
+        layer is finished by the next layer, of the other kind). On CUDA the caching allocator
+        already reuses memory, and the fused kernel writes a fresh tensor.
         """
+        compressor = self.compressor if placed.compressed else IDENTITY  # or a dtype conversion
         if self.cuda:
-            return self.compressor.decompress(parts, placed.spec.shape, self.dtype)
-        buffers = self.unpack_buffers.setdefault(placed.spec.local, [])
-        if len(buffers) < 2:
-            buffers.append(torch.empty(placed.spec.shape, dtype=self.dtype))
-        else:
-            buffers.append(buffers.pop(0))  # the one used least recently goes last, and is used now
-        return self.compressor.decompress_into(parts, buffers[-1], self.dtype)
+            return compressor.decompress(parts, placed.spec.shape, self.dtype)
+        return compressor.decompress_into(parts, self._unpack_buffer(placed.spec.local, placed.spec.shape), self.dtype)
 
     def gather_rows(self, placed: PlacedWeight, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` (B, n) of an embedding table, gathered where it lives, on the compute device."""
@@ -219,7 +287,7 @@ class WeightPlacement:
                  for name, t in placed.parts.items()}
         shape = (flat.numel(), placed.spec.shape[1])
         rows = self.compressor.decompress(parts, shape, self.dtype) if placed.compressed else parts["data"]
-        return rows.to(self.dtype).reshape(*index.shape, shape[1])
+        return rows.to(self.compute_dtype).reshape(*index.shape, shape[1])
 
     def close(self) -> None:
         self.layers.clear()

@@ -34,6 +34,12 @@ class EngineStats:
             ("weights_raw_bytes", "weights_stored_bytes", "cache_raw_bytes", "cache_stored_bytes"), 0
         )
     )
+    #: the intra-op thread setting of the last step (:meth:`flexgen.threads.ThreadChoice.to_dict`)
+    threads: dict[str, Any] | None = None
+    #: the model's dtype and the one its products run in (they differ for half precision on a
+    #: CPU without native instructions for it; see flexgen/dtypes.py)
+    dtype: str | None = None
+    compute_dtype: str | None = None
     #: held while a counter is added to from a thread other than the loop's
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -62,6 +68,9 @@ class EngineStats:
             "bytes_moved": dict(self.bytes_moved),
             "peak_memory": dict(self.peak_memory),
             "compression": dict(self.compression),
+            "threads": dict(self.threads) if self.threads else None,
+            "dtype": self.dtype,
+            "compute_dtype": self.compute_dtype,
         }
 
     def reset(self) -> None:

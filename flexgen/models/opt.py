@@ -357,11 +357,17 @@ def mlp(spec: OPTSpec, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Ten
     return x
 
 
-def head(spec: OPTSpec, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Logits (B, vocab) of the last position of hidden states (B, n, hidden)."""
+def head_features(spec: OPTSpec, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """What the output embedding multiplies: the last position of hidden states (B, n, hidden),
+    normalised and projected, (B, word_embed_proj_dim)."""
     x = x[:, -1]
     if spec.final_layer_norm:
         x = _layer_norm_fn(spec, w, "final_layer_norm", x)
     if "project_out.weight" in w:
         x = F.linear(x, w["project_out.weight"])
-    return F.linear(x, w["lm_head.weight"])
+    return x
+
+
+def head(spec: OPTSpec, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Logits (B, vocab) of the last position of hidden states (B, n, hidden)."""
+    return F.linear(head_features(spec, w, x), w["lm_head.weight"])

@@ -97,13 +97,14 @@ def make_plan(cfg: FlexGenConfig) -> RunPlanView:
     import torch
 
     from flexgen import registry
-    from flexgen.planner.costmodel import Workload, estimate, estimate_options
     from flexgen.engine import DTYPES, default_offload_dir
+    from flexgen.planner.costmodel import Workload, estimate, estimate_options
     from flexgen.planner.hardware import get_hardware
     from flexgen.planner.optimizer import violations
     from flexgen.predict.data import load_prompts
     from flexgen.predict.resolve import _accelerator, load_tokenizer, resolve_model, resolve_policy
 
+    cfg.resolve_dtype("cuda" if _accelerator(cfg) == "gpu" else "cpu")
     model, model_dir, spec = resolve_model(cfg)
     tokenizer = load_tokenizer(cfg, model_dir)
     prompts = load_prompts(cfg, tokenizer, spec)

@@ -313,6 +313,7 @@ def resolved_policy(cfg: FlexGenConfig) -> tuple[Policy, dict[str, Any], dict[st
     """(policy, plugins, info) as the run would resolve them: ``policy: auto`` asks the cost model."""
     from flexgen.predict.data import load_prompts
 
+    cfg.resolve_dtype("cuda" if _accelerator(cfg) == "gpu" else "cpu")
     _, model_dir, spec = resolve_model(cfg)
     prompts = load_prompts(cfg, load_tokenizer(cfg, model_dir), spec)
     return resolve_policy(cfg, spec, prompts)
@@ -375,6 +376,7 @@ def plan_run(cfg: FlexGenConfig, restart: bool = False, prompts: Sequence[Any] |
     from flexgen.predict.data import load_prompts
     from flexgen.predict.writer import check_writable
 
+    cfg.resolve_dtype("cuda" if _accelerator(cfg) == "gpu" else "cpu")
     model, model_dir, spec = resolve_model(cfg)
     weights = weights_identity(cfg, model_dir)
     tokenizer = load_tokenizer(cfg, model_dir)

@@ -160,7 +160,7 @@ class _RunHooks:
         try:
             engine = self.engine_factory(self.plan.model, policy=policy, plugins=plugins, device=device,
                                          offload_dir=offload_dir, dtype=cfg.model.dtype, seed=cfg.model.seed,
-                                         progress=report.progress)
+                                         threads=cfg.threads(), progress=report.progress)
         finally:
             report.close()
         report.done(engine)

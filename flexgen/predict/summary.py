@@ -70,7 +70,8 @@ def build_metrics(cfg: FlexGenConfig, plan: RunPlan, ranks: list[dict[str, Any]]
 def summary_from_metrics(plan: RunPlan, metrics: dict[str, Any], metrics_path: Path) -> dict[str, Any]:
     """What the CLI prints (and ``run_predict`` returns), from rank 0's metrics."""
     engine_keys = ("prefill_time_s", "decode_time_s", "prompt_tokens", "generated_tokens", "prefill_throughput",
-                   "decode_throughput", "total_throughput", "bytes_moved", "peak_memory", "compression")
+                   "decode_throughput", "total_throughput", "bytes_moved", "peak_memory", "compression", "threads",
+                   "dtype", "compute_dtype")
     return {
         **summary_base(plan),
         **metrics["prompts"],
@@ -112,6 +113,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  policy ({summary['policy_source']}): block {p['num_gpu_batches']} x {p['gpu_batch_size']}; "
         f"gpu/cpu/disk % weights {_tiers(p, 'weights')}, cache {_tiers(p, 'cache')}, activations {_tiers(p, 'act')}"
     )
+    if generated and stats.get("dtype") and stats.get("compute_dtype") not in (None, stats["dtype"]):
+        lines.append(f"  dtype: {stats['dtype']}, computed in {stats['compute_dtype']} (no native {stats['dtype']} "
+                     "matrix instructions on this CPU)")
+    threads = stats.get("threads") if generated else None
+    if threads:
+        from flexgen.threads import ThreadChoice
+
+        lines.append(f"  {ThreadChoice.from_dict(threads).describe()}")
     if summary.get("world_size", 1) > 1 and generated:
         lines.append(f"  processes: {summary['world_size']}, together {summary['wall_throughput']:.1f} tok/s over the "
                      "predict loop (per-rank figures in the metrics)")

@@ -56,6 +56,9 @@ _SAFETENSORS_DTYPES = {
 }
 _TORCH_TO_SAFETENSORS = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 
+#: Bytes between the bytes :meth:`DiskStorage._bring_in` touches: one per page of memory.
+_PAGE = 4096
+
 #: safetensors' own limit on the header: a larger claim is refused before anything is read.
 MAX_HEADER_BYTES = 100_000_000
 
@@ -184,6 +187,7 @@ class DiskStorage(StorageBackend):
         if self.offload_dir.exists() and not self.offload_dir.is_dir():
             raise StorageError(f"output.offload_dir: {self.offload_dir} is not a folder")
         self._tensors: dict[str, torch.Tensor] = {}
+        self._extents: dict[int, tuple[Path, int, int]] = {}  # data_ptr -> (file, offset, bytes); see _bring_in
         self._scratch: dict[str, Path] = {}  # files made by empty(), deleted when freed
         # Scratch of runs that were killed; ours is made on first use and removed by close().
         sweep(self.offload_dir / "scratch")
@@ -208,6 +212,7 @@ class DiskStorage(StorageBackend):
             raise self._failed(key, exc) from exc
         resident = map_safetensors(path)["data"]
         self._tensors[key] = resident
+        self._remember_extent(path, resident)
         return resident
 
     def fetch(self, resident: torch.Tensor, device: torch.device, non_blocking: bool = False) -> torch.Tensor:
@@ -218,6 +223,7 @@ class DiskStorage(StorageBackend):
         staging buffers once their copies are done.
         """
         if device.type != "cuda":
+            self._bring_in(resident)
             return resident.to(device)
         staging = torch.empty(resident.shape, dtype=resident.dtype, pin_memory=True)
         staging.copy_(resident)
@@ -246,7 +252,45 @@ class DiskStorage(StorageBackend):
                 pass
             return None
         self._tensors[key] = resident
+        self._remember_extent(path, resident)
         return resident
+
+    def _remember_extent(self, path: Path, resident: torch.Tensor) -> None:
+        """Where a mapped tensor's bytes lie in its file, for :meth:`_bring_in`."""
+        if resident.numel() == 0:
+            return
+        header = read_header(path)
+        begin = header.tensors["data"][2]
+        self._extents[resident.data_ptr()] = (path, header.data_start + begin, resident.numel() * resident.element_size())
+
+    def _bring_in(self, resident: torch.Tensor) -> None:
+        """Read a mapped tensor's pages from the disk now, on the calling thread (the engine's I/O thread).
+
+        On the CPU a fetch returns the mapped tensor itself; without this its pages would be
+        read by page faults on the compute thread, in the middle of the products, a read-ahead
+        window (128 KiB) at a time: reading layer j+1 would never overlap computing layer j. So
+        the whole range is first handed to the kernel as one read-ahead request
+        (``POSIX_FADV_WILLNEED``: large sequential reads, queued together), then one byte per
+        page is touched, with numpy on this thread (no OpenMP team beside the compute
+        thread's), which waits for the reads and maps the pages. Pages are the page cache's, not
+        this process's heap: a model larger than RAM streams through, the kernel evicting the
+        layers read longest ago.
+        """
+        extent = self._extents.get(resident.data_ptr())
+        if extent is None:
+            return
+        path, offset, length = extent
+        if hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_WILLNEED"):  # Linux
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass  # only a hint: the touch below reads the pages anyway
+        flat = resident.reshape(-1).view(torch.uint8).numpy()
+        np.bitwise_or.reduce(flat[::_PAGE])
 
     @staticmethod
     def _verified(key: str, path: Path, header: SafetensorsHeader) -> torch.Tensor:

@@ -1,0 +1,91 @@
+"""The engine against HF transformers' generate on the CPU, all in memory, runs alternated in one process.
+
+``flexgen bench --baseline hf --repeat N`` measures N engine runs, then N HF runs; on a machine
+shared with other jobs the load drifts between the two halves and the ratio with it. Here both
+models are loaded once, on the same synthetic weights and prompts, and each round runs the
+engine then HF back to back with the same intra-op threads, so both see the same load; the
+figure is the ratio of the medians over the rounds (and each round's own ratio).
+
+    python benchmarks/cpu_paired.py --model opt-125m --dtype float32 --batch 32 --rounds 3
+
+Outputs are checked equal for greedy decoding (printed as ``identical``). With ``--dtype
+bfloat16`` on a CPU without native bfloat16 the engine computes in float32 (README, "Data
+types on the CPU") while HF computes in bfloat16 as asked; their tokens then differ, which
+is why ``identical`` is printed, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+import torch
+
+from flexgen import Policy, load_engine
+from flexgen.bench.measure import hf_model
+from flexgen.models.opt import spec_for_size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="opt-125m", help="a synthetic OPT size")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--batch", type=int, default=32, help="prompts, all in one batch on both sides")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="default: what the engine decides (auto)")
+    args = parser.parse_args()
+
+    spec = spec_for_size(args.model)
+    rng = random.Random(0)
+    ids = [[rng.randrange(4, spec.vocab_size) for _ in range(args.prompt_len)] for _ in range(args.batch)]
+    engine = load_engine(args.model, policy=Policy(gpu_batch_size=args.batch, pin_weights=False), device="cpu",
+                         dtype=args.dtype, threads=args.threads)
+    hf = hf_model(args.model, spec, args.dtype, seed=0)
+    x = torch.tensor(ids)
+
+    def run_engine(n: int) -> tuple[float, list[list[int]]]:
+        start = time.perf_counter()
+        out = engine.generate(ids, max_new_tokens=n)
+        return time.perf_counter() - start, out
+
+    def run_hf(n: int) -> tuple[float, list[list[int]]]:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = hf.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                              pad_token_id=spec.pad_token_id)
+            return time.perf_counter() - start, out[:, args.prompt_len:].tolist()
+
+    run_engine(2)  # warm-up; it also settles the engine's thread choice, which HF then uses
+    threads = engine.stats.threads["threads"] if engine.stats.threads else torch.get_num_threads()
+    torch.set_num_threads(threads)
+    run_hf(2)
+    tokens = args.batch * args.new_tokens
+    rates: dict[str, list[float]] = {"flexgen": [], "hf": []}
+    identical = 0
+    for round_ in range(args.rounds):
+        seconds, ours = run_engine(args.new_tokens)
+        rates["flexgen"].append(tokens / seconds)
+        torch.set_num_threads(threads)  # the engine restores the caller's setting after each generate
+        seconds, theirs = run_hf(args.new_tokens)
+        rates["hf"].append(tokens / seconds)
+        identical = sum(a == b for a, b in zip(ours, theirs))
+        print(f"round {round_ + 1}: flexgen {rates['flexgen'][-1]:.1f}, hf {rates['hf'][-1]:.1f} tokens/s, "
+              f"ratio {rates['flexgen'][-1] / rates['hf'][-1]:.2f}", flush=True)
+    medians = {k: statistics.median(v) for k, v in rates.items()}
+    print(json.dumps({
+        "model": args.model, "dtype": args.dtype, "engine_compute_dtype": str(engine.compute_dtype).removeprefix("torch."),
+        "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "threads": threads,
+        "median_tokens_per_s": {k: round(v, 1) for k, v in medians.items()},
+        "ratio_of_medians": round(medians["flexgen"] / medians["hf"], 2),
+        "identical_outputs": f"{identical}/{args.batch}",
+    }))
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()
