@@ -27,8 +27,9 @@ def family_for_config(config: dict[str, Any], name: str = "model") -> ModelFamil
     for family in known:
         if model_type in family.model_types:
             return family
-    types = ", ".join(t for family in known for t in family.model_types)
-    raise CheckpointError(f"{name}: config.json model_type {model_type!r} is not one flexgen runs ({types})")
+    listed = "; ".join(f"{family.name} ({', '.join(family.model_types)})" for family in known)
+    raise CheckpointError(f"{name}: config.json model_type {model_type!r} is not one flexgen runs; "
+                          f"registered model families: {listed}")
 
 
 def family_for_spec(spec: ModelSpec) -> ModelFamily:
