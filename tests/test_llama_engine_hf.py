@@ -184,3 +184,19 @@ def test_bin_and_sharded_checkpoints_load(tmp_path):
     model.config.to_json_file(tmp_path / "bin" / "config.json")
     for folder in ("sharded", "bin"):
         assert run(tmp_path / folder, tmp_path / "offload", "cpu", "cpu", "cpu", "zigzag", 1) == expected, folder
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["llama-gqa", "mistral-window", "qwen2-upper-window"])
+@pytest.mark.parametrize("weights,cache,attention", [("gpu", "gpu", "gpu"), ("cpu", "cpu", "cpu"), ("mix", "mix", "gpu")])
+def test_greedy_on_cuda_equals_hf(case, weights, cache, attention, tmp_path):
+    """On CUDA: GQA through SDPA's kernels (and the host worker for CPU attention), float32 tokens equal HF's."""
+    model_type, overrides = CASES[case]
+    model = _hf_model(model_type, **overrides)
+    model.save_pretrained(tmp_path / "ckpt")
+    with load_engine(tmp_path / "ckpt", policy=policy(weights, cache, 3, acts_follow_cache=False),
+                     plugins={"attention": attention}, device="cuda", dtype="float32",
+                     offload_dir=tmp_path / "offload") as engine:
+        out = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
+    assert out == hf_greedy(model, PROMPTS, NEW_TOKENS, pad_token_id=0)

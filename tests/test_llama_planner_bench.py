@@ -102,3 +102,14 @@ def test_hf_device_map_covers_every_llama_parameter_once():
     for name, _ in model.named_parameters():
         assert len([m for m in device_map if name.startswith(m + ".")]) == 1, name
     assert set(device_map.values()) == {"cuda:0", "cpu", "disk"}
+
+
+def test_bench_hf_baseline_with_weights_on_disk_places_the_rotary_buffers(env, tmp_path, capsys):
+    """Accelerate's offload needs every tensor placed: the rotary buffers go to the compute device."""
+    pytest.importorskip("accelerate")
+    _, hardware = env
+    _hf_model("mistral", sliding_window=4).save_pretrained(tmp_path / "mistral")
+    config = tiny_config(tmp_path, tmp_path / "mistral", weights_gpu=50, weights_cpu=0, num_gpu_batches=1)
+    assert bench_command(["--config", str(config), "--hardware", str(hardware), "--baseline", "hf", "--no-warmup"]) == 0
+    out = capsys.readouterr().out
+    assert "Accelerate offload" in out and "identical outputs for 5/5" in out, out

@@ -477,6 +477,11 @@ def run_hf_baseline(
                 "Accelerate's offloading (pip install accelerate)"
             ) from exc
         folder = Path(offload_dir or tempfile.mkdtemp(prefix="flexgen-hf-offload-")) / "hf-accelerate"
+        # Modules holding buffers only (a Llama's rotary frequencies) have no weights to place:
+        # they live on the compute device, which Accelerate requires every tensor to have.
+        for name, _ in module.named_buffers():
+            if not any(name.startswith(m + ".") for m in device_map):
+                device_map[name.rsplit(".", 1)[0]] = device if device != "cuda" else "cuda:0"
         if not device.startswith("cuda"):
             device_map = {k: ("cpu" if v != "disk" else "disk") for k, v in device_map.items()}
         counts = {t: sum(1 for v in device_map.values() if v == t) for t in set(device_map.values())}
