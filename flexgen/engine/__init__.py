@@ -56,7 +56,8 @@ def load_engine(
     seed: int = 0,
     progress: Callable[[int, int, int], None] | None = None,
 ) -> Engine:
-    """Build an engine for an HF OPT checkpoint directory or a synthetic OPT size name.
+    """Build an engine for an HF checkpoint directory of any registered family (OPT, Llama, Mistral, Qwen2,
+    or a plugin family), or a synthetic size name of any family (``opt-1.3b``, ``llama-3.1-8b``).
 
     ``progress(layers placed, layers, tensors converted to the offload folder)`` follows the
     placement of the weights (see :class:`Engine`).
