@@ -37,17 +37,11 @@ class DecodeAttention:
         self.transfers = transfers
         self.worker = executor("flexgen-attention")
 
-    def valid(self, batch: GPUBatch, valid: torch.Tensor, length: int) -> torch.Tensor | None:
-        """``valid[:, :length]`` for attention; None where nothing is padding and the backend accepts
+    def valid(self, batch: GPUBatch, valid: torch.Tensor, length: int, start: int = 0) -> torch.Tensor | None:
+        """``valid[:, start:length]`` for attention; None where nothing is padding and the backend accepts
         that, so that on a GPU ``scaled_dot_product_attention`` may choose its fused kernels.
-        Decided from the prompts' lengths on the host, never by reading the mask on the device."""
-        if not batch.padded and self.attention.accepts_unmasked:
-            return None
-        return valid[:, :length]
-
-    def window_valid(self, batch: GPUBatch, valid: torch.Tensor, start: int, length: int) -> torch.Tensor | None:
-        """``valid[:, start:length]``, or None as :meth:`valid` decides (positions before ``start``
-        are outside the sliding window: never read, so never masked)."""
+        Decided from the prompts' lengths on the host, never by reading the mask on the device.
+        (Positions before ``start`` are outside a sliding window: never read, so never masked.)"""
         if not batch.padded and self.attention.accepts_unmasked:
             return None
         return valid[:, start:length]
@@ -56,14 +50,10 @@ class DecodeAttention:
         """k, v as the backend takes them: as they are (KV heads) for a backend that accepts grouped-query
         attention, else each KV head repeated for its group of query heads (a copy: the price of a
         backend written before GQA)."""
-        if self.attention.accepts_grouped_kv or self.cache.geometry[0].num_kv_heads == self.spec_heads:
+        group = self.cache.spec.num_heads // self.cache.geometry[0].num_kv_heads
+        if group == 1 or self.attention.accepts_grouped_kv:
             return k, v
-        group = self.spec_heads // self.cache.geometry[0].num_kv_heads
         return tuple(_decompressed(x).repeat_interleave(group, dim=1) for x in (k, v))
-
-    @property
-    def spec_heads(self) -> int:
-        return self.cache.spec.num_heads
 
     def prefill(self, unit: CacheUnit, batch: GPUBatch, length: int, q: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor, layer: int = 0) -> torch.Tensor:
@@ -87,7 +77,7 @@ class DecodeAttention:
         Under a sliding window only the window's positions are read (``prefix`` holds only those)."""
         dest = self.attention_device
         start = self.cache.window_start(layer, length + 1)
-        valid = self.window_valid(batch, batch.valid, start, length + 1)
+        valid = self.valid(batch, batch.valid, length + 1, start)
         if self.cache.resident_where_attended(unit):
             self.cache.write(unit, length, k_new, v_new)
             if dest.type == "cpu":
@@ -111,7 +101,7 @@ class DecodeAttention:
         q_host = self.transfers.to_host(q)
         landed = self.transfers.stores_done if self.transfers.cuda else None
         start = self.cache.window_start(layer, length + 1)
-        valid = self.window_valid(batch, batch.valid_host, start, length + 1)
+        valid = self.valid(batch, batch.valid_host, length + 1, start)
         pin = self.transfers.cuda
 
         def attend() -> torch.Tensor:
