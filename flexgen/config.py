@@ -64,7 +64,7 @@ OUTPUT_ORDERS = ("blocks", "prompts")
 class ModelConfig:
     """Which OPT model to run. Exactly one of ``path`` and ``synthetic``."""
 
-    path: Optional[str] = None  # HF OPT checkpoint dir, or builtin:quickstart
+    path: Optional[str] = None  # HF checkpoint dir of a registered family, or builtin:quickstart
     synthetic: Optional[str] = None  # a size of any family (opt-125m, llama-3.1-8b, ...): seeded random weights
     dtype: str = "float16"  # float32 | float16 | bfloat16
     tokenizer: Optional[str] = None  # defaults to model.path; needed only for text prompts
@@ -470,7 +470,7 @@ def validate(cfg: FlexGenConfig, prompts_given: bool = False) -> None:
     m = cfg.model
     if (m.path is None) == (m.synthetic is None):
         raise ConfigError(
-            "set exactly one of model.path (an HF OPT checkpoint folder, or builtin:quickstart) and "
+            "set exactly one of model.path (an HF checkpoint folder, or builtin:quickstart) and "
             f"model.synthetic (a model size), got model.path={m.path!r} model.synthetic={m.synthetic!r}"
         )
     if m.path is not None and m.path.startswith(BUILTIN_PREFIX):

@@ -54,14 +54,14 @@ def resolve_model(cfg: FlexGenConfig) -> tuple[str, Path | None, Any]:
         folder = Path(os.path.expanduser(path)).absolute()
     if not folder.exists():
         raise CheckpointError(
-            f"model.path: {folder} does not exist; download an HF OPT checkpoint there, or run on random "
+            f"model.path: {folder} does not exist; download an HF checkpoint there, or run on random "
             "weights with model.path=null model.synthetic=<size>"
         )
     if not folder.is_dir():
-        raise CheckpointError(f"model.path: {folder} is not a folder; an HF OPT checkpoint is a folder with config.json")
+        raise CheckpointError(f"model.path: {folder} is not a folder; an HF checkpoint is a folder with config.json")
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise CheckpointError(f"model.path: {folder} has no config.json, so it is not an HF OPT checkpoint")
+        raise CheckpointError(f"model.path: {folder} has no config.json, so it is not an HF checkpoint")
     from flexgen.models.checkpoint import read_small
 
     try:
