@@ -113,3 +113,18 @@ def test_bench_hf_baseline_with_weights_on_disk_places_the_rotary_buffers(env, t
     assert bench_command(["--config", str(config), "--hardware", str(hardware), "--baseline", "hf", "--no-warmup"]) == 0
     out = capsys.readouterr().out
     assert "Accelerate offload" in out and "identical outputs for 5/5" in out, out
+
+
+def test_llama_workload_configs_load_and_have_bounds():
+    """The Llama-family configs of README's table: valid, and priced by the cost model."""
+    from pathlib import Path
+
+    from flexgen.bench.measure import run_bench
+    from flexgen.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    for path, overrides in [(repo / "configs" / "bench" / "cpu-qwen2.5-0.5b.yaml", []),
+                            (repo / "configs" / "llama-3.1-8b-cpu-weights.yaml",
+                             ["model.path=null", "model.synthetic=llama-3.1-8b"])]:
+        report = run_bench(load_config(path, overrides), hardware="t4-paper", bound_only=True)
+        assert report.bound.total and report.bound.total > 0, path
