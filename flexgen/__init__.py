@@ -1,4 +1,4 @@
-"""FlexGen: high-throughput batch generation with OPT models on one GPU, or none.
+"""FlexGen: high-throughput batch generation with OPT and Llama-family models on one GPU, or none.
 
 Public API::
 

@@ -62,10 +62,10 @@ OUTPUT_ORDERS = ("blocks", "prompts")
 
 @dataclass
 class ModelConfig:
-    """Which OPT model to run. Exactly one of ``path`` and ``synthetic``."""
+    """Which model to run. Exactly one of ``path`` and ``synthetic``."""
 
-    path: Optional[str] = None  # HF OPT checkpoint dir, or builtin:quickstart
-    synthetic: Optional[str] = None  # an OPT size (opt-125m ... opt-175b): seeded random weights
+    path: Optional[str] = None  # HF checkpoint dir of a registered family, or builtin:quickstart
+    synthetic: Optional[str] = None  # a size of any family (opt-125m, llama-3.1-8b, ...): seeded random weights
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16 (auto: see flexgen/dtypes.py)
     tokenizer: Optional[str] = None  # defaults to model.path; needed only for text prompts
     seed: int = 0  # seed of synthetic weights
@@ -486,8 +486,8 @@ def validate(cfg: FlexGenConfig, prompts_given: bool = False) -> None:
     m = cfg.model
     if (m.path is None) == (m.synthetic is None):
         raise ConfigError(
-            "set exactly one of model.path (an HF OPT checkpoint folder, or builtin:quickstart) and "
-            f"model.synthetic (an OPT size), got model.path={m.path!r} model.synthetic={m.synthetic!r}"
+            "set exactly one of model.path (an HF checkpoint folder, or builtin:quickstart) and "
+            f"model.synthetic (a model size), got model.path={m.path!r} model.synthetic={m.synthetic!r}"
         )
     if m.path is not None and m.path.startswith(BUILTIN_PREFIX):
         from flexgen.models.quickstart import BUILTINS
@@ -496,12 +496,13 @@ def validate(cfg: FlexGenConfig, prompts_given: bool = False) -> None:
         if name not in BUILTINS:
             raise ConfigError(f"model.path: unknown built-in model {name!r}; built-ins: {', '.join(BUILTINS)}")
     if m.synthetic is not None:
-        from flexgen.models.opt import OPT_SIZES
+        from flexgen.models.checkpoint import size_names, synthetic_spec
 
-        if m.synthetic.lower().removeprefix("facebook/") not in OPT_SIZES:
-            close = difflib.get_close_matches(m.synthetic.lower(), list(OPT_SIZES), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; sizes: {', '.join(OPT_SIZES)}"
-            raise ConfigError(f"model.synthetic: unknown OPT size {m.synthetic!r}{hint}")
+        if synthetic_spec(m.synthetic) is None:
+            sizes = size_names()
+            close = difflib.get_close_matches(m.synthetic.lower(), sizes, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; sizes: {', '.join(sizes)}"
+            raise ConfigError(f"model.synthetic: unknown model size {m.synthetic!r}{hint}")
     if m.dtype not in DTYPES:
         raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {m.dtype!r}")
 

@@ -11,6 +11,12 @@ the broken plugin. From Python, a plugin's module is imported when it is first s
 environment variable ``FLEXGEN_PLUGINS`` is an allow-list: a comma-separated list of
 distribution names (or ``kind:name`` pairs) whose plugins may load; flexgen's own built-ins
 are always allowed. Unset means every installed plugin is allowed.
+
+Model families (``flexgen.models``: OPT, Llama, ...) are plugins like the others. An install of
+flexgen made before that group existed has no ``flexgen.models`` entry points in its metadata;
+until it is reinstalled, the built-in families are taken from :data:`BUILTIN_FALLBACK`, which
+repeats what ``pyproject.toml`` registers (a test keeps the two equal), so such an install still
+runs every family and third-party families still register through their own entry points.
 """
 
 from __future__ import annotations
@@ -33,7 +39,18 @@ GROUPS: dict[str, str] = {
     "attention": "flexgen.attention",
     "compressor": "flexgen.compressors",
     "scheduler": "flexgen.schedulers",
+    "model": "flexgen.models",
 }
+
+#: Built-ins of groups added after a flexgen install may have been made (see the module
+#: docstring): used only while flexgen's installed metadata registers nothing in the group.
+BUILTIN_FALLBACK: dict[str, dict[str, str]] = {
+    "flexgen.models": {
+        "opt": "flexgen.models.opt_family:OPTFamily",
+        "llama": "flexgen.models.llama:LlamaFamily",
+    },
+}
+_FALLBACK_VALUES = {(group, name, value) for group, eps in BUILTIN_FALLBACK.items() for name, value in eps.items()}
 
 BUILTIN_DISTRIBUTION = "flexgen"
 ALLOW_ENV = "FLEXGEN_PLUGINS"
@@ -51,6 +68,8 @@ class PluginInfo:
 
 def _distribution_of(ep: EntryPoint) -> str:
     dist = getattr(ep, "dist", None)
+    if dist is None and (ep.group, ep.name, ep.value) in _FALLBACK_VALUES:
+        return BUILTIN_DISTRIBUTION
     return dist.metadata["Name"] if dist is not None else "?"
 
 
@@ -71,7 +90,11 @@ def _check_kind(kind: str) -> str:
 @cache
 def _entry_points(group: str) -> tuple[EntryPoint, ...]:
     # Scanning installed distributions is slow; once per process is enough.
-    return tuple(entry_points(group=group))
+    found = tuple(entry_points(group=group))
+    if group in BUILTIN_FALLBACK and not any(_distribution_of(ep) == BUILTIN_DISTRIBUTION for ep in found):
+        found = tuple(EntryPoint(name=name, value=value, group=group)
+                      for name, value in BUILTIN_FALLBACK[group].items()) + found
+    return found
 
 
 def refresh() -> None:

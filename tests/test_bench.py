@@ -277,7 +277,7 @@ def _hw_dict():
     [
         (["--baseline", "vllm"], "argument --baseline: invalid choice"),
         (["policy.gpu_batchsize=2"], "unknown config key 'policy.gpu_batchsize'"),
-        (["model.synthetic=opt-7b", "model.path=null"], "model.synthetic: unknown OPT size"),
+        (["model.synthetic=opt-7b", "model.path=null"], "model.synthetic: unknown model size"),
         (["--baseline-batch-size", "0"], "--baseline-batch-size must be >= 1"),
         (["--baseline-prompts", "-1"], "--baseline-prompts must be >= 1"),
         (["--repeat", "0"], "--repeat must be >= 1"),

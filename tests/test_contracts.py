@@ -14,7 +14,13 @@ import torch
 
 from flexgen import registry
 from flexgen.compression.base import Compressor
-from flexgen.testing import AttentionBackendContract, CompressorContract, SchedulerContract, StorageBackendContract
+from flexgen.testing import (
+    AttentionBackendContract,
+    CompressorContract,
+    ModelFamilyContract,
+    SchedulerContract,
+    StorageBackendContract,
+)
 
 
 def builtin_names(kind: str) -> list[str]:
@@ -97,3 +103,34 @@ class TestAttentionBackendsOnCUDA(TestAttentionBackends):
 @requires_cuda
 class TestCompressorsOnCUDA(TestCompressors):
     device = "cuda"
+
+
+#: A tiny config.json of each built-in family's model types, for the model-family contract.
+FAMILY_CONFIGS: dict[str, dict] = {
+    "opt-tiny": dict(model_type="opt", vocab_size=50, hidden_size=16, num_hidden_layers=2, ffn_dim=24,
+                     num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16, pad_token_id=1),
+    "llama-gqa": dict(model_type="llama", vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32),
+    "mistral-window": dict(model_type="mistral", vocab_size=50, hidden_size=16, intermediate_size=24,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                           max_position_embeddings=32, sliding_window=3),
+    "qwen2-tied": dict(model_type="qwen2", vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                       tie_word_embeddings=True),
+}
+
+
+class TestModelFamilies(ModelFamilyContract):
+    """Every built-in family, through the registry, on a tiny config of each model type it reads."""
+
+    @pytest.fixture(params=list(FAMILY_CONFIGS))
+    def family(self, request):
+        self.config = FAMILY_CONFIGS[request.param]
+        from flexgen.models.families import family_for_config
+
+        found = family_for_config(self.config)
+        assert found.name in builtin_names("model")
+        return found
+
+    def make_config(self):
+        return dict(self.config)

@@ -46,11 +46,11 @@ def test_unknown_plugin_lists_available(tiny_checkpoint, tmp_path):
 
 
 def test_missing_and_non_opt_checkpoints(tmp_path):
-    with pytest.raises(CheckpointError, match="neither a checkpoint directory nor an OPT size"):
+    with pytest.raises(CheckpointError, match="neither a checkpoint directory nor a model size"):
         load_engine(tmp_path / "missing", device="cpu")
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(CheckpointError, match="not an OPT checkpoint"):
+    with pytest.raises(CheckpointError, match="model_type .bert. is not one flexgen runs; registered model families: opt"):
         load_engine(tmp_path / "bert", device="cpu")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no config.json"):

@@ -189,7 +189,7 @@ def test_cli_reads_a_checkpoint_dir(checkpoint, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--model", "opt-7b"], "unknown OPT size 'opt-7b'"),
+    (["--model", "opt-7b"], "unknown model size 'opt-7b'"),
     (["--model", "opt-125m", "--hardware", "missing.yaml"], "missing.yaml"),
     (["--model", "opt-125m", "--hardware", "t4-paper", "--gpu-memory", "24XB"], "hardware.gpu_memory"),
     (["--model", "opt-125m", "--hardware", "t4-paper", "--prompt-len", "2045"], "positions"),

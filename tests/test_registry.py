@@ -75,3 +75,19 @@ def test_options_are_passed_and_checked():
         registry.create("attention", {"name": "cpu", "colour": "red"})
     with pytest.raises(PluginError, match="needs a 'name' key"):
         registry.create("attention", {"dtype": "float32"})
+
+
+def test_builtin_fallback_repeats_pyproject():
+    """The families an old install falls back on are exactly what pyproject.toml registers."""
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    registered = pyproject["project"]["entry-points"]
+    for group, builtins in registry.BUILTIN_FALLBACK.items():
+        assert registered[group] == builtins, group
+
+
+def test_model_families_are_builtin_plugins():
+    listed = {(p.kind, p.name): p for p in registry.list_plugins()}
+    assert listed[("model", "opt")].distribution == "flexgen"
+    assert listed[("model", "llama")].target == "flexgen.models.llama:LlamaFamily"

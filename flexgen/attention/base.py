@@ -79,13 +79,17 @@ class PackedKV:
         return self.block(0, self.length)
 
 
-def prefill_mask(valid: torch.Tensor) -> torch.Tensor:
+def prefill_mask(valid: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """Boolean (B, 1, n, n) mask: causal, padding keys hidden, each position sees itself.
 
     Letting a padding query see itself keeps its softmax finite, so no NaN reaches the cache.
+    With a sliding ``window``, query i sees keys j with ``i - window < j <= i`` only (Mistral's
+    rule; slots and positions differ by a row's left padding only, so the band is the same).
     """
     n = valid.shape[1]
     causal = torch.ones(n, n, dtype=torch.bool, device=valid.device).tril()
+    if window is not None:
+        causal = causal.triu(-(window - 1))
     mask = causal[None] & valid[:, None, :]
     mask |= torch.eye(n, dtype=torch.bool, device=valid.device)[None]
     return mask[:, None]
@@ -99,14 +103,18 @@ class AttentionBackend(ABC):
     bool, False at padding positions. Outputs (B, H, n, D) on the device and in the dtype of
     ``q``.
 
-    Class attributes (the engine reads them; both default to False):
+    Class attributes (the engine reads them; all default to False):
         accepts_unmasked: ``valid`` may be None, meaning every position is valid.
         reads_packed_cache: with a compressed cache, ``decode`` receives ``k`` and ``v`` as
             :class:`PackedKV` (still compressed) instead of decompressed tensors.
+        accepts_grouped_kv: ``k`` and ``v`` may have fewer heads (H_kv, dividing H) than ``q``
+            (grouped-query attention: query head h reads KV head ``h // (H / H_kv)``). Without
+            it the engine repeats each KV head for its group, a copy of the cache read.
     """
 
     accepts_unmasked: ClassVar[bool] = False
     reads_packed_cache: ClassVar[bool] = False
+    accepts_grouped_kv: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         if options:
@@ -126,11 +134,20 @@ class AttentionBackend(ABC):
         ``valid`` is None only for one with ``accepts_unmasked``.
         """
 
-    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                window: int | None = None) -> torch.Tensor:
         """Causal attention over the prompt; runs where the tensors are (the compute device).
 
         Without padding (``valid`` None) the causal mask is implicit, so fused kernels apply.
+        ``window``: a sliding window (see :func:`prefill_mask`); the engine passes it, with a
+        ``valid`` mask, only when it is shorter than the prompt, so a backend that overrides
+        this method without it still runs every model without one. ``k``, ``v`` may have fewer
+        heads than ``q`` (grouped-query attention): SDPA groups them itself.
         """
+        gqa = k.shape[1] != q.shape[1]
+        if valid is None and window is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0, enable_gqa=gqa)
         if valid is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=prefill_mask(valid), scale=1.0)
+            valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=prefill_mask(valid, window), scale=1.0,
+                                              enable_gqa=gqa)

@@ -106,8 +106,10 @@ def blocked_decode(
 ) -> torch.Tensor:
     """``softmax(q kᵀ, masked) v`` for one query per sequence, reading the cache in blocks.
 
-    ``q`` (B, H, 1, D), already scaled; ``k`` and ``v`` (B, H, t, D) tensors (any strides,
-    any floating dtype) or :class:`PackedKV`; ``valid`` (B, t) bool or None (no padding).
+    ``q`` (B, H, 1, D), already scaled; ``k`` and ``v`` (B, H_kv, t, D) tensors (any strides,
+    any floating dtype) or :class:`PackedKV`, with H_kv dividing H (grouped-query attention when
+    fewer: the G = H / H_kv queries of one KV head are stacked, so each cached byte is still read
+    once, never repeated per query head); ``valid`` (B, t) bool or None (no padding).
     Matrix products run in ``compute_dtype``; scores, softmax and the output sum in float32.
     Returns (B, H, 1, D) in ``q``'s dtype, a new tensor (never workspace memory).
     """
@@ -115,17 +117,21 @@ def blocked_decode(
     if n != 1:
         raise ValueError(f"decode takes one query per sequence, got q of shape {tuple(q.shape)}")
     t = kv_length(k)
+    kv_heads = k.shape[2] if isinstance(k, PackedKV) else k.shape[1]
+    if h % kv_heads:
+        raise ValueError(f"decode: {h} query heads are not a multiple of {kv_heads} key/value heads")
+    g = h // kv_heads
     device = q.device
-    q3 = q.reshape(b * h, 1, d).to(compute_dtype)
+    q3 = q.reshape(b * kv_heads, g, d).to(compute_dtype)
 
     def blocks(x: KV) -> list[Block]:
         if not isinstance(x, PackedKV) and x.dtype == compute_dtype:
             return [(slice(0, b), slice(0, t))]  # read in place: one block, no workspace at all
         return plan_blocks(x, compute_dtype, block_bytes)
 
-    scores = workspace.empty("scores", (b * h, 1, t), torch.float32, device)
+    scores = workspace.empty("scores", (b * kv_heads, g, t), torch.float32, device)
     for block in blocks(k):
-        rows = slice(block[0].start * h, block[0].stop * h)
+        rows = slice(block[0].start * kv_heads, block[0].stop * kv_heads)
         keys = _load(k, block, compute_dtype, workspace).flatten(0, 1)  # (rows, n, D)
         target = scores[rows, :, block[1]]
         if compute_dtype == torch.float32 and target.is_contiguous():
@@ -136,12 +142,12 @@ def blocked_decode(
             torch.bmm(q3[rows], keys.transpose(1, 2), out=part)
             target.copy_(part)
     if valid is not None:
-        scores.view(b, h, t).masked_fill_(~valid[:, None, :], torch.finfo(torch.float32).min)
+        scores.view(b, kv_heads * g, t).masked_fill_(~valid[:, None, :], torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1).to(compute_dtype)
 
-    acc = workspace.empty("acc", (b * h, 1, d), torch.float32, device).zero_()
+    acc = workspace.empty("acc", (b * kv_heads, g, d), torch.float32, device).zero_()
     for block in blocks(v):
-        rows = slice(block[0].start * h, block[0].stop * h)
+        rows = slice(block[0].start * kv_heads, block[0].stop * kv_heads)
         values = _load(v, block, compute_dtype, workspace).flatten(0, 1)  # (rows, n, D)
         weights = probs[rows, :, block[1]]
         if compute_dtype == torch.float32:

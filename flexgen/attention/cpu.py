@@ -51,6 +51,7 @@ class CPUAttention(AttentionBackend):
 
     accepts_unmasked = True
     reads_packed_cache = True
+    accepts_grouped_kv = True  # blocked_decode stacks each KV head's group of queries
 
     def __init__(self, dtype: str = "float32", block_kib: int = 8192) -> None:
         super().__init__()

@@ -29,6 +29,7 @@ class GPUAttention(AttentionBackend):
 
     accepts_unmasked = True
     reads_packed_cache = True
+    accepts_grouped_kv = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -48,4 +49,11 @@ class GPUAttention(AttentionBackend):
                 block_bytes=_BLOCK_BYTES.get(q.device.type, _BLOCK_BYTES["cuda"]), workspace=self.workspace,
             )
         mask = None if valid is None else valid[:, None, None, :]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        b, h, _, d = q.shape
+        kv_heads = k.shape[1]
+        if kv_heads == h:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        # Grouped-query attention: the group's queries of one KV head become that head's
+        # "positions", (B, H_kv, G, D) - a view of q, so no KV head is repeated or copied.
+        grouped = q.reshape(b, kv_heads, h // kv_heads, d)
+        return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=1.0).reshape(b, h, 1, d)

@@ -471,30 +471,36 @@ def _empty_cuda_cache() -> None:
 
 
 def hf_model(model: str, spec, dtype: str, seed: int, device: str | None = None):
-    """``OPTForCausalLM`` holding exactly the weights the engine loads, built without a second copy.
+    """The HF ``*ForCausalLM`` of the spec's family holding exactly the weights the engine loads, without a second copy.
 
-    The module is created on the meta device and every parameter is *assigned* the tensor of
-    the engine's weight source (:func:`flexgen.models.checkpoint.open_source`: seeded synthetic
-    weights, or the checkpoint's tensors), so memory holds one copy; with ``device`` each
-    tensor is made there (synthetic weights are cut from their seed's table on that device, at
-    its memory speed), so host memory never holds the model. The output embedding is untied:
-    synthetic weights draw ``lm_head.weight`` separately, as the engine does.
+    The HF class comes from the family: the spec's ``to_hf_config()`` names its ``model_type``,
+    which transformers' Auto classes map to ``OPTForCausalLM``, ``LlamaForCausalLM``, ... The
+    module is created on the meta device and every parameter is *assigned* the tensor of the
+    engine's weight source (:func:`flexgen.models.checkpoint.open_source`: seeded synthetic
+    weights, or the checkpoint's tensors) under the family's checkpoint name, so memory holds
+    one copy; with ``device`` each tensor is made there (synthetic weights are cut from their
+    seed's table on that device, at its memory speed), so host memory never holds the model.
+    The output embedding is untied: synthetic weights draw ``lm_head.weight`` separately, as
+    the engine does. Buffers a module computes from the config (rotary frequencies) are built
+    afresh, since the meta device holds no values.
     """
     import torch
     from concurrent.futures import ThreadPoolExecutor
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from flexgen.engine import DTYPES
-    from flexgen.models import opt
     from flexgen.models.checkpoint import open_source
+    from flexgen.models.families import family_for_spec
 
+    family = family_for_spec(spec)
     torch_dtype = DTYPES[dtype]
-    config = OPTConfig(**{**spec.to_hf_config(), "tie_word_embeddings": False})
+    values = {**spec.to_hf_config(), "tie_word_embeddings": False}
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
     config.dtype = torch_dtype
     with torch.device("meta"):
-        module = OPTForCausalLM(config)
+        module = AutoModelForCausalLM.from_config(config)
     source = open_source(model, dtype=torch_dtype, seed=seed)
-    weights = [w for index in range(spec.num_model_layers) for w in opt.layer_weights(spec, index)]
+    weights = [w for index in range(spec.num_model_layers) for w in family.layer_weights(spec, index)]
 
     def load(weight) -> torch.Tensor:
         return source.get(weight, device=device or "cpu").to(torch_dtype)
@@ -502,9 +508,12 @@ def hf_model(model: str, spec, dtype: str, seed: int, device: str | None = None)
     state = {}
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         for weight, tensor in zip(weights, pool.map(load, weights)):
-            key = weight.name if weight.name == "lm_head.weight" else f"model.decoder.{weight.name}"
-            state[key] = tensor
+            state[family.checkpoint_names(spec, weight)[0]] = tensor
     module.load_state_dict(state, strict=True, assign=True)
+    for name, sub in list(module.named_modules()):
+        if any(buffer.is_meta for buffer in sub.buffers(recurse=False)):
+            parent, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, attr, type(sub)(config).to(device or "cpu"))
     # Every sequence runs the full length, as the engine's do in the bench: no end-of-sequence
     # (min_new_tokens would instead forbid that token, and the outputs would differ).
     module.generation_config.eos_token_id = None
@@ -517,22 +526,26 @@ def hf_device_map(spec, policy, device: str) -> dict[str, Any]:
     Modules in model order (embeddings, decoder layers, final norm and head) are cut by size
     with the very rule the engine uses (:func:`flexgen.policy.split_by_percent`).
     """
-    from flexgen.models import opt
+    from flexgen.models.families import family_for_spec
     from flexgen.policy import split_by_percent
 
+    family = family_for_spec(spec)
+
+    def module_of(weight) -> str:
+        """The HF module holding ``weight``: its checkpoint name without the parameter's own name."""
+        return family.checkpoint_names(spec, weight)[0].rsplit(".", 1)[0]
+
     def size(index: int) -> int:
-        return sum(math.prod(w.shape) for w in opt.layer_weights(spec, index))
+        return sum(math.prod(w.shape) for w in family.layer_weights(spec, index))
 
     sizes: dict[str, int] = {}  # module -> parameters, in model order
-    for w in opt.layer_weights(spec, 0):
-        name = f"model.decoder.{w.name.rsplit('.', 1)[0]}"
-        sizes[name] = sizes.get(name, 0) + math.prod(w.shape)
+    for w in family.layer_weights(spec, 0):
+        sizes[module_of(w)] = sizes.get(module_of(w), 0) + math.prod(w.shape)
+    layer_prefix = module_of(family.layer_weights(spec, 1)[0]).split(".layers.")[0] + ".layers"
     for i in range(spec.num_layers):
-        sizes[f"model.decoder.layers.{i}"] = size(2 * i + 1) + size(2 * i + 2)
-    for w in opt.layer_weights(spec, spec.num_model_layers - 1):
-        prefix = w.name.rsplit(".", 1)[0]
-        name = prefix if prefix == "lm_head" else f"model.decoder.{prefix}"
-        sizes[name] = sizes.get(name, 0) + math.prod(w.shape)
+        sizes[f"{layer_prefix}.{i}"] = size(2 * i + 1) + size(2 * i + 2)
+    for w in family.layer_weights(spec, spec.num_model_layers - 1):
+        sizes[module_of(w)] = sizes.get(module_of(w), 0) + math.prod(w.shape)
     modules = list(sizes.items())
     tiers = split_by_percent([s for _, s in modules], policy.percents("weights"))
     target = {"gpu": device if device != "cuda" else "cuda:0", "cpu": "cpu", "disk": "disk"}
@@ -565,6 +578,11 @@ def run_hf_baseline(
                 "Accelerate's offloading (pip install accelerate)"
             ) from exc
         folder = Path(offload_dir or tempfile.mkdtemp(prefix="flexgen-hf-offload-")) / "hf-accelerate"
+        # Modules holding buffers only (a Llama's rotary frequencies) have no weights to place:
+        # they live on the compute device, which Accelerate requires every tensor to have.
+        for name, _ in module.named_buffers():
+            if not any(name.startswith(m + ".") for m in device_map):
+                device_map[name.rsplit(".", 1)[0]] = device if device != "cuda" else "cuda:0"
         if not device.startswith("cuda"):
             device_map = {k: ("cpu" if v != "disk" else "disk") for k, v in device_map.items()}
         counts = {t: sum(1 for v in device_map.values() if v == t) for t in set(device_map.values())}

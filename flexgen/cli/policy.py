@@ -69,7 +69,7 @@ def policy_command(argv: list[str]) -> int:
         prog="flexgen policy",
         description="Choose the offloading policy with the highest predicted throughput that fits the machine.",
     )
-    parser.add_argument("--model", required=True, help="OPT size (opt-30b) or an HF checkpoint directory")
+    parser.add_argument("--model", required=True, help="a model size of any family (opt-30b, llama-3.1-70b) or an HF checkpoint directory")
     parser.add_argument("--prompt-len", type=int, required=True, help="prompt length in tokens (the longest prompt)")
     parser.add_argument("--gen-len", type=int, required=True, help="new tokens generated per prompt")
     parser.add_argument("--num-prompts", type=int, default=None, help="prompts in the run (caps the block size)")

@@ -56,7 +56,8 @@ def load_engine(
     progress: Callable[[int, int, int], None] | None = None,
     threads: int | str | None = None,
 ) -> Engine:
-    """Build an engine for an HF OPT checkpoint directory or a synthetic OPT size name.
+    """Build an engine for an HF checkpoint directory of any registered family (OPT, Llama, Mistral, Qwen2,
+    or a plugin family), or a synthetic size name of any family (``opt-1.3b``, ``llama-3.1-8b``).
 
     ``dtype``: the model's dtype; ``auto`` is float16 on CUDA, bfloat16 on a CPU with native
     bfloat16 matrix instructions, float32 on other CPUs (:mod:`flexgen.dtypes`, which also says

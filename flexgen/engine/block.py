@@ -42,6 +42,7 @@ class GPUBatch:
     next_ids: torch.Tensor | None = None  # (B, 1) the tokens to embed in this step
     hidden: torch.Tensor | None = None  # resident in the batch's activation tier
     pending: HostAttention | None = None  # hidden states still being computed on the host
+    positions: torch.Tensor | None = None  # (B, n) this step's position ids, set by the embedding
     outputs: list[torch.Tensor] = field(default_factory=list)
     #: (B, prompt + new tokens) each row's tokens so far, on the compute device: what repetition
     #: penalty and stop strings look at. A row's left padding holds its own first token, so a

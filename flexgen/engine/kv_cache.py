@@ -26,7 +26,7 @@ from flexgen.engine.sizes import itemsize, numel
 from flexgen.engine.stats import EngineStats
 from flexgen.engine.transfers import Transfers
 from flexgen.errors import PluginError
-from flexgen.models import opt
+from flexgen.models.family import ModelFamily, ModelSpec
 from flexgen.policy import Policy, split_by_percent
 from flexgen.storage.base import StorageBackend
 
@@ -44,10 +44,14 @@ class CacheUnit:
 class KVCache:
     """The engine's KV cache: allocation, growth, and every read and write of it."""
 
-    def __init__(self, spec: opt.OPTSpec, policy: Policy, storage: Mapping[str, StorageBackend],
+    def __init__(self, family: ModelFamily, spec: ModelSpec, policy: Policy, storage: Mapping[str, StorageBackend],
                  compressor: Compressor, attention: AttentionBackend, attention_device: torch.device,
                  tier_location, dtype: torch.dtype, transfers: Transfers, stats: EngineStats, run_id: str) -> None:
+        self.family = family
         self.spec = spec
+        #: Per decoder layer: KV heads, head size, sliding window. Every unit has the shape of
+        #: layer 0's (families differ in windows per layer, not in KV heads).
+        self.geometry = [family.cache_geometry(spec, layer) for layer in range(spec.num_layers)]
         self.policy = policy
         self.storage = storage
         self.compressor = compressor
@@ -63,7 +67,7 @@ class KVCache:
         self._check_compressor()
 
     def _check_compressor(self) -> None:
-        shape = (3, 2, self.spec.num_heads, self.spec.head_dim)
+        shape = (3, 2, self.geometry[0].num_kv_heads, self.geometry[0].head_dim)
         for name, (part_shape, _) in self.compressor.part_specs(shape, self.dtype).items():
             if tuple(part_shape[:3]) != shape[:3]:
                 raise PluginError(
@@ -72,7 +76,17 @@ class KVCache:
                 )
 
     def _shape(self, length: int) -> tuple[int, int, int, int]:
-        return (length, self.policy.gpu_batch_size, self.spec.num_heads, self.spec.head_dim)
+        """(token, batch, KV head, dim): KV heads, not query heads, so a grouped-query model's
+        cache is ``num_heads / num_kv_heads`` times smaller than its queries would suggest."""
+        geometry = self.geometry[0]
+        return (length, self.policy.gpu_batch_size, geometry.num_kv_heads, geometry.head_dim)
+
+    def window_start(self, layer: int, length: int) -> int:
+        """The first position a query after ``length`` cached positions (its own included) attends to:
+        0, or the start of decoder layer ``layer``'s sliding window, so a windowed decode reads
+        no more of the cache than the window."""
+        window = self.geometry[layer].window
+        return 0 if window is None else max(0, length - window)
 
     # ------------------------------------------------------------------ allocation
 
@@ -135,13 +149,13 @@ class KVCache:
         by block, rather than the engine decompressing the whole prefix every step."""
         return self.attention.reads_packed_cache and not isinstance(self.compressor, NoCompression)
 
-    def read(self, unit: CacheUnit, length: int, dest: torch.device):
-        """Keys and values of positions [0, length) on ``dest``: as (B, H, t, D) tensors (views where
-        they already are), or, for an attention backend that reads packed caches, as PackedKV."""
-        shape = self._shape(length)
+    def read(self, unit: CacheUnit, length: int, dest: torch.device, start: int = 0):
+        """Keys and values of positions [start, length) on ``dest``: as (B, H_kv, t, D) tensors (views
+        where they already are), or, for an attention backend that reads packed caches, as PackedKV."""
+        shape = self._shape(length - start)
         out = []
         for parts in (unit.k, unit.v):
-            moved = {name: self.transfers.fetch(unit.tier, t[:length], dest) for name, t in parts.items()}
+            moved = {name: self.transfers.fetch(unit.tier, t[start:length], dest) for name, t in parts.items()}
             if self.reads_packed():
                 out.append(PackedKV(moved, self.compressor, shape, self.dtype))
             else:
@@ -164,7 +178,8 @@ class KVCache:
     def append(self, prefix, written: list[dict[str, torch.Tensor]], length: int, dest: torch.device):
         """A prefetched prefix of ``length`` positions with the token just written appended, as a
         read of the cache would return it (through the compressor): packed parts joined, or
-        decompressed and concatenated."""
+        decompressed and concatenated. (``length``: the positions the prefix holds, fewer than
+        the cache's under a sliding window.)"""
         written = [{n: p.to(dest) for n, p in packed.items()} for packed in written]
         new_shape = self._shape(1)
         if self.reads_packed():  # still packed: join the parts, compressed bytes only

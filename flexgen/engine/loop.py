@@ -40,11 +40,12 @@ from flexgen.engine.block import Block, GPUBatch, HostAttention, next_layers
 from flexgen.engine.kv_cache import KVCache
 from flexgen.engine.placement import PlacedWeight, WeightPlacement
 from flexgen.engine.sampling import Sampling, stream
+from flexgen.engine.sizes import numel
 from flexgen.engine.stats import EngineStats
 from flexgen.engine.transfers import Transfers
 from flexgen.errors import FlexGenError, PluginError, PromptError
-from flexgen.models import opt
 from flexgen.models.checkpoint import WeightSource
+from flexgen.models.families import family_for_spec
 from flexgen.policy import TIERS, Policy, split_by_percent
 from flexgen.scheduling.base import Task
 from flexgen.threads import ThreadGovernor
@@ -61,7 +62,11 @@ DEFAULT_PLUGINS: dict[str, Any] = {
 
 
 class Engine:
-    """Generates with an OPT model whose tensors are spread over tiers by a Policy."""
+    """Generates with a model of any family (OPT, Llama, ...) whose tensors are spread over tiers by a Policy.
+
+    The model's mathematics comes from its :class:`~flexgen.models.family.ModelFamily`; the
+    engine knows only the shared cut into model layers ``[embed, attn 0, mlp 0, ..., head]``.
+    """
 
     def __init__(
         self,
@@ -78,6 +83,8 @@ class Engine:
         weights are placed (from this thread), so a caller can show how a long load goes.
         ``threads``: intra-op threads to compute with (None: decided by :mod:`flexgen.threads`)."""
         self.spec = source.spec
+        #: The model's mathematics: every layer is computed through it, never by a family's name.
+        self.family = family_for_spec(self.spec)
         self.policy = policy
         self.device = device = resolve_device(device)
         self.dtype = dtype
@@ -117,11 +124,11 @@ class Engine:
 
         self.transfers = Transfers(self.storage, device, policy, self.stats)
         self.placement = WeightPlacement(
-            self.spec, policy, self.storage, self.weight_compressor,
+            self.family, self.spec, policy, self.storage, self.weight_compressor,
             repr(registry.parse_spec(self.plugins["weight_compressor"], "plugins.weight_compressor")),
             device, dtype, self.compute_dtype, self.transfers, self.stats, progress,
         )
-        self.cache = KVCache(self.spec, policy, self.storage, self.cache_compressor, self.attention,
+        self.cache = KVCache(self.family, self.spec, policy, self.storage, self.cache_compressor, self.attention,
                              self.attention_device, self.placement.tier_location, self.compute_dtype,
                              self.transfers, self.stats, self._run_id)
         self.attend = DecodeAttention(self.attention, self.attention_device, device, self.cache, self.transfers)
@@ -133,12 +140,20 @@ class Engine:
         #: Intra-op threads (flexgen/threads.py): on the CPU decided from the cores, their load
         #: and the work (the largest product of a decode step: the first MLP matrix); on CUDA
         #: only an explicit setting is applied, torch's own is kept otherwise.
-        work = 2 * policy.gpu_batch_size * self.spec.hidden_size * self.spec.ffn_dim
+        work = 2 * policy.gpu_batch_size * self._largest_mlp_matrix()
         self._threads = (ThreadGovernor(threads, work if not self._cuda else None)
                          if not self._cuda or threads is not None else None)
 
         self.placement.place(source)
         self._note_memory()
+
+    def _largest_mlp_matrix(self) -> int:
+        """Elements of the largest matrix of the first MLP layer (its family's weight specs)."""
+        for index in range(self.spec.num_model_layers):
+            if self.family.layer_kind(self.spec, index)[0] == "mlp":
+                return max((numel(w.shape) for w in self.family.layer_weights(self.spec, index) if len(w.shape) == 2),
+                           default=0)
+        return 0
 
     @property
     def layers(self) -> list[list[PlacedWeight]]:
@@ -368,24 +383,26 @@ class Engine:
             resident = block.batches[task.batch].hidden
             hidden = self.transfers.load_written(self.transfers.fetch, tier, resident, self.device)
         prefix = None
-        kind, layer = opt.layer_kind(self.spec, task.layer)
+        kind, layer = self.family.layer_kind(self.spec, task.layer)
         if kind == "attn" and step > 0:
             unit = block.cache[layer][task.batch]
             if not self.cache.resident_where_attended(unit):
-                prefix = self.transfers.load_written(self.cache.read, unit, length, self.attention_device)
+                # Only the positions the new token will attend to: all of them, or its sliding window.
+                start = self.cache.window_start(layer, length + 1)
+                prefix = self.transfers.load_written(self.cache.read, unit, length, self.attention_device, start)
         return hidden, prefix
 
     def _compute(self, block: Block, task: Task, step: int, length: int, weights: dict[str, torch.Tensor],
                  x: torch.Tensor | None, prefix) -> torch.Tensor | None:
         """Run one model layer for one GPU batch; returns its hidden states (None after the head,
         and None while a host attention computes them: ``batch.pending``)."""
-        spec, batch = self.spec, block.batches[task.batch]
-        kind, layer = opt.layer_kind(spec, task.layer)
+        spec, family, batch = self.spec, self.family, block.batches[task.batch]
+        kind, layer = family.layer_kind(spec, task.layer)
         prefill = step == 0
         if kind == "embed":
             return self._embed(batch, prefill, length, weights)
         if kind == "mlp":
-            return opt.mlp(spec, weights, x)
+            return family.mlp(spec, weights, x)
         if kind == "head":
             logits = self.placement.logits(weights, x)
             B = self.policy.gpu_batch_size
@@ -396,36 +413,39 @@ class Engine:
             batch.outputs.append(token)
             batch.next_ids = token
             return None
-        q, k, v = opt.attention_in(spec, weights, x)
+        q, k, v = family.attention_in(spec, weights, x, batch.positions)
         unit = block.cache[layer][task.batch]
         if prefill:
-            attn = self.attend.prefill(unit, batch, length, q, k, v)
+            attn = self.attend.prefill(unit, batch, length, q, k, v, layer)
         elif (self.host_attention_on_worker and self.cache.resident_where_attended(unit)
               and block.act_tiers[task.batch] == "gpu"):
-            batch.pending = HostAttention(self.attend.start_on_host(unit, batch, length, q, k, v), x, weights)
+            batch.pending = HostAttention(self.attend.start_on_host(unit, batch, length, q, k, v, layer), x, weights)
             return None
         else:
-            attn = self.attend.decode(unit, batch, length, q, k, v, prefix)
-        return opt.attention_out(spec, weights, x, attn)
+            attn = self.attend.decode(unit, batch, length, q, k, v, prefix, layer)
+        return family.attention_out(spec, weights, x, attn)
 
     def _embed(self, batch: GPUBatch, prefill: bool, length: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         """The embedding of this step's tokens; rows of tables that live off compute memory are gathered at home."""
         ids = batch.prompt_ids if prefill else batch.next_ids
         n = ids.shape[1]
+        family, seen = self.family, length + (0 if prefill else 1)
+        # This step's positions on the compute device, kept for the attention layers of the
+        # step (a rotary family rotates queries and keys by them in attention_in).
+        batch.positions = family.positions(batch.valid[:, :seen])[:, -n:]
         gathered = self.placement.gathered
         if not gathered:
-            positions = opt.positions_from_mask(batch.valid[:, : length + (0 if prefill else 1)])[:, -n:]
-            return opt.embed(self.spec, weights, ids, positions)
+            return family.embed(self.spec, weights, ids, batch.positions)
         # The row indices on the host: the prompt's are there already, a decoded token is
         # copied back from the device (a few bytes, once the sampler has produced it).
         host_ids = batch.prompt_ids_host if prefill else ids.cpu()
-        positions = opt.positions_from_mask(batch.valid_host[:, : length + (0 if prefill else 1)])[:, -n:]
+        positions = family.positions(batch.valid_host[:, :seen])[:, -n:]
         rows = {}
-        for name, index in opt.embedding_rows(host_ids, positions).items():
+        for name, index in family.embedding_rows(self.spec, host_ids, positions).items():
             placed = gathered.get(name)
             rows[name] = (self.placement.gather_rows(placed, index) if placed is not None
                           else F.embedding(index.to(self.device), weights[name]))
-        return opt.embed_rows(self.spec, weights, rows)
+        return family.embed_rows(self.spec, weights, rows)
 
     def _hidden(self, batch: GPUBatch) -> torch.Tensor | None:
         """The batch's hidden states, finishing its host attention first when one is pending."""
@@ -433,7 +453,7 @@ class Engine:
         if pending is not None:
             batch.pending = None
             attn = pending.future.result().to(self.device, non_blocking=True)
-            batch.hidden = opt.attention_out(self.spec, pending.weights, pending.x, attn)
+            batch.hidden = self.family.attention_out(self.spec, pending.weights, pending.x, attn)
         return batch.hidden
 
     def close(self) -> None:

@@ -24,8 +24,8 @@ from flexgen.compression.none import NoCompression
 from flexgen.engine.sizes import itemsize, nbytes, numel, release_freed_memory, short_hash
 from flexgen.engine.stats import EngineStats
 from flexgen.engine.transfers import Transfers
-from flexgen.models import opt
 from flexgen.models.checkpoint import WeightSource
+from flexgen.models.family import ModelFamily, ModelSpec, WeightSpec
 from flexgen.policy import Policy, split_by_percent
 from flexgen.storage.base import StorageBackend
 from flexgen.threads import affinity_cores, single_threaded_ops
@@ -41,7 +41,7 @@ HEAD_SLICE_BYTES = 32 << 20
 class PlacedWeight:
     """One weight tensor at home in a tier, possibly compressed into parts."""
 
-    spec: opt.WeightSpec
+    spec: WeightSpec
     tier: str
     parts: dict[str, torch.Tensor]
     compressed: bool
@@ -58,12 +58,13 @@ class Unpack:
 class WeightPlacement:
     """Where each weight of the model lives, and how a layer of them reaches compute."""
 
-    def __init__(self, spec: opt.OPTSpec, policy: Policy, storage: Mapping[str, StorageBackend],
+    def __init__(self, family: ModelFamily, spec: ModelSpec, policy: Policy, storage: Mapping[str, StorageBackend],
                  compressor: Compressor, compressor_id: str, device: torch.device, dtype: torch.dtype,
                  compute_dtype: torch.dtype, transfers: Transfers, stats: EngineStats,
                  progress: Callable[[int, int, int], None] | None = None) -> None:
         """``progress(layers placed, layers, tensors converted)`` is called as each model layer's
         weights are placed (from the placing thread), so a caller can show how a long load goes."""
+        self.family = family
         self.spec = spec
         self.policy = policy
         self.storage = storage
@@ -108,7 +109,7 @@ class WeightPlacement:
         in_flight: deque[list[Future]] = deque()
         with single_threaded_ops(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flexgen-place") as pool:
             for index in range(self.spec.num_model_layers):
-                specs = opt.layer_weights(self.spec, index)
+                specs = self.family.layer_weights(self.spec, index)
                 tiers = split_by_percent([numel(w.shape) for w in specs], percents)
                 in_flight.append([
                     pool.submit(self._place_one, source, weight, tier, f"{folder}/{weight.name}")
@@ -129,7 +130,7 @@ class WeightPlacement:
         if self.progress is not None:
             self.progress(len(self.layers), self.spec.num_model_layers, self.converted_weights)
 
-    def _place_one(self, source: WeightSource, weight: opt.WeightSpec, tier: str, key: str) -> PlacedWeight:
+    def _place_one(self, source: WeightSource, weight: WeightSpec, tier: str, key: str) -> PlacedWeight:
         backend = self.storage[tier]
         compressed = len(weight.shape) >= 2 and not isinstance(self.compressor, NoCompression)
         compressor = self.compressor if compressed else IDENTITY
@@ -162,7 +163,7 @@ class WeightPlacement:
             self.stats.compression["weights_stored_bytes"] += sum(nbytes(p) for p in parts.values())
         return PlacedWeight(weight, tier, parts, compressed)
 
-    def _prefers_column_major(self, weight: opt.WeightSpec, tier: str, compressed: bool) -> bool:
+    def _prefers_column_major(self, weight: WeightSpec, tier: str, compressed: bool) -> bool:
         """Whether to keep a matrix column-major, for CPU matmuls with few rows (decode).
 
         CPU GEMM with a handful of rows reads an (out, in)-contiguous weight several times
@@ -171,7 +172,7 @@ class WeightPlacement:
         embeddings are gathered by row.
         """
         return (self.device.type == "cpu" and tier == "gpu" and not compressed
-                and len(weight.shape) == 2 and not weight.local.startswith("embed_"))
+                and len(weight.shape) == 2 and weight.local not in self.family.embedding_tables)
 
     def _gathered_tables(self) -> dict[str, PlacedWeight]:
         """The embedding tables not already usable in compute memory, whose rows can be gathered at home.
@@ -183,7 +184,7 @@ class WeightPlacement:
         """
         gathered = {}
         for placed in self.layers[0] if self.layers else []:
-            if placed.spec.local not in opt.EMBEDDING_TABLES or (placed.tier == "gpu" and not placed.compressed):
+            if placed.spec.local not in self.family.embedding_tables or (placed.tier == "gpu" and not placed.compressed):
                 continue
             if placed.compressed and not keeps_rows(self.compressor, placed.spec.shape, self.dtype):
                 continue
@@ -243,8 +244,10 @@ class WeightPlacement:
         """
         packed = weights.get("lm_head.weight")
         if not isinstance(packed, Unpack):
-            return opt.head(self.spec, weights, x)
-        features = opt.head_features(self.spec, weights, x)  # (B, e)
+            return self.family.head(self.spec, weights, x)
+        features = self.family.head_features(self.spec, weights, x)  # (B, e)
+        if features is None:  # the family's head is more than one product: unpack it whole
+            return self.family.head(self.spec, {**weights, "lm_head.weight": self.unpacked(packed.placed, packed.parts)}, x)
         vocab, width = packed.placed.spec.shape
         rows = max(1, min(vocab, HEAD_SLICE_BYTES // (width * itemsize(self.compute_dtype))))
         compressor = self.compressor if packed.placed.compressed else IDENTITY

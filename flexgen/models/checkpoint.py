@@ -36,7 +36,8 @@ from typing import Protocol
 import torch
 
 from flexgen.errors import CheckpointError
-from flexgen.models.opt import OPT_SIZES, OPTSpec, WeightSpec, layer_weights, spec_for_size
+from flexgen.models.families import families, family_for_config
+from flexgen.models.family import ModelFamily, ModelSpec, WeightSpec
 from flexgen.storage.disk import map_safetensors
 
 _PREFIXES = ("model.decoder.", "decoder.", "model.")
@@ -45,7 +46,7 @@ _PREFIXES = ("model.decoder.", "decoder.", "model.")
 class WeightSource(Protocol):
     """Hands out one weight tensor at a time, on the device that asks for it."""
 
-    spec: OPTSpec
+    spec: ModelSpec
     #: True when ``get`` returns a new tensor each time, which the caller owns; False when it
     #: may return a view of the checkpoint's files (a memory map), which must be copied to keep
     fresh: bool
@@ -69,7 +70,11 @@ def _normalise(key: str) -> str:
 
 
 class HFCheckpoint:
-    """A local HF transformers checkpoint directory of an OPT model."""
+    """A local HF transformers checkpoint directory of a model of any registered family.
+
+    config.json's ``model_type`` chooses the family (:func:`~flexgen.models.families.family_for_config`),
+    which reads the spec and names each weight's checkpoint keys.
+    """
 
     fresh = False  # tensors are views of memory-mapped files
 
@@ -87,7 +92,8 @@ class HFCheckpoint:
             raise CheckpointError(f"{config_path}: unreadable config ({exc})") from exc
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_path}: not a JSON object")
-        self.spec = OPTSpec.from_hf_config(config, name=str(self.path))
+        self.family: ModelFamily = family_for_config(config, name=str(self.path))
+        self.spec = self.family.spec_from_hf_config(config, name=str(self.path))
         self.files = self._weight_files()
         self._index: dict[str, Path] = {}
         self._opened: dict[Path, dict[str, torch.Tensor]] = {}
@@ -144,13 +150,14 @@ class HFCheckpoint:
     def check(self) -> None:
         """Every weight the config implies is present with its shape: CheckpointError naming the first that is not."""
         for index in range(self.spec.num_model_layers):
-            for weight in layer_weights(self.spec, index):
+            for weight in self.family.layer_weights(self.spec, index):
                 self._lookup(weight)
 
     def _lookup(self, weight: WeightSpec) -> torch.Tensor:
-        name = weight.name
-        if name == "lm_head.weight" and name not in self._index:
-            name = "embed_tokens.weight"  # tied output embedding
+        # The family's names for the weight, the first present wins (a tied head falls back to
+        # the embedding), with the prefixes every family's checkpoints may carry taken off.
+        names = [weight.name] + [_normalise(key) for key in self.family.checkpoint_names(self.spec, weight)]
+        name = next((n for n in names if n in self._index), weight.name)
         if name not in self._index:
             raise CheckpointError(f"{self.path}: weight {weight.name!r} is missing from the checkpoint")
         tensors = self._open(self._index[name])
@@ -221,7 +228,7 @@ def _original_key(tensors: dict[str, torch.Tensor], name: str) -> str:
 
 
 class SyntheticWeights:
-    """Seeded synthetic weights of any OPT shape, made at memory speed: the benchmarks' model.
+    """Seeded synthetic weights of any model shape (any family's spec), made at memory speed: the benchmarks' model.
 
     Benchmarks place tens of gigabytes of these (OPT-30B is 60 GB in float16); drawing every
     value from a random generator runs at ~150 M values/s per thread, minutes per workload.
@@ -242,7 +249,7 @@ class SyntheticWeights:
     FILL_VERSION = 2
     fresh = True
 
-    def __init__(self, spec: OPTSpec, seed: int = 0, dtype: torch.dtype = torch.float16) -> None:
+    def __init__(self, spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.float16) -> None:
         self.spec = spec
         self.seed = seed
         self.dtype = dtype
@@ -323,14 +330,29 @@ class _SeededTable:
             return copy
 
 
+def synthetic_spec(model: str) -> ModelSpec | None:
+    """The spec of a published size of any family (``opt-1.3b``, ``facebook/opt-1.3b``,
+    ``llama-3.1-8b``), or None when no family publishes that name."""
+    name = str(model).lower().rsplit("/", 1)[-1]
+    for family in families().values():
+        if name in family.sizes():
+            return family.sizes()[name]
+    return None
+
+
+def size_names() -> list[str]:
+    """Every family's published size names, for the message that lists them."""
+    return [name for family in families().values() for name in family.sizes()]
+
+
 def open_source(model: str | Path, dtype: torch.dtype = torch.float16, seed: int = 0) -> WeightSource:
-    """An HF checkpoint directory, or synthetic weights for an OPT size name."""
+    """An HF checkpoint directory, or synthetic weights for a size name of any family."""
     path = Path(model)
     if path.is_dir():
         return HFCheckpoint(path)
-    name = str(model).lower().removeprefix("facebook/")
-    if name in OPT_SIZES:
-        return SyntheticWeights(spec_for_size(name), seed=seed, dtype=dtype)
+    spec = synthetic_spec(str(model))
+    if spec is not None:
+        return SyntheticWeights(spec, seed=seed, dtype=dtype)
     raise CheckpointError(
-        f"{model}: neither a checkpoint directory nor an OPT size ({', '.join(OPT_SIZES)})"
+        f"{model}: neither a checkpoint directory nor a model size ({', '.join(size_names())})"
     )

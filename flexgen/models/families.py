@@ -1,39 +1,52 @@
 """Which model families exist, and which one reads a given checkpoint or spec.
 
-Kept apart from :mod:`flexgen.models.family` (the interface) so that the interface does not
-import the families that implement it. (An entry-point group ``flexgen.models`` will add
-third-party families here.)
+Families are plugins (entry-point group ``flexgen.models``, :mod:`flexgen.registry`): flexgen's
+own ``pyproject.toml`` registers OPT and the Llama family, and a separate package registers a
+new family the same way, without a change to flexgen. Kept apart from
+:mod:`flexgen.models.family` (the interface) so that the interface does not import the families
+that implement it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flexgen.errors import CheckpointError
+from flexgen import registry
+from flexgen.errors import CheckpointError, PluginError
 from flexgen.models.family import ModelFamily, ModelSpec
-from flexgen.models.llama import LlamaFamily
-from flexgen.models.opt_family import OPTFamily
 
 
 def families() -> dict[str, ModelFamily]:
-    """The built-in families by name. (An entry-point group ``flexgen.models`` will add plugins.)"""
-    return {family.name: family for family in (OPTFamily(), LlamaFamily())}
+    """Every registered family by name, built-ins first (the registry caches the classes)."""
+    out = {}
+    for name in registry.available("model"):
+        family = registry.load("model", name)()
+        if not isinstance(family, ModelFamily):
+            raise PluginError(f"model plugin {name!r} is a {type(family).__name__}, not a flexgen ModelFamily")
+        out[name] = family
+    return out
 
 
 def family_for_config(config: dict[str, Any], name: str = "model") -> ModelFamily:
-    """The family that reads an HF ``config.json`` dict; CheckpointError naming its model_type otherwise."""
+    """The family that reads an HF ``config.json`` dict; CheckpointError naming its model_type and
+    listing the registered families otherwise."""
     model_type = config.get("model_type") if isinstance(config, dict) else None
     known = families().values()
     for family in known:
         if model_type in family.model_types:
             return family
-    types = ", ".join(t for family in known for t in family.model_types)
-    raise CheckpointError(f"{name}: config.json model_type {model_type!r} is not one flexgen runs ({types})")
+    listed = "; ".join(f"{family.name} ({', '.join(family.model_types)})" for family in known)
+    raise CheckpointError(f"{name}: config.json model_type {model_type!r} is not one flexgen runs; "
+                          f"registered model families: {listed}")
 
 
 def family_for_spec(spec: ModelSpec) -> ModelFamily:
-    """The family a spec was made by."""
-    for family in families().values():
+    """The family a spec was made by: the one whose spec type it is exactly, else a subclass's parent."""
+    known = list(families().values())
+    for family in known:
+        if type(spec) is family.spec_type:
+            return family
+    for family in known:
         if isinstance(spec, family.spec_type):
             return family
     raise TypeError(f"no model family makes specs of type {type(spec).__name__}")

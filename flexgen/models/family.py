@@ -313,6 +313,13 @@ class ModelFamily(ABC):
     def head(self, spec: ModelSpec, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Logits (B, vocab) of the last position of hidden states (B, n, hidden)."""
 
+    def head_features(self, spec: ModelSpec, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor | None:
+        """What the output embedding ``lm_head.weight`` multiplies, (B, e), for a family whose logits
+        are that product alone: the engine may then compute them a slice of the embedding's rows at
+        a time, never unpacking the largest weight whole. None (the default): it unpacks the whole
+        embedding and calls :meth:`head`."""
+        return None
+
     # ---- whole attention layers over a plain cache (the reference the engine's split must equal)
 
     def attention_prefill(self, spec: ModelSpec, layer: int, w: dict[str, torch.Tensor], x: torch.Tensor,

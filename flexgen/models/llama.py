@@ -605,9 +605,14 @@ def mlp(spec: LlamaSpec, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.T
     return x + F.linear(gate * up, w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"))
 
 
+def head_features(spec: LlamaSpec, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """What the output embedding multiplies: the last position of hidden states (B, n, hidden), normed."""
+    return rms_norm(x[:, -1], w["norm.weight"], spec.rms_norm_eps)
+
+
 def head(spec: LlamaSpec, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Logits (B, vocab) of the last position of hidden states (B, n, hidden)."""
-    return F.linear(rms_norm(x[:, -1], w["norm.weight"], spec.rms_norm_eps), w["lm_head.weight"])
+    return F.linear(head_features(spec, w, x), w["lm_head.weight"])
 
 
 # --------------------------------------------------------------------------- the family
@@ -658,3 +663,6 @@ class LlamaFamily(ModelFamily):
 
     def head(self, spec: LlamaSpec, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return head(spec, w, x)
+
+    def head_features(self, spec: LlamaSpec, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return head_features(spec, w, x)

@@ -81,3 +81,6 @@ class OPTFamily(ModelFamily):
 
     def head(self, spec: OPTSpec, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return opt.head(spec, w, x)
+
+    def head_features(self, spec: OPTSpec, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return opt.head_features(spec, w, x)

@@ -46,8 +46,8 @@ from typing import Any
 
 from flexgen.errors import ConfigError
 from flexgen.planner.hardware import HardwareProfile, format_bytes
-from flexgen.models import opt
-from flexgen.models.opt import OPTSpec
+from flexgen.models.families import family_for_spec
+from flexgen.models.family import ModelSpec
 from flexgen.policy import Policy, split_by_percent
 
 LINKS = ("disk->cpu", "cpu->gpu", "gpu->cpu", "cpu->disk")
@@ -123,15 +123,66 @@ class _Tensor:
     row: tuple[int, ...] | None = None  # an embedding table whose rows can be gathered where it lives: one row's shape
 
 
+#: The model layer whose weights stand for every layer of a kind (all attention layers are alike, all MLPs).
+_KIND_INDEX = {"embed": lambda spec: 0, "attn": lambda spec: 1, "mlp": lambda spec: 2,
+               "head": lambda spec: spec.num_model_layers - 1}
+
+
+@dataclass(frozen=True)
+class _Arithmetic:
+    """What the cost model needs of a model's mathematics, from its family (so any family is priced).
+
+    Per token (of one sequence): matrix-product FLOPs of each kind of layer (the head's per
+    sequence), cache bytes per token of one attention layer uncompressed, the KV heads and head
+    size a cache unit holds, the widest MLP activation, and the sliding window of each layer
+    (None: full attention). For OPT these are the cost model's former formulas exactly
+    (8·h², 4·h·ffn, 2·h·E + 2·E·V; 2·h per token of cache).
+    """
+
+    flops: dict[str, int]
+    cache_raw: int  # bytes per token of k and v of one layer, in the compute dtype's size 1 (multiply by dsize)
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    windows: tuple[int | None, ...]
+    attention_per_key: int  # attention FLOPs per (query, key) pair: 4 · query heads · head_dim
+
+    def keys(self, context: float) -> float:
+        """Keys a query over ``context`` positions attends to, averaged over the layers (fewer in a window).
+
+        ``context`` itself (its type too) without windows, so full-attention figures are unchanged."""
+        if all(w is None for w in self.windows):
+            return context
+        return sum(context if w is None else min(context, w) for w in self.windows) / len(self.windows)
+
+
 @lru_cache(maxsize=256)
-def _layer_tensors(spec: OPTSpec, kind: str, compression: str, dtype: str) -> tuple[_Tensor, ...]:
-    index = {"embed": 0, "attn": 1, "mlp": 2, "head": spec.num_model_layers - 1}[kind]
+def arithmetic(spec: ModelSpec) -> _Arithmetic:
+    """The family's arithmetic of ``spec`` (memoised: the policy search asks for it often)."""
+    family = family_for_spec(spec)
+    flops = {kind: family.matmul_flops(spec, index(spec), 1) for kind, index in _KIND_INDEX.items()}
+    geometry = family.cache_geometry(spec, 0)
+    mlp = [w.shape[0] for w in family.layer_weights(spec, 2) if len(w.shape) == 2]
+    return _Arithmetic(
+        flops=flops,
+        cache_raw=family.cache_bytes_per_token(spec, 0, 1),
+        kv_heads=geometry.num_kv_heads,
+        head_dim=geometry.head_dim,
+        ffn=max(mlp, default=spec.hidden_size),
+        windows=tuple(family.cache_geometry(spec, layer).window for layer in range(spec.num_layers)),
+        attention_per_key=family.attention_flops(spec, 0, 1, 1),
+    )
+
+
+@lru_cache(maxsize=256)
+def _layer_tensors(spec: ModelSpec, kind: str, compression: str, dtype: str) -> tuple[_Tensor, ...]:
+    family = family_for_spec(spec)
     out = []
-    for w in opt.layer_weights(spec, index):
+    for w in family.layer_weights(spec, _KIND_INDEX[kind](spec)):
         numel = math.prod(w.shape)
         compressed = len(w.shape) >= 2 and compression != "none"
         comp = compression if compressed else "none"
-        gatherable = w.name in opt.EMBEDDING_TABLES and (not compressed or _keeps_rows(comp, w.shape, dtype))
+        gatherable = w.name in family.embedding_tables and (not compressed or _keeps_rows(comp, w.shape, dtype))
         out.append(_Tensor(numel, numel * _DTYPE_SIZE[dtype], stored_bytes(w.shape, comp, dtype), compressed,
                            tuple(w.shape[1:]) if gatherable else None))
     return tuple(out)
@@ -190,13 +241,13 @@ def _place_layer(tensors: tuple[_Tensor, ...], gpu: float, cpu: float, cuda: boo
 
 
 @lru_cache(maxsize=65536)
-def _place_layers(spec: OPTSpec, compression: str, dtype: str, gpu: float, cpu: float, cuda: bool) -> dict[str, _LayerWeights]:
+def _place_layers(spec: ModelSpec, compression: str, dtype: str, gpu: float, cpu: float, cuda: bool) -> dict[str, _LayerWeights]:
     """The four kinds of model layer under one weight placement (memoised: the search asks often)."""
     return {kind: _place_layer(_layer_tensors(spec, kind, compression, dtype), gpu, cpu, cuda)
             for kind in ("embed", "attn", "mlp", "head")}
 
 
-def cache_unit_counts(spec: OPTSpec, policy: Policy) -> list[dict[str, int]]:
+def cache_unit_counts(spec: ModelSpec, policy: Policy) -> list[dict[str, int]]:
     """Per decoder layer, how many of its GPU batches' cache units live in each tier."""
     pct = policy.percents("cache")
     return [dict(c) for c in _cache_counts(spec.num_layers, policy.num_gpu_batches, pct["gpu"], pct["cpu"])]
@@ -452,7 +503,7 @@ def estimate_options(plugins: dict[str, Any] | None) -> dict[str, str]:
 
 
 def estimate(
-    spec: OPTSpec,
+    spec: ModelSpec,
     policy: Policy,
     workload: Workload | tuple[int, int],
     hardware: HardwareProfile,
@@ -490,7 +541,9 @@ def estimate(
     cuda = rates.cuda
     dsize = _DTYPE_SIZE[dtype]
     B, K, L = policy.gpu_batch_size, policy.num_gpu_batches, spec.num_layers
-    h, H, D, ffn, V, E = spec.hidden_size, spec.num_heads, spec.head_dim, spec.ffn_dim, spec.vocab_size, spec.word_embed_proj_dim
+    h, V = spec.hidden_size, spec.vocab_size
+    model = arithmetic(spec)  # the family's FLOPs and cache geometry
+    ffn = model.ffn
 
     # Weights, per layer kind (all attention layers alike, all MLP layers alike).
     wpct = policy.percents("weights")
@@ -498,8 +551,9 @@ def estimate(
     multiplicity = _layers_of_kind(L)
 
     # Cache: bytes per token of one unit (k and v), grouped layers with the same tier mix.
-    cache_token = 2 * stored_bytes((1, B, H, D), ccomp, dtype)
-    cache_token_raw = 2 * B * h * dsize
+    # KV heads, not query heads: a grouped-query model's cache is smaller than its queries.
+    cache_token = 2 * stored_bytes((1, B, model.kv_heads, model.head_dim), ccomp, dtype)
+    cache_token_raw = B * model.cache_raw * dsize
     cpct = policy.percents("cache")
     cache_groups, cache_units = _cache_groups(L, K, cpct["gpu"], cpct["cpu"])
 
@@ -544,16 +598,16 @@ def estimate(
 
             # Compute per GPU batch.
             if kind == "embed":
-                flops = 2 * B * tokens * h * E if E != h else 0.0
-                touched = B * tokens * h * dsize * 2 + (h * E * dsize if E != h else 0)
+                flops = B * tokens * model.flops["embed"] if model.flops["embed"] else 0.0
+                touched = B * tokens * h * dsize * 2 + (model.flops["embed"] // 2 * dsize)
             elif kind == "attn":
-                flops = 8 * B * tokens * h * h
+                flops = B * tokens * model.flops["attn"]
                 touched = lw.raw_total + 6 * B * tokens * h * dsize
             elif kind == "mlp":
-                flops = 4 * B * tokens * h * ffn
+                flops = B * tokens * model.flops["mlp"]
                 touched = lw.raw_total + 2 * B * tokens * (h + ffn) * dsize
             else:
-                flops = 2 * B * E * V + (2 * B * h * E if E != h else 0)
+                flops = B * model.flops["head"]  # the last position of each sequence only
                 touched = lw.raw_total + B * V * 4
             gpu_s = rates.gpu_op(flops, touched)
             gpu_flops = flops
@@ -587,25 +641,27 @@ def estimate(
                 for tier, units in mix:
                     if prefill:
                         # SDPA over the prompt on the compute device; the prompt's k, v written home.
-                        fl = 4 * B * s * s * h
+                        fl = B * s * model.keys(s) * model.attention_per_key
                         att_gpu_flops += units * fl
                         att_gpu_s += units * rates.gpu_op(fl, 4 * B * s * h * dsize)
                         _store(c_store_async if stores_async(tier, prefill) else c_store, tier, units * s * cache_token, cuda)
                         if ccomp != "none":
                             att_gpu_s += units * rates.codec(s * cache_token_raw, False)
                         continue
-                    fl = 4 * B * t * h
+                    # Under a sliding window a decode step reads (and fetches) only the window.
+                    keys = model.keys(t)
+                    fl = B * keys * model.attention_per_key
                     on_host = not attention_on_gpu  # CPU attention (on the host)
                     here = resident_where_attended(tier)
                     if not here:
-                        _move(c_load, tier, not on_host, units * t * cache_token, cuda)
+                        _move(c_load, tier, not on_host, units * keys * cache_token, cuda)
                         # the fetched prefix is concatenated with the new token where attention runs
-                        copy_s = units * rates.mem_pass(2 * t * cache_token_raw, on_host)
+                        copy_s = units * rates.mem_pass(2 * keys * cache_token_raw, on_host)
                         att_cpu_s, att_gpu_s = (att_cpu_s + copy_s, att_gpu_s) if on_host else (att_cpu_s, att_gpu_s + copy_s)
                     if ccomp != "none":
                         # decompressed where attention runs (on the cache I/O thread when fetched, but on
                         # the same processor as the compute, so it is counted there)
-                        codec_s = units * rates.codec(t * cache_token_raw, on_host)
+                        codec_s = units * rates.codec(keys * cache_token_raw, on_host)
                         att_cpu_s, att_gpu_s = (att_cpu_s + codec_s, att_gpu_s) if on_host else (att_cpu_s, att_gpu_s + codec_s)
                     if on_host:
                         att_cpu_flops += units * fl
@@ -615,7 +671,7 @@ def estimate(
                             extra_store_s += units * B * h * dsize / hw.h2d_bandwidth
                     else:
                         att_gpu_flops += units * fl
-                        att_gpu_s += units * rates.gpu_op(fl, 2 * t * cache_token_raw)
+                        att_gpu_s += units * rates.gpu_op(fl, 2 * keys * cache_token_raw)
                     _store(c_store_async if stores_async(tier, prefill) else c_store, tier, units * cache_token, cuda)
 
                 loads = dict(wbytes)
@@ -658,7 +714,7 @@ def estimate(
 
     memory = _memory(
         spec, policy, layers, cache_units, cache_token, act_tiers, parks_act, s, n, dsize, attention_on_gpu, cuda,
-        resident_where_attended, ccomp,
+        resident_where_attended, ccomp, cache_token_raw, ffn,
     )
     if workload.num_prompts is None:
         blocks, generated = 1, policy.block_size * n
@@ -710,7 +766,7 @@ def _step_seconds(own: dict[str, list[tuple[int, float, float, float]]], weight_
 
 
 def _memory(spec, policy, layers, cache_units, cache_token, act_tiers, parks_act, s, n, dsize, attention_on_gpu, cuda,
-            resident_where_attended, ccomp) -> dict[str, dict[str, float]]:
+            resident_where_attended, ccomp, cache_token_raw, ffn) -> dict[str, dict[str, float]]:
     """Peak bytes per tier (see the module docstring for what is counted).
 
     Resident tensors count their stored bytes, pinned or not: the CPU tier page-locks its own
@@ -718,7 +774,7 @@ def _memory(spec, policy, layers, cache_units, cache_token, act_tiers, parks_act
     changes copy bandwidth, which :func:`estimate` prices.
     """
     B = policy.gpu_batch_size
-    h, H, ffn, V = spec.hidden_size, spec.num_heads, spec.ffn_dim, spec.vocab_size
+    h, H, V = spec.hidden_size, spec.num_heads, spec.vocab_size
     T = s + n
     mem = {tier: dict.fromkeys(("weights", "cache", "act", "staging", "working"), 0.0) for tier in ("gpu", "cpu", "disk")}
     counts = _layers_of_kind(spec.num_layers)
@@ -737,7 +793,7 @@ def _memory(spec, policy, layers, cache_units, cache_token, act_tiers, parks_act
     staging = fetched[-1] + fetched[-2]
     # Decode cache prefixes brought to the attention device: the prefetched one, the current
     # one and its concatenation with the new token; a compressed resident cache is decompressed.
-    raw_unit = 2 * B * T * h * dsize
+    raw_unit = T * cache_token_raw
     fetched_cache = any(not resident_where_attended(t) for t in cache_units)
     cache_stage = 3 * raw_unit if fetched_cache else (raw_unit if ccomp != "none" else 0)
     working = max(
@@ -758,7 +814,7 @@ def _memory(spec, policy, layers, cache_units, cache_token, act_tiers, parks_act
         mem["gpu"]["staging"] += cache_stage
     else:
         # CPU attention: the cache prefix converted to float32, and the scores.
-        mem["cpu"]["staging"] += cache_stage + 2 * B * T * h * 4 + B * H * T * 4
+        mem["cpu"]["staging"] += cache_stage + raw_unit // dsize * 4 + B * H * T * 4
     for parts in mem.values():
         parts["total"] = sum(parts.values())
     return mem

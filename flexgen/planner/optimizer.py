@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from flexgen.errors import PolicyError
-from flexgen.models.opt import OPTSpec, spec_for_size
+from flexgen.models.family import ModelSpec
 from flexgen.planner.costmodel import Estimate, Workload, _layer_tensors, count_below, estimate
 from flexgen.planner.hardware import HardwareProfile, format_bytes, get_hardware
 from flexgen.policy import Policy
@@ -123,7 +123,7 @@ def _nice(lo: float, hi: float) -> float:
     return round(hi, 6)
 
 
-def weight_edges(spec: OPTSpec, compression: str, dtype: str) -> list[float]:
+def weight_edges(spec: ModelSpec, compression: str, dtype: str) -> list[float]:
     """Cumulative percentages worth trying as a weight tier edge: one per gap between big-tensor midpoints."""
     mids = set()
     for kind in ("embed", "attn", "mlp", "head"):
@@ -346,7 +346,7 @@ class _Search:
 
 
 def auto_policy(
-    spec: OPTSpec,
+    spec: ModelSpec,
     prompt_len: int,
     gen_len: int,
     hardware: HardwareProfile | None = None,
@@ -464,7 +464,7 @@ def hand_written_grid() -> list[tuple[Policy, dict[str, str]]]:
 
 
 def auto_policy_for_run(
-    spec: OPTSpec,
+    spec: ModelSpec,
     prompt_len: int,
     gen_len: int,
     num_prompts: int | None = None,
@@ -486,8 +486,8 @@ def auto_policy_for_run(
 # --------------------------------------------------------------------------- a model to plan for
 
 
-def load_spec(model: str) -> OPTSpec:
-    """An OPT size name, or an HF checkpoint directory (its config.json)."""
+def load_spec(model: str) -> ModelSpec:
+    """A size name of any family (``opt-30b``, ``llama-3.1-70b``), or an HF checkpoint directory (its config.json)."""
     from flexgen.errors import CheckpointError
 
     path = Path(model)
@@ -501,7 +501,14 @@ def load_spec(model: str) -> OPTSpec:
             values = json.loads(read_small(config))
         except ValueError as exc:
             raise CheckpointError(f"{config}: not valid JSON ({exc})") from exc
-        return OPTSpec.from_hf_config(values, name=path.name)
-    return spec_for_size(model)
+        from flexgen.models.families import family_for_config
+
+        return family_for_config(values, name=str(config)).spec_from_hf_config(values, name=path.name)
+    from flexgen.models.checkpoint import size_names, synthetic_spec
+
+    spec = synthetic_spec(model)
+    if spec is None:
+        raise CheckpointError(f"unknown model size {model!r}; sizes: {', '.join(size_names())}")
+    return spec
 
 

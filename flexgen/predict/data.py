@@ -304,7 +304,7 @@ def check_prompts(prompts: Sequence[Prompt], vocab_size: int, max_positions: int
 
 
 def load_prompts(cfg: Any, tokenizer: Any, spec: Any, given: Sequence[Any] | None = None) -> list[Prompt]:
-    """The prompts a config's ``data.*`` names (or ``given`` from Python), checked against the model (an ``OPTSpec``)."""
+    """The prompts a config's ``data.*`` names (or ``given`` from Python), checked against the model (its family's spec)."""
     d = cfg.data
     if given is not None:
         prompts = prompts_from_list(given, tokenizer)

@@ -73,15 +73,16 @@ def weight_rows(spec: Any, policy: Policy, weight_compressor: Any, dtype: str) -
     """
     from flexgen import registry
     from flexgen.engine import DTYPES
-    from flexgen.models import opt
+    from flexgen.models.families import family_for_spec
 
+    family = family_for_spec(spec)
     compressor = registry.create("compressor", weight_compressor, where="plugins.weight_compressor")
     identity = registry.create("compressor", "none")
     rows = []
     for index in range(spec.num_model_layers):
-        specs = opt.layer_weights(spec, index)
+        specs = family.layer_weights(spec, index)
         tiers = split_by_percent([math.prod(w.shape) for w in specs], policy.percents("weights"))
-        kind, decoder_layer = opt.layer_kind(spec, index)
+        kind, decoder_layer = family.layer_kind(spec, index)
         row = {"layer": index, "kind": kind, "decoder_layer": decoder_layer,
                "tensors": dict.fromkeys(TIERS, 0), "bytes": dict.fromkeys(TIERS, 0)}
         for weight, tier in zip(specs, tiers):
@@ -117,7 +118,11 @@ def make_plan(cfg: FlexGenConfig) -> RunPlanView:
     weights = weight_rows(spec, policy, plugins["weight_compressor"], cfg.model.dtype)
 
     L, K, B = spec.num_layers, policy.num_gpu_batches, policy.gpu_batch_size
-    unit_bytes = 2 * int(cache_compressor.nbytes((prompt_len + gen_len, B, spec.num_heads, spec.head_dim), dtype))
+    from flexgen.models.families import family_for_spec
+
+    geometry = family_for_spec(spec).cache_geometry(spec, 0)  # KV heads, as the engine's cache units hold them
+    unit_bytes = 2 * int(cache_compressor.nbytes((prompt_len + gen_len, B, geometry.num_kv_heads, geometry.head_dim),
+                                                 dtype))
     cache_tiers = split_by_percent([1] * (L * K), policy.percents("cache"))
     cache = []
     for batch in range(K):

@@ -32,14 +32,19 @@ log = logging.getLogger(__name__)
 
 
 def resolve_model(cfg: FlexGenConfig) -> tuple[str, Path | None, Any]:
-    """(what to pass load_engine, the checkpoint folder or None, the OPTSpec), checked cheaply."""
-    from flexgen.models.opt import OPTSpec, spec_for_size
+    """(what to pass load_engine, the checkpoint folder or None, the model's spec), checked cheaply.
+
+    Any registered family: config.json's model_type chooses it, a synthetic name is looked up
+    among every family's sizes.
+    """
+    from flexgen.models.checkpoint import size_names, synthetic_spec
+    from flexgen.models.families import family_for_config
 
     if cfg.model.synthetic is not None:
-        try:
-            return cfg.model.synthetic, None, spec_for_size(cfg.model.synthetic)
-        except CheckpointError as exc:
-            raise ConfigError(f"model.synthetic: {exc}") from exc
+        spec = synthetic_spec(cfg.model.synthetic)
+        if spec is None:
+            raise ConfigError(f"model.synthetic: unknown size {cfg.model.synthetic!r}; sizes: {', '.join(size_names())}")
+        return cfg.model.synthetic, None, spec
     path = cfg.model.path
     if path.startswith(BUILTIN_PREFIX):
         from flexgen.models.quickstart import resolve_builtin
@@ -49,14 +54,14 @@ def resolve_model(cfg: FlexGenConfig) -> tuple[str, Path | None, Any]:
         folder = Path(os.path.expanduser(path)).absolute()
     if not folder.exists():
         raise CheckpointError(
-            f"model.path: {folder} does not exist; download an HF OPT checkpoint there, or run on random "
+            f"model.path: {folder} does not exist; download an HF checkpoint there, or run on random "
             "weights with model.path=null model.synthetic=<size>"
         )
     if not folder.is_dir():
-        raise CheckpointError(f"model.path: {folder} is not a folder; an HF OPT checkpoint is a folder with config.json")
+        raise CheckpointError(f"model.path: {folder} is not a folder; an HF checkpoint is a folder with config.json")
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise CheckpointError(f"model.path: {folder} has no config.json, so it is not an HF OPT checkpoint")
+        raise CheckpointError(f"model.path: {folder} has no config.json, so it is not an HF checkpoint")
     from flexgen.models.checkpoint import read_small
 
     try:
@@ -68,7 +73,7 @@ def resolve_model(cfg: FlexGenConfig) -> tuple[str, Path | None, Any]:
     if not isinstance(raw, dict):
         raise CheckpointError(f"model.path: {config_file} is not a JSON object")
     try:
-        spec = OPTSpec.from_hf_config(raw, name=str(folder))
+        spec = family_for_config(raw, name=str(folder)).spec_from_hf_config(raw, name=str(folder))
     except CheckpointError as exc:
         raise CheckpointError(f"model.path: {exc}") from exc
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
@@ -356,7 +361,7 @@ class RunPlan:
     """Everything a run needs that can be worked out (and checked) before the output is touched."""
 
     model: str  # what load_engine gets: a checkpoint folder or an OPT size
-    spec: Any  # OPTSpec
+    spec: Any  # the model family's spec (OPTSpec, LlamaSpec, ...)
     tokenizer: Any
     prompts: list[Prompt]
     policy: Policy

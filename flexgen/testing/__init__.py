@@ -5,6 +5,7 @@ plain classes in a test module and saying how to build the plugin::
 
     # tests/test_my_compressor.py in a third-party package
     from flexgen.testing.compression import CompressorContract
+from flexgen.testing.models import ModelFamilyContract
     from my_package import MyCompressor
 
     class TestMyCompressor(CompressorContract):
@@ -21,6 +22,8 @@ The suites (each a class with ``test_*`` methods; pytest collects them through y
 - :class:`flexgen.testing.attention.AttentionBackendContract` — ``make_attention()``
 - :class:`flexgen.testing.compression.CompressorContract` — ``make_compressor()``
 - :class:`flexgen.testing.scheduling.SchedulerContract` — ``make_scheduler()``
+- :class:`flexgen.testing.models.ModelFamilyContract` — ``make_family()`` and ``make_config()``
+  (a tiny HF ``config.json`` dict of the family)
 
 Each suite reaches the plugin through a fixture (``storage``, ``attention``, ``compressor``,
 ``scheduler``) that calls the factory method, so a subclass may instead override the fixture,
@@ -35,7 +38,9 @@ pytest's ``tmp_path``. Helpers for suites of your own: ``flexgen.testing._random
 
 from flexgen.testing.attention import AttentionBackendContract
 from flexgen.testing.compression import CompressorContract
+from flexgen.testing.models import ModelFamilyContract
 from flexgen.testing.scheduling import SchedulerContract
 from flexgen.testing.storage import StorageBackendContract
 
-__all__ = ["AttentionBackendContract", "CompressorContract", "SchedulerContract", "StorageBackendContract"]
+__all__ = ["AttentionBackendContract", "CompressorContract", "ModelFamilyContract", "SchedulerContract",
+           "StorageBackendContract"]

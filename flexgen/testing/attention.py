@@ -12,6 +12,10 @@ A backend that declares ``accepts_unmasked`` must give the same results with ``v
 decompressing the whole prefix at once: a recording compressor checks that every piece it
 decompresses is smaller than the prefix (``packed_long_shape`` sets the prefix; a backend
 whose blocks are larger raises it).
+
+One that declares ``accepts_grouped_kv`` takes ``k`` and ``v`` with fewer heads than ``q``
+(grouped-query attention, as Llama's and Mistral's caches hold them), packed or not, and a
+sliding ``window`` in prefill; it must equal repeating each KV head for its group of queries.
 """
 
 from __future__ import annotations
@@ -268,3 +272,74 @@ class AttentionBackendContract:
         assert covered >= 2 * t, f"the pieces cover {covered} positions, fewer than the keys and values"
         expected = reference_attention(q.cpu(), pk.decompress().cpu(), pv.decompress().cpu(), valid.cpu()[:, None, None, :])
         self._check(out, expected, q, torch.float32, seed)
+
+    # -- grouped-query attention and sliding windows -----------------------------------------
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("b,h,kv_heads,t,d", [(3, 4, 2, 7, 16), (2, 6, 1, 40, 32), (1, 8, 4, 1, 8)])
+    def test_decode_grouped_kv_matches_repeated_heads(self, attention: AttentionBackend, dtype, b, h, kv_heads, t,
+                                                      d) -> None:
+        """Fewer KV heads than query heads, as the engine's cache views: query head i reads KV head
+        ``i // (h / kv_heads)`` (HF's ``repeat_kv``); the cache is left as it was."""
+        self._skip_unless(attention, "accepts_grouped_kv")
+        gen, seed = fresh_generator()
+        device = attention.device(torch.device(self.compute_device))
+        q, k, v = self._inputs((b, h, 1, d), (b, kv_heads, t, d), dtype, device, gen)
+        valid = random_valid(b, t, gen).to(device)
+        kv, vv = cache_views(k, v)
+        before = kv.clone(), vv.clone()
+        out = attention.decode(q, kv, vv, valid)
+        group = h // kv_heads
+        expected = self.reference_decode(attention, q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                         valid)
+        self._check(out, expected, q, dtype, seed)
+        assert torch.equal(kv, before[0]) and torch.equal(vv, before[1]), "decode modified the cache"
+        if getattr(attention, "accepts_unmasked", False):
+            everything = torch.ones(b, t, dtype=torch.bool, device=device)
+            expected = self.reference_decode(attention, q, k.repeat_interleave(group, 1),
+                                             v.repeat_interleave(group, 1), everything)
+            self._check(attention.decode(q, kv, vv, None), expected, q, dtype, seed)
+
+    @pytest.mark.parametrize("name", sorted(PACKED_COMPRESSORS))
+    def test_decode_grouped_kv_packed(self, attention: AttentionBackend, name) -> None:
+        """A packed cache of KV heads, grouped queries: as dequantise, repeat, then attend."""
+        self._skip_unless(attention, "accepts_grouped_kv")
+        self._skip_unless(attention, "reads_packed_cache")
+        gen, seed = fresh_generator()
+        device = attention.device(torch.device(self.compute_device))
+        b, h, kv_heads, t, d = 2, 6, 2, 37, 32
+        q, k, v = self._inputs((b, h, 1, d), (b, kv_heads, t, d), torch.float32, device, gen)
+        valid = random_valid(b, t, gen).to(device)
+        compressor = PACKED_COMPRESSORS[name]()
+        pk, pv = packed_cache(k, compressor), packed_cache(v, compressor)
+        out = attention.decode(q, pk, pv, valid)
+        group = h // kv_heads
+        expected = reference_attention(q.cpu(), pk.decompress().cpu().repeat_interleave(group, 1),
+                                       pv.decompress().cpu().repeat_interleave(group, 1), valid.cpu()[:, None, None, :])
+        self._check(out, expected, q, torch.float32, seed)
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    @pytest.mark.parametrize("b,h,kv_heads,n,d,window", [(3, 4, 2, 9, 16, 3), (2, 4, 4, 6, 8, 2), (1, 6, 1, 12, 16, None)])
+    def test_prefill_grouped_kv_and_sliding_window(self, attention: AttentionBackend, dtype, b, h, kv_heads, n, d,
+                                                   window) -> None:
+        """Prefill with fewer KV heads and (when given) a sliding window: query i sees keys
+        ``i - window < j <= i`` that are not padding (each position always sees itself)."""
+        self._skip_unless(attention, "accepts_grouped_kv")
+        gen, seed = fresh_generator()
+        device = torch.device(self.compute_device)
+        q, k, v = self._inputs((b, h, n, d), (b, kv_heads, n, d), dtype, device, gen)
+        valid = random_valid(b, n, gen)
+        i = torch.arange(n)
+        allowed = (i[None, :] <= i[:, None])[None] & valid[:, None, :]
+        if window is not None:
+            allowed &= (i[None, :] > i[:, None] - window)[None]
+        allowed |= torch.eye(n, dtype=torch.bool)[None]
+        if window is None:
+            out = attention.prefill(q, k, v, valid.to(device))
+        else:
+            out = attention.prefill(q, k, v, valid.to(device), window=window)
+        group = h // kv_heads
+        expected = reference_attention(q.cpu(), k.cpu().repeat_interleave(group, 1), v.cpu().repeat_interleave(group, 1),
+                                       allowed[:, None])
+        rows = valid[:, None, :].expand(b, h, n)
+        self._check(out, expected, q, dtype, seed, rows=rows)
