@@ -296,7 +296,7 @@ def workdir(tmp_path, monkeypatch):
         (["--config", "c.yaml", "policy.cache_gpu=101"], "policy.cache_gpu"),
         (["--config", "c.yaml", "output.path=c.yaml/out.jsonl"], "output.path: cannot write"),
         (["--config", "c.yaml", "model.synthetic=null", "model.path=."], "so it is not an HF checkpoint"),
-        (["--config", "c.yaml", "model.synthetic=null", "model.path=gpt2"], "is not one flexgen runs; registered model families: opt"),
+        (["--config", "c.yaml", "model.synthetic=null", "model.path=gpt2"], "is not one flexgen runs; registered model families: llama (llama, mistral, qwen2); opt (opt)"),
         (["--config", "c.yaml", "model.synthetic=null", "model.path=nowhere"], "model.path: "),
         (["--config", "c.yaml", "data.prompts=bad.jsonl"], "bad.jsonl line 2: not valid JSON"),
         (["--config", "c.yaml", "generation.max_new_tokens=5000"], "exceed the model's 2048 positions"),

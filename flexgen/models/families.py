@@ -17,9 +17,13 @@ from flexgen.models.family import ModelFamily, ModelSpec
 
 
 def families() -> dict[str, ModelFamily]:
-    """Every registered family by name, built-ins first (the registry caches the classes)."""
+    """Every registered family by name: flexgen's built-ins first, then the others, each by name, so
+    that a built-in reads its model types whatever order the installed metadata lists entry points
+    in (the registry caches the classes)."""
+    builtin = {info.name for info in registry.list_plugins()
+               if info.kind == "model" and info.distribution == registry.BUILTIN_DISTRIBUTION}
     out = {}
-    for name in registry.available("model"):
+    for name in sorted(registry.available("model"), key=lambda name: (name not in builtin, name)):
         family = registry.load("model", name)()
         if not isinstance(family, ModelFamily):
             raise PluginError(f"model plugin {name!r} is a {type(family).__name__}, not a flexgen ModelFamily")
@@ -35,7 +39,9 @@ def family_for_config(config: dict[str, Any], name: str = "model") -> ModelFamil
     for family in known:
         if model_type in family.model_types:
             return family
-    listed = "; ".join(f"{family.name} ({', '.join(family.model_types)})" for family in known)
+    # By name: the installed metadata's order of entry points differs between installs.
+    listed = "; ".join(f"{family.name} ({', '.join(family.model_types)})"
+                       for family in sorted(known, key=lambda family: family.name))
     raise CheckpointError(f"{name}: config.json model_type {model_type!r} is not one flexgen runs; "
                           f"registered model families: {listed}")
 
