@@ -231,6 +231,21 @@ def test_disk_cache_warm_and_cold_price_disk_differently(env, tiny_checkpoint):
     assert warm.hardware["disk_read_bandwidth"] != cold.hardware["disk_read_bandwidth"]
 
 
+def test_packed_weights_on_disk_say_how_many_bytes_a_pass_reads(env, tiny_checkpoint):
+    """int4 weights on disk: the report says the packed bytes read per pass against the unpacked
+    ones, and the bound's disk->cpu bytes are the packed ones; float32 weights get no such note."""
+    tmp_path, hardware = env
+    config = tiny_config(tmp_path, tiny_checkpoint[0], weights_gpu=0, weights_cpu=0)
+    raw = run_bench(load_config(config, []), hardware=str(hardware), disk_cache="cold", bound_only=True)
+    packed = run_bench(load_config(config, ["plugins.weight_compressor=int4"]), hardware=str(hardware),
+                       disk_cache="cold", bound_only=True)
+    assert not any("packed" in note for note in raw.notes)
+    [note] = [note for note in packed.notes if "int4-packed" in note]
+    assert "read per pass instead of" in note and "float32" in note
+    assert packed.bound_bytes["disk->cpu"] < 0.5 * raw.bound_bytes["disk->cpu"]
+    assert note in format_report(packed)
+
+
 def test_disk_cache_auto_counts_the_bytes_the_disk_holds(env, tiny_checkpoint):
     """``auto`` asks the cost model what the disk tier holds: int4 weights (~0.1 MB here) fit in
     half of a 400 KiB memory, where the same weights in float32 (~0.6 MB) do not."""

@@ -323,6 +323,7 @@ def _bound(report, cfg, spec, policy, plugins, profile, disk_cache, offload_dir,
             # what the disk tier holds, exactly (whole tensors, compressed bytes), as the model places it
             on_disk = estimate(spec, policy, workload, profile, dtype=cfg.model.dtype, memory_only=True,
                                **options).memory["disk"]
+            _note_packed_disk_weights(report, spec, policy, workload, profile, cfg.model.dtype, plugins, on_disk)
             if _disk_is_warm(disk_cache, on_disk, profile.cpu_memory):
                 rate, how = _warm_read_rate(profile, offload_dir, measured_here)
                 profile = dataclasses.replace(profile, disk_read_bandwidth=rate)
@@ -354,6 +355,24 @@ def _bound(report, cfg, spec, policy, plugins, profile, disk_cache, offload_dir,
                 f"the cost model puts the {tier} peak at {need / 2**30:.1f} GiB, more than the profile's "
                 f"{have / 2**30:.1f} GiB: the run may not fit"
             )
+
+
+def _note_packed_disk_weights(report, spec, policy, workload, profile, dtype: str, plugins: dict[str, Any],
+                               on_disk: dict[str, float]) -> None:
+    """With compressed weights on disk, say how many bytes a pass reads, packed against unpacked:
+    the bound counts the packed bytes, which is where a compressor pays on a disk-bound run."""
+    from flexgen import registry
+    from flexgen.planner.costmodel import estimate, estimate_options
+
+    name, _ = registry.parse_spec(plugins.get("weight_compressor") or "none", "plugins.weight_compressor")
+    if name == "none" or not on_disk.get("weights"):
+        return
+    unpacked = estimate(spec, policy, workload, profile, dtype=dtype, memory_only=True,
+                        **estimate_options({**plugins, "weight_compressor": "none"})).memory["disk"]["weights"]
+    report.notes.append(
+        f"weights on disk are {name}-packed: {on_disk['weights'] / 1e9:.3g} GB read per pass instead of "
+        f"{unpacked / 1e9:.3g} GB in {dtype} ({on_disk['weights'] / unpacked:.0%}); the bound counts the packed bytes"
+    )
 
 
 def _disk_is_warm(mode: str, on_disk: dict[str, float], memory: int) -> bool:
