@@ -22,16 +22,8 @@ from flexgen.models.llama import LLAMA_SIZES
 from flexgen.planner.costmodel import Workload, arithmetic, estimate
 from flexgen.planner.hardware import get_hardware
 from flexgen.policy import Policy
-from tests.test_bench import CPU_PROFILE, tiny_config
+from tests.test_bench import env, tiny_config  # noqa: F401 - env is the bench tests' fixture, shared
 from tests.test_llama_math import _hf_model
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLEXGEN_CACHE", str(tmp_path / "cache"))
-    hardware = tmp_path / "cpu.yaml"
-    hardware.write_text(CPU_PROFILE)
-    return tmp_path, hardware
 
 
 def test_cache_is_priced_by_kv_heads():

@@ -47,7 +47,6 @@ class KVCache:
     def __init__(self, family: ModelFamily, spec: ModelSpec, policy: Policy, storage: Mapping[str, StorageBackend],
                  compressor: Compressor, attention: AttentionBackend, attention_device: torch.device,
                  tier_location, dtype: torch.dtype, transfers: Transfers, stats: EngineStats, run_id: str) -> None:
-        self.family = family
         self.spec = spec
         #: Per decoder layer: KV heads, head size, sliding window. Every unit has the shape of
         #: layer 0's (families differ in windows per layer, not in KV heads).
