@@ -24,6 +24,7 @@ from flexgen.compression.none import NoCompression
 from flexgen.engine.sizes import itemsize, nbytes, numel, release_freed_memory, short_hash
 from flexgen.engine.stats import EngineStats
 from flexgen.engine.transfers import Transfers
+from flexgen.linear import linear, prefers_row_major
 from flexgen.models.checkpoint import WeightSource
 from flexgen.models.family import ModelFamily, ModelSpec, WeightSpec
 from flexgen.policy import Policy, split_by_percent
@@ -166,13 +167,15 @@ class WeightPlacement:
     def _prefers_column_major(self, weight: WeightSpec, tier: str, compressed: bool) -> bool:
         """Whether to keep a matrix column-major, for CPU matmuls with few rows (decode).
 
-        CPU GEMM with a handful of rows reads an (out, in)-contiguous weight several times
-        slower than an (in, out)-contiguous one; a decode step of OPT-125M is ~25 % faster.
-        Only compute-resident, uncompressed matrices that go through ``F.linear`` qualify:
-        embeddings are gathered by row.
+        BLAS with a handful of rows reads an (out, in)-contiguous weight several times slower
+        than an (in, out)-contiguous one; a decode step of OPT-125M is ~25 % faster. Matrices
+        whose few-row products go to oneDNN instead (:mod:`flexgen.linear`) read fastest
+        row-major and stay so. Only compute-resident, uncompressed matrices that go through
+        a linear product qualify: embeddings are gathered by row.
         """
         return (self.device.type == "cpu" and tier == "gpu" and not compressed
-                and len(weight.shape) == 2 and weight.local not in self.family.embedding_tables)
+                and len(weight.shape) == 2 and weight.local not in self.family.embedding_tables
+                and not prefers_row_major(weight.shape, self.compute_dtype, self.device))
 
     def _gathered_tables(self) -> dict[str, PlacedWeight]:
         """The embedding tables not already usable in compute memory, whose rows can be gathered at home.
@@ -252,13 +255,13 @@ class WeightPlacement:
         rows = max(1, min(vocab, HEAD_SLICE_BYTES // (width * itemsize(self.compute_dtype))))
         compressor = self.compressor if packed.placed.compressed else IDENTITY
         buffer = self._unpack_buffer("lm_head.weight/slice", (rows, width))
-        logits_t = torch.empty(vocab, features.shape[0], dtype=self.compute_dtype)  # (vocab, B): slices contiguous
+        logits = torch.empty(features.shape[0], vocab, dtype=self.compute_dtype)
         for start in range(0, vocab, rows):
             stop = min(vocab, start + rows)
             parts = {name: part[start:stop] for name, part in packed.parts.items()}
             w = compressor.decompress_into(parts, buffer[: stop - start], self.dtype)
-            torch.mm(w, features.t(), out=logits_t[start:stop])
-        return logits_t.t()
+            logits[:, start:stop] = linear(features, w)
+        return logits
 
     def _unpack_buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         buffer = self.unpack_buffers.get(name)

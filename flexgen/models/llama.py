@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from flexgen.errors import CheckpointError
+from flexgen.linear import linear
 from flexgen.models.family import CacheGeometry, ModelFamily, WeightSpec
 
 #: The ``model_type`` values of the family, and the HF class each names.
@@ -581,7 +582,7 @@ def attention_in(spec: LlamaSpec, w: dict[str, torch.Tensor], x: torch.Tensor,
     d = spec.head_dim
 
     def project(name: str, heads: int) -> torch.Tensor:
-        y = F.linear(x, w[f"self_attn.{name}.weight"], w.get(f"self_attn.{name}.bias"))
+        y = linear(x, w[f"self_attn.{name}.weight"], w.get(f"self_attn.{name}.bias"))
         return y.view(b, n, heads, d).transpose(1, 2)
 
     cos, sin = rope_cos_sin(spec, positions)
@@ -594,15 +595,15 @@ def attention_out(spec: LlamaSpec, w: dict[str, torch.Tensor], x: torch.Tensor, 
     """Output projection of attention (B, H, n, D) plus the residual ``x`` (the block's input)."""
     b, _, n, _ = attn.shape
     attn = attn.transpose(1, 2).reshape(b, n, spec.num_heads * spec.head_dim)
-    return x + F.linear(attn, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
+    return x + linear(attn, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
 
 
 def mlp(spec: LlamaSpec, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """SwiGLU feed-forward with its residual: ``x + down(act(gate(y)) * up(y))``, ``y`` the normed ``x``."""
     y = rms_norm(x, w["post_attention_layernorm.weight"], spec.rms_norm_eps)
-    gate = _activation(spec.activation)(F.linear(y, w["mlp.gate_proj.weight"], w.get("mlp.gate_proj.bias")))
-    up = F.linear(y, w["mlp.up_proj.weight"], w.get("mlp.up_proj.bias"))
-    return x + F.linear(gate * up, w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"))
+    gate = _activation(spec.activation)(linear(y, w["mlp.gate_proj.weight"], w.get("mlp.gate_proj.bias")))
+    up = linear(y, w["mlp.up_proj.weight"], w.get("mlp.up_proj.bias"))
+    return x + linear(gate * up, w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"))
 
 
 def head_features(spec: LlamaSpec, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -612,7 +613,7 @@ def head_features(spec: LlamaSpec, w: dict[str, torch.Tensor], x: torch.Tensor) 
 
 def head(spec: LlamaSpec, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Logits (B, vocab) of the last position of hidden states (B, n, hidden)."""
-    return F.linear(head_features(spec, w, x), w["lm_head.weight"])
+    return linear(head_features(spec, w, x), w["lm_head.weight"])
 
 
 # --------------------------------------------------------------------------- the family

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from flexgen.errors import CheckpointError
+from flexgen.linear import linear
 
 #: OPT's learned position embeddings are offset by 2 (a fairseq legacy).
 POSITION_OFFSET = 2
@@ -313,7 +314,7 @@ def embed_rows(spec: OPTSpec, w: dict[str, torch.Tensor], rows: dict[str, torch.
     """Token plus position embeddings (B, n, hidden) from the gathered rows (B, n, dim) of each table."""
     x = rows["embed_tokens.weight"]
     if "project_in.weight" in w:
-        x = F.linear(x, w["project_in.weight"])
+        x = linear(x, w["project_in.weight"])
     return x + rows["embed_positions.weight"]
 
 
@@ -331,7 +332,7 @@ def attention_in(spec: OPTSpec, w: dict[str, torch.Tensor], x: torch.Tensor):
     heads, d = spec.num_heads, spec.head_dim
 
     def project(name: str) -> torch.Tensor:
-        y = F.linear(x, w[f"self_attn.{name}.weight"], w.get(f"self_attn.{name}.bias"))
+        y = linear(x, w[f"self_attn.{name}.weight"], w.get(f"self_attn.{name}.bias"))
         return y.view(b, n, heads, d).transpose(1, 2)
 
     return project("q_proj") * (d**-0.5), project("k_proj"), project("v_proj")
@@ -341,7 +342,7 @@ def attention_out(spec: OPTSpec, w: dict[str, torch.Tensor], x: torch.Tensor, at
     """Output projection of attention (B, H, n, D) and the residual around the block."""
     b, _, n, _ = attn.shape
     attn = attn.transpose(1, 2).reshape(b, n, spec.hidden_size)
-    x = x + F.linear(attn, w["self_attn.out_proj.weight"], w.get("self_attn.out_proj.bias"))
+    x = x + linear(attn, w["self_attn.out_proj.weight"], w.get("self_attn.out_proj.bias"))
     if not spec.do_layer_norm_before:
         x = _layer_norm_fn(spec, w, "self_attn_layer_norm", x)
     return x
@@ -350,8 +351,8 @@ def attention_out(spec: OPTSpec, w: dict[str, torch.Tensor], x: torch.Tensor, at
 def mlp(spec: OPTSpec, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The feed-forward block with its residual."""
     y = _layer_norm_fn(spec, w, "final_layer_norm", x) if spec.do_layer_norm_before else x
-    y = _activation(spec.activation)(F.linear(y, w["fc1.weight"], w.get("fc1.bias")))
-    x = x + F.linear(y, w["fc2.weight"], w.get("fc2.bias"))
+    y = _activation(spec.activation)(linear(y, w["fc1.weight"], w.get("fc1.bias")))
+    x = x + linear(y, w["fc2.weight"], w.get("fc2.bias"))
     if not spec.do_layer_norm_before:
         x = _layer_norm_fn(spec, w, "final_layer_norm", x)
     return x
@@ -364,10 +365,10 @@ def head_features(spec: OPTSpec, w: dict[str, torch.Tensor], x: torch.Tensor) ->
     if spec.final_layer_norm:
         x = _layer_norm_fn(spec, w, "final_layer_norm", x)
     if "project_out.weight" in w:
-        x = F.linear(x, w["project_out.weight"])
+        x = linear(x, w["project_out.weight"])
     return x
 
 
 def head(spec: OPTSpec, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Logits (B, vocab) of the last position of hidden states (B, n, hidden)."""
-    return F.linear(head_features(spec, w, x), w["lm_head.weight"])
+    return linear(head_features(spec, w, x), w["lm_head.weight"])

@@ -1,0 +1,149 @@
+"""flexgen.linear: decode's few-row float32 products on the CPU go to oneDNN, with F.linear's results.
+
+The default thresholds send no product of the tiny test models to oneDNN, so the engine tests
+here lower them to send every product there, and check greedy tokens against HF
+transformers for OPT and Llama checkpoints, weights in every tier.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import profile
+
+from flexgen import Policy, load_engine
+from flexgen import linear as linear_module
+from flexgen.errors import ConfigError
+from flexgen.linear import linear, prefers_row_major, uses_onednn
+from flexgen.testing.reference import hf_greedy
+from tests.conftest import make_checkpoint
+from tests.test_llama_math import _hf_model
+
+needs_onednn = pytest.mark.skipif(not linear_module.onednn_enabled(), reason="this torch build has no oneDNN linear")
+CPU = torch.device("cpu")
+
+
+def _ops(fn) -> set[str]:
+    with profile() as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
+@pytest.fixture
+def fresh_setting(monkeypatch):
+    """Re-read FLEXGEN_CPU_LINEAR in the test, and again after it."""
+    linear_module.onednn_enabled.cache_clear()
+    yield monkeypatch
+    monkeypatch.delenv(linear_module.ENV_VAR, raising=False)
+    linear_module.onednn_enabled.cache_clear()
+
+
+@needs_onednn
+@pytest.mark.parametrize("layout", ["row-major", "column-major", "sliced"])
+@pytest.mark.parametrize("x_shape", [(32, 1024), (8, 1, 1024), (2, 3, 1024), (1, 1024)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_few_row_products_go_to_onednn_and_equal_f_linear(layout, x_shape, with_bias):
+    torch.manual_seed(0)
+    weight = torch.randn(2048, 1024 if layout != "sliced" else 1536) * 0.03
+    if layout == "column-major":
+        weight = weight.t().contiguous().t()
+    elif layout == "sliced":
+        weight = weight[:, 256:1280]
+    bias = torch.randn(2048) if with_bias else None
+    x = torch.randn(*x_shape)
+    assert uses_onednn(x.numel() // 1024, tuple(weight.shape), x.dtype, CPU)
+    expected = F.linear(x, weight, bias)
+    out = None
+
+    def compute():
+        nonlocal out
+        out = linear(x, weight, bias)
+
+    assert "mkldnn::_linear_pointwise" in _ops(compute)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+def test_the_rest_goes_to_f_linear_unchanged():
+    torch.manual_seed(0)
+    big, small = torch.randn(2048, 1024), torch.randn(64, 64)
+    cases = [
+        (torch.randn(65, 1024), big),  # too many rows: prefill
+        (torch.randn(4, 64), small),  # too small a weight
+        (torch.randn(4, 1024).bfloat16(), big.bfloat16()),  # not float32
+        (torch.randn(4, 1024, requires_grad=True), big),  # autograd wanted
+    ]
+    for x, weight in cases:
+        out = None
+
+        def compute():
+            nonlocal out
+            out = linear(x, weight)
+
+        assert "mkldnn::_linear_pointwise" not in _ops(compute)
+        assert torch.equal(out, F.linear(x, weight))
+    assert linear(cases[-1][0], big).requires_grad
+
+
+def test_blas_setting_turns_onednn_off_and_a_bad_one_is_named(fresh_setting):
+    fresh_setting.setenv(linear_module.ENV_VAR, "blas")
+    assert not uses_onednn(1, (4096, 4096), torch.float32, CPU)
+    assert not prefers_row_major((4096, 4096), torch.float32, CPU)
+    x, weight = torch.randn(2, 1024), torch.randn(2048, 1024)
+    assert torch.equal(linear(x, weight), F.linear(x, weight))
+    linear_module.onednn_enabled.cache_clear()
+    fresh_setting.setenv(linear_module.ENV_VAR, "fast")
+    with pytest.raises(ConfigError, match="FLEXGEN_CPU_LINEAR='fast': expected one of auto, blas"):
+        linear(x, weight)
+
+
+@needs_onednn
+def test_compute_resident_weights_are_laid_out_for_their_kernel(tiny_checkpoint, monkeypatch):
+    """Matrices oneDNN computes stay row-major; those BLAS computes with few rows are column-major."""
+    path, _ = tiny_checkpoint
+    monkeypatch.setattr(linear_module, "ONEDNN_MIN_WEIGHT_ELEMENTS", 64 * 128)  # fc1, fc2 (64 x 128) only
+    with load_engine(path, policy=Policy(gpu_batch_size=2), device="cpu", dtype="float32") as engine:
+        layer = {p.spec.local: p.parts["data"] for index in (1, 2) for p in engine.placement.layers[index]}
+    assert layer["fc1.weight"].is_contiguous() and layer["fc2.weight"].is_contiguous()
+    q = layer["self_attn.q_proj.weight"]
+    assert q.stride() == (1, q.shape[0])
+
+
+PLACEMENTS = {"compute": (100, 0), "cpu": (0, 100), "disk": (0, 0)}
+
+
+@pytest.fixture
+def every_product_on_onednn(monkeypatch):
+    if not linear_module.onednn_enabled():
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(linear_module, "ONEDNN_MIN_WEIGHT_ELEMENTS", 0)
+    monkeypatch.setattr(linear_module, "ONEDNN_MAX_ROWS", 10_000)
+
+
+@pytest.mark.parametrize("weights", list(PLACEMENTS))
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_greedy_tokens_equal_hf_with_every_product_on_onednn(every_product_on_onednn, tmp_path, family, weights):
+    prompts = [[2, 15, 16, 17, 18, 19], [2, 40, 41], [2, 7, 8, 9, 10, 11, 12, 13, 14], [2, 53]]
+    if family == "opt":
+        model = make_checkpoint(tmp_path / "ckpt", "pre_ln")
+        pad = 1
+    else:
+        model = _hf_model("llama")
+        model.save_pretrained(tmp_path / "ckpt")
+        pad = 0
+    expected = hf_greedy(model, prompts, 6, pad_token_id=pad)
+    gpu, cpu = PLACEMENTS[weights]
+    policy = Policy(gpu_batch_size=2, num_gpu_batches=2, weights_gpu=gpu, weights_cpu=cpu)
+    with load_engine(tmp_path / "ckpt", policy=policy, device="cpu", dtype="float32",
+                     offload_dir=tmp_path / "offload") as engine:
+        out = None
+
+        def generate():
+            nonlocal out
+            out = engine.generate(prompts, max_new_tokens=6)
+
+        ops = _ops(generate)
+    assert out == expected
+    assert "mkldnn::_linear_pointwise" in ops and "aten::addmm" not in ops and "aten::mm" not in ops
