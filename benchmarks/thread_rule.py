@@ -3,7 +3,7 @@
 Issue 14 asks that ``threads: auto`` (flexgen/threads.py) stay within 10 % of the best
 hand-picked thread count, both with nothing else running and with another CPU-heavy process
 beside the engine. This loads one engine with ``auto`` and one with each of 1 ... N threads
-(same synthetic weights) and alternates them in rounds, so that drifts of the machine's load
+(same synthetic weights) and runs them in rounds, in a shuffled order each, so that drifts of the machine's load
 fall on all of them alike: first as the machine is, then while ``--load`` background
 processes each keep one core busy (a Python busy loop, which never sleeps, started before and killed after the
 phase). For each phase it prints the median tokens/s of each setting, the thread count
@@ -60,8 +60,9 @@ def main() -> None:
             chosen: list[int] = []
             for engine in engines.values():
                 engine.generate(ids, max_new_tokens=2)  # warm-up
+            order = random.Random(1)
             for _ in range(args.rounds):
-                for setting in settings:
+                for setting in order.sample(settings, len(settings)):  # no setting always runs after another
                     engine = engines[setting]
                     start = time.perf_counter()
                     engine.generate(ids, max_new_tokens=args.new_tokens)
