@@ -293,8 +293,13 @@ class ThreadGovernor:
         return decide(None, self.usable, None, self.work_flops).threads > 1
 
     def update(self, force: bool = False) -> ThreadChoice:
-        """Decide (again, when the last measurement is :data:`RESAMPLE_S` old) and apply the setting."""
+        """Decide (again, when the last measurement is :data:`RESAMPLE_S` old) and apply the setting.
+
+        Applied every time, decided anew or not: :meth:`applied` gives the caller's setting
+        back after each ``generate``, so the next one must set the engine's again.
+        """
         if self.choice is not None and not force and (self._load is None or self._load.window() < RESAMPLE_S):
+            self._apply(self.choice.threads)
             return self.choice
         others = None
         if self._load is not None:

@@ -150,6 +150,40 @@ def test_governor_applies_and_gives_the_callers_setting_back(monkeypatch):
     assert torch.get_num_threads() == before
 
 
+def test_governor_applies_its_setting_again_on_every_use(monkeypatch):
+    """A fixed setting (and an auto one not yet due to be decided again) is applied at each
+    ``generate``, not only the first: ``applied`` gives the caller's setting back in between."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    target = 2 if before != 2 else 3
+    governor = T.ThreadGovernor(target, None)
+    for _ in range(3):
+        with governor.applied():
+            assert torch.get_num_threads() == target
+        assert torch.get_num_threads() == before
+
+
+def test_engine_computes_every_generate_with_its_setting():
+    from flexgen import Policy, load_engine
+
+    before = torch.get_num_threads()
+    target = 2 if before != 2 else 3
+    seen = []
+    with load_engine("opt-125m", policy=Policy(gpu_batch_size=1, pin_weights=False), device="cpu",
+                     dtype="float32", threads=target) as engine:
+        run_step = engine._run_step
+
+        def step(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return run_step(*args, **kwargs)
+
+        engine._run_step = step
+        for _ in range(3):
+            engine.generate([[2, 5, 6]], max_new_tokens=2)
+            assert torch.get_num_threads() == before
+    assert seen and set(seen) == {target}
+
+
 def test_governor_samples_the_load_only_when_more_than_one_thread_could_help(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(T, "usable_cores", lambda: 4)
