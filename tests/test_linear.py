@@ -1,4 +1,5 @@
-"""flexgen.linear: decode's few-row float32 products on the CPU go to oneDNN, with F.linear's results.
+"""flexgen.linear: decode's few-row float32 products on the CPU go to oneDNN, with F.linear's results,
+and packed weights are multiplied a block of rows at a time.
 
 The default thresholds send no product of the tiny test models to oneDNN, so the engine tests
 here lower them to send every product there, and check greedy tokens against HF
@@ -12,10 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from flexgen import Policy, load_engine
+from flexgen import Policy, dtypes, load_engine
 from flexgen import linear as linear_module
 from flexgen.errors import ConfigError
 from flexgen.linear import linear, prefers_row_major, uses_onednn
+from flexgen.models.opt import spec_for_size
+from flexgen.models.opt_family import OPTFamily
+from flexgen.testing.models import TensorRows
 from flexgen.testing.reference import hf_greedy
 from tests.conftest import make_checkpoint
 from tests.test_llama_math import _hf_model
@@ -147,3 +151,59 @@ def test_greedy_tokens_equal_hf_with_every_product_on_onednn(every_product_on_on
         ops = _ops(generate)
     assert out == expected
     assert "mkldnn::_linear_pointwise" in ops and "aten::addmm" not in ops and "aten::mm" not in ops
+
+
+# --------------------------------------------------------------------------- row blocks
+
+
+@pytest.mark.parametrize("kernel", ["auto", "blas"])
+@pytest.mark.parametrize("x_shape", [(4, 1024), (2, 3, 1024), (80, 1024)])
+def test_row_blocks_equal_the_whole_weight(fresh_setting, kernel, x_shape):
+    """A weight handed over as row blocks gives F.linear's result, however many blocks it is cut into."""
+    fresh_setting.setenv(linear_module.ENV_VAR, kernel)
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(2050, 1024) * 0.03, torch.randn(2050), torch.randn(*x_shape)
+    for block_bytes in (linear_module.ROW_BLOCK_BYTES, 7 * 1024 * 4, 1):
+        fresh_setting.setattr(linear_module, "ROW_BLOCK_BYTES", block_bytes)
+        for b in (bias, None):
+            out = linear(x, TensorRows(weight), b)
+            assert out.shape == (*x_shape[:-1], 2050)
+            torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
+
+
+def _blocks_seen(monkeypatch) -> list[tuple[int, int]]:
+    seen = []
+    by_blocks = linear_module._by_row_blocks
+
+    def spy(x, weight, bias):
+        seen.append(weight.shape)
+        return by_blocks(x, weight, bias)
+
+    monkeypatch.setattr(linear_module, "_by_row_blocks", spy)
+    return seen
+
+
+@pytest.mark.parametrize("plugins,dtype", [({}, "bfloat16"), ({"weight_compressor": "int4"}, "float32")],
+                         ids=["bfloat16-computed-in-float32", "int4"])
+@pytest.mark.parametrize("weights", ["cpu", "disk"])
+def test_packed_matrices_are_multiplied_by_row_blocks(monkeypatch, tmp_path, plugins, dtype, weights):
+    """Matrices kept packed (bfloat16 on a CPU without it, int4) reach their products packed and
+    give the tokens of the same weights unpacked whole first (the family's flag off)."""
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    prompts = [[2, 100, 200, 300], [2, 7]]
+    policy = Policy(gpu_batch_size=2, weights_gpu=0, weights_cpu=100 if weights == "cpu" else 0, pin_weights=False)
+
+    def run() -> list[list[int]]:
+        with load_engine("opt-125m", policy=policy, plugins=plugins, device="cpu", dtype=dtype, threads=1,
+                         offload_dir=tmp_path) as engine:
+            assert engine.compute_dtype == torch.float32
+            return engine.generate(prompts, max_new_tokens=3)
+
+    seen = _blocks_seen(monkeypatch)
+    by_blocks = run()
+    spec = spec_for_size("opt-125m")
+    assert (spec.ffn_dim, spec.hidden_size) in seen and (spec.vocab_size, spec.hidden_size) in seen
+    seen.clear()
+    monkeypatch.setattr(OPTFamily, "accepts_row_blocks", False)
+    assert run() == by_blocks
+    assert set(seen) == {(spec.vocab_size, spec.hidden_size)}  # the output embedding only

@@ -24,7 +24,7 @@ from flexgen.compression.none import NoCompression
 from flexgen.engine.sizes import itemsize, nbytes, numel, release_freed_memory, short_hash
 from flexgen.engine.stats import EngineStats
 from flexgen.engine.transfers import Transfers
-from flexgen.linear import linear, prefers_row_major
+from flexgen.linear import RowBlocks, linear, prefers_row_major
 from flexgen.models.checkpoint import WeightSource
 from flexgen.models.family import ModelFamily, ModelSpec, WeightSpec
 from flexgen.policy import Policy, split_by_percent
@@ -33,9 +33,6 @@ from flexgen.threads import affinity_cores, single_threaded_ops
 
 #: Vectors (biases, layer norms) are stored as they are, whatever the weight compressor.
 IDENTITY = NoCompression()
-
-#: Bytes of output embedding unpacked at a time on the CPU (see WeightPlacement.logits).
-HEAD_SLICE_BYTES = 32 << 20
 
 
 @dataclass
@@ -49,11 +46,23 @@ class PlacedWeight:
 
 
 @dataclass
-class Unpack:
-    """A weight whose bytes the I/O thread brought in, to be unpacked by the compute thread."""
+class Unpack(RowBlocks):
+    """A weight whose bytes the I/O thread brought in, to be unpacked by the compute thread:
+    whole (:meth:`WeightPlacement.unpacked`), or a block of rows at a time by the product that
+    uses it (:mod:`flexgen.linear`), when rows of its parts unpack to rows of the weight."""
 
     placed: PlacedWeight
     parts: dict[str, torch.Tensor]
+    compressor: Compressor  # IDENTITY for a weight only converted to the compute dtype
+    dtype: torch.dtype  # the model's: what the weight was before compression
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.placed.spec.shape)
+
+    def rows_into(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        parts = {name: part[start:stop] for name, part in self.parts.items()}
+        return self.compressor.decompress_into(parts, out, self.dtype)
 
 
 class WeightPlacement:
@@ -220,30 +229,49 @@ class WeightPlacement:
             if self.cuda:
                 weights[placed.spec.local] = self.unpacked(placed, parts) if placed.compressed else parts["data"]
             elif placed.compressed or parts["data"].dtype != self.compute_dtype:
-                weights[placed.spec.local] = Unpack(placed, parts)
+                compressor = self.compressor if placed.compressed else IDENTITY
+                weights[placed.spec.local] = Unpack(placed, parts, compressor, self.dtype)
             else:
                 weights[placed.spec.local] = parts["data"]
         return weights
 
-    def ready(self, weights: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def ready(self, weights: dict[str, Any]) -> dict[str, Any]:
         """A loaded layer's weights with what the I/O thread left packed unpacked, on the compute
-        thread; once per layer (the dict is shared by the layer's GPU batches). The output
-        embedding is left packed when it can be unpacked a slice at a time (:meth:`logits`)."""
+        thread; once per layer (the dict is shared by the layer's GPU batches). Matrices that
+        their products can unpack a block of rows at a time stay packed (:meth:`_by_row_blocks`)."""
         for name, value in weights.items():
-            if isinstance(value, Unpack) and not (name == "lm_head.weight" and self._rows_unpackable(value.placed)):
+            if isinstance(value, Unpack) and not self._by_row_blocks(name, value.placed):
                 weights[name] = self.unpacked(value.placed, value.parts)
         return weights
+
+    def _by_row_blocks(self, name: str, placed: PlacedWeight) -> bool:
+        """Whether a packed weight is left for :func:`flexgen.linear.linear` to unpack by blocks of rows.
+
+        Unpacked whole, a matrix is written out in float32 and read back by its product: on
+        the CPU, with a decode step's few rows, that traffic is most of the product's time.
+        The output embedding always qualifies (:meth:`logits` multiplies it; unpacked whole it
+        would also take more memory than all other buffers together); the other matrices when
+        the family's math passes them only to :func:`flexgen.linear.linear`
+        (``ModelFamily.accepts_row_blocks``), unless they are compressed and several GPU
+        batches use them, which would decompress them once per batch. Either way only where
+        rows of the parts unpack to rows of the weight.
+        """
+        if len(placed.spec.shape) != 2 or not self._rows_unpackable(placed):
+            return False
+        if name == "lm_head.weight":
+            return True
+        return (self.family.accepts_row_blocks and name not in self.family.embedding_tables
+                and not (placed.compressed and self.policy.num_gpu_batches > 1))
 
     def _rows_unpackable(self, placed: PlacedWeight) -> bool:
         return not placed.compressed or keeps_rows(self.compressor, placed.spec.shape, self.dtype)
 
     def logits(self, weights: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, vocab) of the head; with a packed output embedding, a slice of its rows at a time.
+        """Logits (B, vocab) of the head; a packed output embedding is unpacked a block of rows at a time.
 
         The output embedding is the largest weight (50,272 rows; 1.4 GB in float32 at OPT-30B's
         width): unpacked whole, it alone would take more memory than every other layer's
-        buffers together. Its rows are unpacked into one small buffer in turn, each slice's
-        logits computed before the next is unpacked.
+        buffers together.
         """
         packed = weights.get("lm_head.weight")
         if not isinstance(packed, Unpack):
@@ -251,17 +279,7 @@ class WeightPlacement:
         features = self.family.head_features(self.spec, weights, x)  # (B, e)
         if features is None:  # the family's head is more than one product: unpack it whole
             return self.family.head(self.spec, {**weights, "lm_head.weight": self.unpacked(packed.placed, packed.parts)}, x)
-        vocab, width = packed.placed.spec.shape
-        rows = max(1, min(vocab, HEAD_SLICE_BYTES // (width * itemsize(self.compute_dtype))))
-        compressor = self.compressor if packed.placed.compressed else IDENTITY
-        buffer = self._unpack_buffer("lm_head.weight/slice", (rows, width))
-        logits = torch.empty(features.shape[0], vocab, dtype=self.compute_dtype)
-        for start in range(0, vocab, rows):
-            stop = min(vocab, start + rows)
-            parts = {name: part[start:stop] for name, part in packed.parts.items()}
-            w = compressor.decompress_into(parts, buffer[: stop - start], self.dtype)
-            logits[:, start:stop] = linear(features, w)
-        return logits
+        return linear(features, packed)
 
     def _unpack_buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         buffer = self.unpack_buffers.get(name)

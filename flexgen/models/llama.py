@@ -626,6 +626,7 @@ class LlamaFamily(ModelFamily):
     model_types: ClassVar[tuple[str, ...]] = tuple(ARCHITECTURES)
     spec_type: ClassVar[type] = LlamaSpec
     embedding_tables: ClassVar[tuple[str, ...]] = EMBEDDING_TABLES
+    accepts_row_blocks: ClassVar[bool] = True  # every matrix goes through flexgen.linear.linear
 
     def spec_from_hf_config(self, config: dict[str, Any], name: str = "llama") -> LlamaSpec:
         return LlamaSpec.from_hf_config(config, name=name)

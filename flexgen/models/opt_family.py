@@ -26,6 +26,7 @@ class OPTFamily(ModelFamily):
     model_types: ClassVar[tuple[str, ...]] = ("opt",)
     spec_type: ClassVar[type] = OPTSpec
     embedding_tables: ClassVar[tuple[str, ...]] = opt.EMBEDDING_TABLES
+    accepts_row_blocks: ClassVar[bool] = True  # every matrix goes through flexgen.linear.linear
 
     def spec_from_hf_config(self, config: dict[str, Any], name: str = "opt") -> OPTSpec:
         return OPTSpec.from_hf_config(config, name=name)

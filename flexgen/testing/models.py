@@ -13,7 +13,10 @@ subclass gives (:meth:`ModelFamilyContract.make_config`), with fresh random weig
 * forward shapes: queries (B, H, n, D), keys and values (B, H_kv, n, D), hidden states kept;
 * incremental decoding equals recomputation: the logits of a prompt's last token after a
   prefill of all but it and one decode step equal those of a prefill of the whole prompt;
-* left padding changes nothing: a padded row gives the logits it gives alone.
+* left padding changes nothing: a padded row gives the logits it gives alone;
+* a family that sets ``accepts_row_blocks`` gives the same logits when each matrix of its
+  layers (embedding tables aside) is a :class:`flexgen.linear.RowBlocks`, unpacked by the
+  product a few rows at a time.
 
 A family that can build its HF counterpart should also test greedy tokens against HF
 transformers (as ``tests/test_llama_math.py`` and ``tests/test_llama_engine_hf.py`` do).
@@ -26,9 +29,22 @@ from typing import Any
 import pytest
 import torch
 
+from flexgen import linear as linear_module
 from flexgen.errors import CheckpointError
 from flexgen.models.family import KVCache, ModelFamily
+from flexgen.linear import RowBlocks
 from flexgen.testing._random import fresh_generator
+
+
+class TensorRows(RowBlocks):
+    """A tensor handed over as row blocks, as the engine hands over a packed weight."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.shape = tuple(tensor.shape)
+
+    def rows_into(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(self.tensor[start:stop])
 
 INITS = ("normal", "zeros", "ones")
 
@@ -174,3 +190,21 @@ class ModelFamilyContract:
         beside = self.logits(family, spec, layers, padded, valid, split=6)
         rtol, atol = self.tolerance
         torch.testing.assert_close(beside, alone, rtol=rtol, atol=atol, msg=lambda m: f"{m}\n(seed {seed})")
+
+    def test_row_blocks_equal_tensors(self, family: ModelFamily, spec, monkeypatch) -> None:
+        if not family.accepts_row_blocks:
+            pytest.skip(f"{family.name} takes its matrices as tensors (accepts_row_blocks is False)")
+        gen, seed = fresh_generator()
+        layers = self.random_layers(family, spec, gen)
+        as_blocks = [layers[0]] + [
+            {name: TensorRows(t) if t.dim() == 2 and name not in family.embedding_tables else t
+             for name, t in layer.items()}
+            for layer in layers[1:]
+        ]
+        monkeypatch.setattr(linear_module, "ROW_BLOCK_BYTES", 3 * 4 * spec.hidden_size)  # a few rows per block
+        ids = torch.randint(0, spec.vocab_size, (2, 6), generator=gen)
+        valid = torch.ones(2, 6, dtype=torch.bool)
+        expected = self.logits(family, spec, layers, ids, valid, split=4)
+        got = self.logits(family, spec, as_blocks, ids, valid, split=4)
+        rtol, atol = self.tolerance
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=atol, msg=lambda m: f"{m}\n(seed {seed})")
