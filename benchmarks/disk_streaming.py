@@ -1,6 +1,6 @@
 """Weights streamed from a cold disk while the CPU computes: measured against max(read, compute) per pass.
 
-Issue 14 asks that with every weight on disk and the page cache cold, reads of layer j+1
+With every weight on disk and the page cache cold, reads of layer j+1 should
 overlap the compute of layer j, so that a pass over the model (the prefill, then each decode
 step) takes about max(the disk's read time, the compute time) rather than their sum. All three
 are measured here in one process on the same weights:

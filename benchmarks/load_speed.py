@@ -1,6 +1,6 @@
 """Loading an HF checkpoint into the engine, against reading and copying the same bytes.
 
-Issue 14 asks that loading and conversion run at the speed of the disk and memory, not of
+Loading and conversion should run at the speed of the disk and memory, not of
 Python. This writes a random OPT checkpoint of a published size with transformers'
 ``save_pretrained`` (float32 safetensors; once, into ``--checkpoint`` if it is empty), then
 measures in one process, alternating in rounds:

@@ -1,13 +1,13 @@
 """The engine's own thread choice against every hand-picked setting, on an idle machine and beside a made load.
 
-Issue 14 asks that ``threads: auto`` (flexgen/threads.py) stay within 10 % of the best
-hand-picked thread count, both with nothing else running and with another CPU-heavy process
-beside the engine. This loads one engine with ``auto`` and one with each of 1 ... N threads
-(same synthetic weights) and runs them in rounds, in a shuffled order each, so that drifts of the machine's load
-fall on all of them alike: first as the machine is, then while ``--load`` background
-processes each keep one core busy (a Python busy loop, which never sleeps, started before and killed after the
-phase). For each phase it prints the median tokens/s of each setting, the thread count
-``auto`` chose, and ``auto`` / best.
+``threads: auto`` (flexgen/threads.py) should stay within 10 % of the best hand-picked thread
+count, both with nothing else running and with another CPU-heavy process beside the engine.
+This loads one engine with ``auto`` and one with each of 1 ... N threads (same synthetic
+weights) and runs them in rounds, in a shuffled order each, so that drifts of the machine's
+load fall on all of them alike: first as the machine is, then while ``--load`` background
+processes each keep one core busy (a Python busy loop, which never sleeps, started before and
+killed after the phase). For each phase it prints the median tokens/s of each setting, the
+thread count ``auto`` chose, and ``auto`` / best.
 
     python benchmarks/thread_rule.py --model opt-125m --batch 32 --rounds 3 --load 1
 
