@@ -3,10 +3,11 @@
 On the CPU, PyTorch computes float32 ``F.linear`` with the BLAS it was built with (MKL).
 A decode step multiplies every weight matrix by a handful of rows (one per sequence of the
 batch), and there MKL leaves much of two cores unused: measured on this project's 2-core
-CI machine (AMD EPYC, AVX2), oneDNN's kernel for the same product is 1.1–2.3x faster for
-matrices of a million elements or more with up to 64 rows, and the output embedding of
-OPT-125M (50,272 x 768) takes 26 ms instead of 47 ms. With many rows (prefill) MKL is as
-fast or faster, and for small matrices the two are even. So :func:`linear` sends few-row
+CI machine (AMD EPYC, AVX2), oneDNN's kernel for the same product is 1.0–2.3x faster at two
+threads for matrices of a million elements or more with up to 64 rows, and the output
+embedding of OPT-125M (50,272 x 768) takes 26 ms instead of 47 ms. With many rows (prefill)
+MKL is as fast or faster, for small matrices the two are even, and at one thread they are
+even over a whole decode (faster for the largest matrices, up to 13 % slower for some). So :func:`linear` sends few-row
 float32 products with large weights to oneDNN and everything else to ``F.linear``.
 
 The two kernels sum in different orders: results differ in the last bits (about 1e-6 of
