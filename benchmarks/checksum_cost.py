@@ -20,20 +20,11 @@ prints the ratios verify / convert and verify / read. It prints figures; it asse
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
-
-def drop_from_page_cache(folder: Path) -> None:
-    for path in folder.rglob("*.safetensors"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+from page_cache import drop_from_page_cache
 
 
 def main() -> None:
@@ -88,7 +79,7 @@ def main() -> None:
         for state in ("warm", "cold"):
             for name, fn in (("verify", verify), ("read", read)):
                 if state == "cold":
-                    drop_from_page_cache(folder)
+                    drop_from_page_cache(folder.rglob("*.safetensors"))
                 figures[(state, name)] = fn()
 
     gb = nbytes / 1e9

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import tempfile
@@ -35,33 +34,10 @@ from pathlib import Path
 
 from flexgen import Policy, load_engine
 from flexgen.models.opt import spec_for_size
-
-READ_CHUNK = 16 << 20
-
+from page_cache import drop_from_page_cache, read_all
 
 def weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in (folder / "weights").rglob("*") if p.is_file())
-
-
-def drop_from_page_cache(files: list[Path]) -> None:
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def read_all(files: list[Path]) -> int:
-    total = 0
-    buffer = bytearray(READ_CHUNK)
-    view = memoryview(buffer)
-    for path in files:
-        with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(view):
-                total += n
-    return total
 
 
 def main() -> None:

@@ -32,8 +32,7 @@ from safetensors import safe_open
 
 from flexgen import Policy, load_engine
 from flexgen.models.opt import spec_for_size
-
-READ_CHUNK = 16 << 20
+from page_cache import READ_CHUNK, read_all
 
 
 def write_checkpoint(path: Path, model: str) -> None:
@@ -56,15 +55,6 @@ def write_checkpoint(path: Path, model: str) -> None:
 
 def files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.suffix == ".safetensors")
-
-
-def read_all(paths: list[Path]) -> int:
-    view, total = memoryview(bytearray(READ_CHUNK)), 0
-    for path in paths:
-        with open(path, "rb", buffering=0) as f:
-            while n := f.readinto(view):
-                total += n
-    return total
 
 
 def read_and_copy(paths: list[Path]) -> int:
