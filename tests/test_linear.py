@@ -8,6 +8,11 @@ transformers for OPT and Llama checkpoints, weights in every tier.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +31,7 @@ from tests.test_llama_math import _hf_model
 
 needs_onednn = pytest.mark.skipif(not linear_module.onednn_enabled(), reason="this torch build has no oneDNN linear")
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _ops(fn) -> set[str]:
@@ -101,6 +107,18 @@ def test_blas_setting_turns_onednn_off_and_a_bad_one_is_named(fresh_setting):
     fresh_setting.setenv(linear_module.ENV_VAR, "fast")
     with pytest.raises(ConfigError, match="FLEXGEN_CPU_LINEAR='fast': expected one of auto, blas"):
         linear(x, weight)
+
+
+def test_a_bad_setting_stops_the_cli_in_one_line_before_any_work(tmp_path):
+    """Named when the engine is built, even for a model too small for any product to ask."""
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, linear_module.ENV_VAR: "fast"}
+    done = subprocess.run([sys.executable, "-m", "flexgen", "predict", "--config", str(REPO / "configs/quickstart.yaml"),
+                           f"output.path={out}"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith("FLEXGEN_CPU_LINEAR='fast': expected one of auto, blas")
+    assert "Traceback" not in done.stderr
+    assert not out.exists()
 
 
 @needs_onednn

@@ -32,6 +32,7 @@ from flexgen.dtypes import DTYPE_CHOICES, resolve_dtype
 from flexgen.engine.loop import DEFAULT_PLUGINS, DTYPES, Engine, resolve_device
 from flexgen.engine.stats import LINKS, EngineStats
 from flexgen.errors import FlexGenError, PolicyError
+from flexgen.linear import onednn_enabled
 from flexgen.models.checkpoint import open_source
 from flexgen.paths import cache_root
 from flexgen.policy import Policy
@@ -78,4 +79,6 @@ def load_engine(
     source = open_source(model, dtype=torch_dtype, seed=seed)
     folder = Path(offload_dir) if offload_dir is not None else default_offload_dir()
     setting = parse_threads(threads, "threads")
+    if device.type == "cpu":
+        onednn_enabled()  # a bad FLEXGEN_CPU_LINEAR is named now, not at the first large product
     return Engine(source, policy, dict(plugins or {}), device, folder, torch_dtype, progress, threads=setting)
