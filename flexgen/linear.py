@@ -7,8 +7,9 @@ CI machine (AMD EPYC, AVX2), oneDNN's kernel for the same product is 1.0–2.3x 
 threads for matrices of a million elements or more with up to 64 rows, and the output
 embedding of OPT-125M (50,272 x 768) takes 26 ms instead of 47 ms. With many rows (prefill)
 MKL is as fast or faster, for small matrices the two are even, and at one thread they are
-even over a whole decode (faster for the largest matrices, up to 13 % slower for some). So :func:`linear` sends few-row
-float32 products with large weights to oneDNN and everything else to ``F.linear``.
+even over a whole run (faster for the largest matrices, up to 13 % slower for some). So
+:func:`linear` sends few-row float32 products with large weights to oneDNN and everything
+else to ``F.linear``.
 
 The two kernels sum in different orders: results differ in the last bits (about 1e-6 of
 the outputs' scale), as they already do between MKL's own kernels for different shapes.
@@ -46,7 +47,7 @@ from flexgen.workspace import Workspace
 
 #: At most this many rows (sequences x positions) go to oneDNN: decode steps and short prompts.
 ONEDNN_MAX_ROWS = 64
-#: Weights with fewer elements stay with BLAS (even there, and usually column-major).
+#: Weights with fewer elements stay with BLAS, as fast for them (and kept column-major for it).
 ONEDNN_MIN_WEIGHT_ELEMENTS = 1 << 20
 
 #: Bytes of a :class:`RowBlocks` weight unpacked at a time: a few times a core's L2 cache, well
@@ -54,6 +55,7 @@ ONEDNN_MIN_WEIGHT_ELEMENTS = 1 << 20
 ROW_BLOCK_BYTES = 8 << 20
 
 ENV_VAR = "FLEXGEN_CPU_LINEAR"
+KERNELS = ("auto", "blas")
 
 _WORKSPACE = Workspace()
 
@@ -68,7 +70,6 @@ class RowBlocks(ABC):
     def rows_into(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Rows ``start:stop`` of the weight, unpacked into ``out`` ((stop - start, in), the
         product's dtype, contiguous); return ``out``."""
-KERNELS = ("auto", "blas")
 
 
 @cache

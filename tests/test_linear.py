@@ -204,24 +204,31 @@ def _blocks_seen(monkeypatch) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("plugins,dtype", [({}, "bfloat16"), ({"weight_compressor": "int4"}, "float32")],
                          ids=["bfloat16-computed-in-float32", "int4"])
 @pytest.mark.parametrize("weights", ["cpu", "disk"])
-def test_packed_matrices_are_multiplied_by_row_blocks(monkeypatch, tmp_path, plugins, dtype, weights):
+@pytest.mark.parametrize("model", ["opt-125m", "post_ln_proj"])
+def test_packed_matrices_are_multiplied_by_row_blocks(monkeypatch, tmp_path, plugins, dtype, weights, model):
     """Matrices kept packed (bfloat16 on a CPU without it, int4) reach their products packed and
-    give the tokens of the same weights unpacked whole first (the family's flag off)."""
+    give the tokens of the same weights unpacked whole first (the family's flag off); the tiny
+    ``post_ln_proj`` checkpoint has OPT-350M's input and output projections."""
     monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    prompts = [[2, 100, 200, 300], [2, 7]]
+    if model != "opt-125m":
+        make_checkpoint(tmp_path / "ckpt", model)
+        model = tmp_path / "ckpt"
+    prompts = [[2, 100, 200, 250], [2, 7]]
     policy = Policy(gpu_batch_size=2, weights_gpu=0, weights_cpu=100 if weights == "cpu" else 0, pin_weights=False)
+    shapes = {}
 
     def run() -> list[list[int]]:
-        with load_engine("opt-125m", policy=policy, plugins=plugins, device="cpu", dtype=dtype, threads=1,
-                         offload_dir=tmp_path) as engine:
+        with load_engine(model, policy=policy, plugins=plugins, device="cpu", dtype=dtype, threads=1,
+                         offload_dir=tmp_path / "offload") as engine:
             assert engine.compute_dtype == torch.float32
+            spec = engine.spec
+            shapes.update(ffn=(spec.ffn_dim, spec.hidden_size), head=(spec.vocab_size, spec.word_embed_proj_dim))
             return engine.generate(prompts, max_new_tokens=3)
 
     seen = _blocks_seen(monkeypatch)
     by_blocks = run()
-    spec = spec_for_size("opt-125m")
-    assert (spec.ffn_dim, spec.hidden_size) in seen and (spec.vocab_size, spec.hidden_size) in seen
+    assert shapes["ffn"] in seen and shapes["head"] in seen
     seen.clear()
     monkeypatch.setattr(OPTFamily, "accepts_row_blocks", False)
     assert run() == by_blocks
-    assert set(seen) == {(spec.vocab_size, spec.hidden_size)}  # the output embedding only
+    assert set(seen) == {shapes["head"]}  # the output embedding only

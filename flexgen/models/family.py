@@ -181,8 +181,8 @@ class ModelFamily(ABC):
     model_types: ClassVar[tuple[str, ...]]
     #: The class of its specs, so a spec finds its family again (:func:`flexgen.models.families.family_for_spec`).
     spec_type: ClassVar[type]
-    #: True when the forward functions use each matrix of a decoder layer only as the weight
-    #: of :func:`flexgen.linear.linear`. The engine may then hand them a
+    #: True when the forward functions use each matrix of every model layer (the embedding
+    #: tables aside) only as the weight of :func:`flexgen.linear.linear`. The engine may then hand them a
     #: :class:`flexgen.linear.RowBlocks` instead of a tensor for a matrix kept packed or in
     #: another dtype, which the product unpacks a block of rows at a time (on the CPU, a decode
     #: step's products then read the weight's packed bytes only). Off by default: a family

@@ -196,11 +196,8 @@ class ModelFamilyContract:
             pytest.skip(f"{family.name} takes its matrices as tensors (accepts_row_blocks is False)")
         gen, seed = fresh_generator()
         layers = self.random_layers(family, spec, gen)
-        as_blocks = [layers[0]] + [
-            {name: TensorRows(t) if t.dim() == 2 and name not in family.embedding_tables else t
-             for name, t in layer.items()}
-            for layer in layers[1:]
-        ]
+        as_blocks = [{name: TensorRows(t) if t.dim() == 2 and name not in family.embedding_tables else t
+                      for name, t in layer.items()} for layer in layers]
         monkeypatch.setattr(linear_module, "ROW_BLOCK_BYTES", 3 * 4 * spec.hidden_size)  # a few rows per block
         ids = torch.randint(0, spec.vocab_size, (2, 6), generator=gen)
         valid = torch.ones(2, 6, dtype=torch.bool)
