@@ -238,13 +238,13 @@ class WeightPlacement:
     def ready(self, weights: dict[str, Any]) -> dict[str, Any]:
         """A loaded layer's weights with what the I/O thread left packed unpacked, on the compute
         thread; once per layer (the dict is shared by the layer's GPU batches). Matrices that
-        their products can unpack a block of rows at a time stay packed (:meth:`_by_row_blocks`)."""
+        their products can unpack a block of rows at a time stay packed (:meth:`_left_packed`)."""
         for name, value in weights.items():
-            if isinstance(value, Unpack) and not self._by_row_blocks(name, value.placed):
+            if isinstance(value, Unpack) and not self._left_packed(name, value.placed):
                 weights[name] = self.unpacked(value.placed, value.parts)
         return weights
 
-    def _by_row_blocks(self, name: str, placed: PlacedWeight) -> bool:
+    def _left_packed(self, name: str, placed: PlacedWeight) -> bool:
         """Whether a packed weight is left for :func:`flexgen.linear.linear` to unpack by blocks of rows.
 
         Unpacked whole, a matrix is written out in float32 and read back by its product: on
