@@ -81,8 +81,11 @@ class TopKAttention(AttentionBackend):
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor
     ) -> torch.Tensor:
         """Softmax over the top ``keep[b]`` scores of each head, times the matching V rows."""
-        scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, 1, t)
-        scores = scores.float().masked_fill(~valid[:, None, None, :], float("-inf"))
+        # Scores in float32 on every device: rounded to half precision (a GPU's float16 or
+        # bfloat16 matmul), near-equal scores at the cut-off would swap places, and which
+        # positions are kept would depend on the device.
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2))  # (B, H, 1, t)
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         k_max = int(keep.max())
         top, idx = scores.topk(k_max, dim=-1)  # (B, H, 1, k_max), sorted descending
         # Sequences that keep fewer than k_max positions drop the tail of their ranking.
