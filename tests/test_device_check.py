@@ -36,7 +36,7 @@ def test_every_selected_test_exists(device_check):
         assert (REPO / path).exists(), selection
         if name:
             functions = {node.name for node in ast.walk(ast.parse((REPO / path).read_text()))
-                         if isinstance(node, ast.FunctionDef)}
+                         if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
             assert name in functions, selection
 
 
@@ -71,3 +71,24 @@ def test_unknown_only_step_is_one_line_and_exit_2(device_check, capsys):
     assert device_check.main(["--only", "W9"]) == 2
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "W9" in out[0]
+
+
+def test_a_step_past_its_limit_is_interrupted_first_then_killed(device_check, tmp_path, monkeypatch):
+    """A step still running shortly before its limit gets SIGINT, so pytest can print its failures
+    (and a bench its partial figures); one that ignores it is killed at the limit."""
+    import shutil
+    import sys
+
+    monkeypatch.setitem(device_check.LIMITS, "W1", 2)
+    monkeypatch.setitem(device_check.LIMITS, "W2", 2)
+    monkeypatch.setattr(device_check, "INTERRUPT_GRACE_S", 1)
+    run = device_check.Run(tmp_path, rehearse=True)
+    polite = ("import time\ntry:\n    time.sleep(30)\nexcept KeyboardInterrupt:\n"
+              "    print('summary printed on interrupt', flush=True)\n    raise SystemExit(2)")
+    stubborn = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\ntime.sleep(30)"
+    assert run.step("W1", [sys.executable, "-c", polite])["status"] == "timeout (2 s)"
+    result = run.step("W2", [sys.executable, "-c", stubborn])
+    assert result["status"] == "timeout (2 s)" and result["seconds"] < 10
+    run.log.close()
+    shutil.rmtree(run.work, ignore_errors=True)
+    assert "summary printed on interrupt" in (tmp_path / "device-check.log").read_text()
