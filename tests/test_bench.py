@@ -255,8 +255,29 @@ def test_disk_cache_auto_counts_the_bytes_the_disk_holds(env, tiny_checkpoint):
     config = tiny_config(tmp_path, tiny_checkpoint[0], weights_gpu=0, weights_cpu=0)
     raw = run_bench(load_config(config, []), hardware=str(small), bound_only=True)
     packed = run_bench(load_config(config, ["plugins.weight_compressor=int4"]), hardware=str(small), bound_only=True)
-    assert raw.disk_cache == "cold"
+    assert raw.disk_cache.startswith("cold")
     assert packed.disk_cache.startswith("warm")
+
+
+def test_weights_too_large_for_the_page_cache_are_priced_by_the_share_kept(env, tiny_checkpoint):
+    """``auto`` with weights on disk that do not fit: the disk tier keeps ``page_cache_fraction`` of
+    the memory's worth cached between steps, so the bound's disk rate lies between the cold and the
+    warm ones, and says so; more kept, a faster rate; ``cold`` keeps the device's rate."""
+    tmp_path, _ = env
+    small = tmp_path / "small.yaml"
+    small.write_text(CPU_PROFILE.replace("cpu_memory: 8GiB", "cpu_memory: 400KiB"))
+    config = tiny_config(tmp_path, tiny_checkpoint[0], weights_gpu=0, weights_cpu=0)
+    cold = run_bench(load_config(config, []), hardware=str(small), disk_cache="cold", bound_only=True)
+    warm = run_bench(load_config(config, []), hardware=str(small), disk_cache="warm", bound_only=True)
+    auto = run_bench(load_config(config, []), hardware=str(small), bound_only=True)
+    more = run_bench(load_config(config, ["plugins.storage.disk={name: disk, page_cache_fraction: 0.9}"]),
+                     hardware=str(small), bound_only=True)
+    rate = {name: r.hardware["disk_read_bandwidth"] for name, r in
+            {"cold": cold, "warm": warm, "auto": auto, "more": more}.items()}
+    assert rate["cold"] < rate["auto"] < rate["more"] < rate["warm"], rate
+    assert cold.disk_cache == "cold" and auto.disk_cache.startswith("cold, ")
+    [note] = [n for n in auto.notes if "stay in the page cache" in n]
+    assert "60% of" in note and note in format_report(auto)
 
 
 def test_workload_configs_load_and_have_bounds():

@@ -33,7 +33,10 @@ docs/benchmarks.md say "page cache warm"); the hardware profile's disk read rate
 read (``posix_fadvise(DONTNEED)`` first). ``--disk-cache`` chooses which one the bound uses;
 ``auto`` assumes warm when the disk-tier bytes fit in half the machine's memory, and the
 warm rate is measured here by reading a file twice (or, for a preset/file profile, taken as
-the read side of a host memory copy, half of ``cpu_memory_bandwidth``).
+the read side of a host memory copy, half of ``cpu_memory_bandwidth``). When ``auto`` finds
+that they do not fit, the disk tier still keeps a share of them in the page cache between steps
+(flexgen/storage/disk.py), and the bound prices those bytes at the warm rate, the rest at the
+disk's; ``cold`` prices every byte at the disk's rate (a page cache that keeps nothing).
 """
 
 from __future__ import annotations
@@ -308,6 +311,7 @@ def _hardware_profile(hardware: str | None, device: str, refresh: bool, offload_
 def _bound(report, cfg, spec, policy, plugins, profile, disk_cache, offload_dir, measured_here: bool) -> None:
     """Fill ``report.bound`` from the cost model; a note instead when it cannot price the config."""
     from flexgen.planner.costmodel import Workload, estimate, estimate_options
+    from flexgen.planner.page_cache import page_cache_fraction
 
     if report.compute_dtype not in (None, report.dtype):
         # Half precision computed in float32 (a CPU without native support): its products run at
@@ -332,6 +336,9 @@ def _bound(report, cfg, spec, policy, plugins, profile, disk_cache, offload_dir,
                 report.notes.append(
                     f"disk reads priced at {rate / 1e9:.1f} GB/s, the page cache's rate ({how}); --disk-cache cold for the device's"
                 )
+            elif disk_cache == "auto" and on_disk["cache"] == 0 and on_disk["weights"] > 0:
+                profile = _price_kept_weights(report, profile, on_disk["weights"], page_cache_fraction(plugins),
+                                              offload_dir, measured_here)
         est = estimate(spec, policy, workload, profile, dtype=cfg.model.dtype, **options)
     except FlexGenError as exc:
         report.bound_note = f"no bound: {exc}"
@@ -373,6 +380,36 @@ def _note_packed_disk_weights(report, spec, policy, workload, profile, dtype: st
         f"weights on disk are {name}-packed: {on_disk['weights'] / 1e9:.3g} GB read per pass instead of "
         f"{unpacked / 1e9:.3g} GB in {dtype} ({on_disk['weights'] / unpacked:.0%}); the bound counts the packed bytes"
     )
+
+
+def _price_kept_weights(report, profile, weights_on_disk: float, fraction: float, offload_dir: str | None,
+                        measured_here: bool):
+    """The profile with the disk read rate of a run whose weights on disk do not fit in the page
+    cache, so that the disk tier keeps a share of them cached between steps
+    (:class:`flexgen.storage.disk.DiskStorage`): those bytes are priced at the page cache's rate,
+    the others at the disk's.
+
+    The share kept is ``fraction`` of the memory available now (of the profile's memory for a
+    preset or file profile). The first pass reads every byte from the disk, so the bound is an
+    upper bound on a run that starts cold.
+    """
+    from flexgen.planner.page_cache import kept_weight_bytes
+
+    kept, memory = kept_weight_bytes(weights_on_disk, fraction, None if measured_here else profile.cpu_memory)
+    if kept <= 0:
+        return profile
+    warm, how = _warm_read_rate(profile, offload_dir, measured_here)
+    cold = profile.disk_read_bandwidth
+    rate = weights_on_disk / (kept / warm + (weights_on_disk - kept) / cold)
+    report.notes.append(
+        f"{kept / 1e9:.3g} GB of the {weights_on_disk / 1e9:.3g} GB of weights on disk stay in the page cache between "
+        f"steps ({fraction:.0%} of {memory / 1e9:.3g} GB available): disk reads priced at "
+        f"{rate / 1e9:.2f} GB/s, those bytes at the page cache's {warm / 1e9:.1f} GB/s ({how}), the rest at the disk's"
+    )
+    profile = dataclasses.replace(profile, disk_read_bandwidth=rate)
+    report.hardware = profile.to_dict()
+    report.disk_cache = f"cold, {kept / 1e9:.3g} GB kept in the page cache"
+    return profile
 
 
 def _disk_is_warm(mode: str, on_disk: dict[str, float], memory: int) -> bool:

@@ -337,6 +337,8 @@ class Engine:
         # starts computing, so it has the whole layer (every GPU batch) to arrive in.
         loads = {tasks[0].layer: self.placement.submit_layer(tasks[0].layer)}
         previous_layer_done = None  # compute-stream event: the layer before the current one is computed
+        finished = None  # the last layer done with: released once the next is done too (a host
+        # attention of an attention layer is finished, with that layer's weights, in the next)
         pending = self._prefetch(block, tasks[0], None, step, length)
         for t, (task, ahead) in enumerate(zip(tasks, next_layers(tasks))):
             hidden_f, cache_f = pending
@@ -360,6 +362,9 @@ class Engine:
             if following is None or following.layer != task.layer:
                 del loads[task.layer]  # done with this layer: its buffers go once computed
                 previous_layer_done = self.transfers.compute_event()
+                if finished is not None:
+                    self.placement.release_layer(finished)
+                finished = task.layer
             if batch.pending is not None:
                 continue  # its hidden states arrive when the host attention is finished
             if task.layer == self.spec.num_model_layers - 1:
@@ -368,6 +373,8 @@ class Engine:
                 batch.hidden = out  # already where it is used next: no copy
             else:
                 batch.hidden = self.transfers.put(block.act_tiers[task.batch], self._act_key(task.batch), out)
+        if finished is not None:
+            self.placement.release_layer(finished)
 
     def _prefetch(self, block: Block, task: Task, previous: Task | None, step: int,
                   length: int) -> tuple[Future | None, Future | None]:

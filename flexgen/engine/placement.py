@@ -235,6 +235,18 @@ class WeightPlacement:
                 weights[placed.spec.local] = parts["data"]
         return weights
 
+    def release_layer(self, index: int) -> None:
+        """Tell the tiers that model layer ``index``'s weights are done with until its next load.
+
+        Runs on the weight I/O thread after the loads queued before it. The disk tier then gives
+        back the page cache of layers it does not keep (:meth:`flexgen.storage.disk.DiskStorage.release`),
+        so a model larger than memory does not thrash it.
+        """
+        if index in self.resident:
+            return
+        parts = [(placed.tier, part) for placed in self.layers[index] for part in placed.parts.values()]
+        self.transfers.after_weight_loads(lambda: [self.storage[tier].release(part) for tier, part in parts])
+
     def ready(self, weights: dict[str, Any]) -> dict[str, Any]:
         """A loaded layer's weights with what the I/O thread left packed unpacked, on the compute
         thread; once per layer (the dict is shared by the layer's GPU batches). Matrices that

@@ -128,6 +128,10 @@ class Transfers:
         their loads wait for nothing."""
         return self._load(self.weight_io, self.weight_stream, fn, *args, after_writes=False)
 
+    def after_weight_loads(self, fn: Callable[..., Any], *args) -> Future:
+        """Run ``fn(*args)`` on the weight I/O thread, after the loads given to it before (no stream)."""
+        return self.weight_io.submit(fn, *args)
+
     def load_written(self, fn: Callable[..., Any], *args) -> Future:
         """Run a fetch of tensors that compute or the store stream may have written (a cache
         prefix, parked hidden states) on the cache thread and stream.

@@ -74,6 +74,16 @@ class StorageBackend(ABC):
         """``resident`` (or a slice of it) on ``device`` for compute; a view when already there."""
         return resident.to(device, non_blocking=non_blocking)
 
+    def release(self, resident: torch.Tensor) -> None:
+        """A hint: the engine is done with a tensor it fetched until it fetches it again.
+
+        Called (on the weight I/O thread) for each part of a model layer's weights once that
+        layer is computed. A tier may give back memory it holds on the tensor's behalf; the
+        tensor stays valid and must read the same when fetched again. The disk tier uses it
+        to keep the page cache from thrashing when the model is larger than memory. Default:
+        nothing.
+        """
+
     def write(self, resident: torch.Tensor, value: torch.Tensor, non_blocking: bool = False) -> None:
         """Copy ``value`` into ``resident`` (or a slice of it) in place."""
         resident.copy_(value, non_blocking=non_blocking)

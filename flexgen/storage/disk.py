@@ -25,13 +25,23 @@ opens a disk tier on the same offload folder removes it, never one whose owner s
 
 Reads go through the page cache: a memory-mapped tensor costs file-backed pages, not
 anonymous memory, so a process can stream a model far larger than its RAM.
+
+A model larger than the memory the page cache may use would thrash it: read in layer order
+every step, each layer evicts one that is needed soon, and every step reads the whole model
+from the disk. So the tier keeps a share of the available memory (``page_cache_fraction``,
+measured when the engine first releases a weight) for the weights used first, and gives the
+pages of every other weight back as soon as the engine releases it (:meth:`DiskStorage.release`):
+a step then reads from the disk only what does not fit, and the kept layers never compete with
+the streamed ones. A model that fits keeps everything, as before.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
+import mmap
 import os
 import struct
 import uuid
@@ -64,6 +74,10 @@ MAX_HEADER_BYTES = 100_000_000
 
 #: header metadata written at conversion and checked before reuse
 KEY_FIELD, CRC_FIELD = "flexgen.key", "flexgen.crc32"
+
+#: Share of the available memory the page cache may keep of the weights on disk (see the module
+#: docstring): the rest of memory stays for the cache, activations, buffers and other programs.
+PAGE_CACHE_FRACTION = 0.6
 
 
 @dataclass(frozen=True)
@@ -180,10 +194,19 @@ class DiskStorage(StorageBackend):
 
     persistent = True
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, page_cache_fraction: float = PAGE_CACHE_FRACTION, **kwargs) -> None:
+        """``page_cache_fraction``: the share of available memory that weights on disk may keep
+        in the page cache between uses when the model does not fit in it (0 to 1; 0 keeps none)."""
         super().__init__(**kwargs)
         if self.offload_dir is None:
             raise TypeError("the disk tier needs an offload_dir")
+        if (isinstance(page_cache_fraction, bool) or not isinstance(page_cache_fraction, (int, float))
+                or not 0 <= page_cache_fraction <= 1):
+            raise TypeError(f"page_cache_fraction must be a number from 0 to 1, got {page_cache_fraction!r}")
+        self.page_cache_fraction = float(page_cache_fraction)
+        self._page_cache_budget: int | None = None  # bytes; set at the first release
+        self._kept: dict[int, bool] = {}  # data_ptr -> whether its pages stay cached between uses
+        self._kept_bytes = 0
         if self.offload_dir.exists() and not self.offload_dir.is_dir():
             raise StorageError(f"output.offload_dir: {self.offload_dir} is not a folder")
         self._tensors: dict[str, torch.Tensor] = {}
@@ -292,6 +315,36 @@ class DiskStorage(StorageBackend):
         flat = resident.reshape(-1).view(torch.uint8).numpy()
         np.bitwise_or.reduce(flat[::_PAGE])
 
+    def release(self, resident: torch.Tensor) -> None:
+        """Give a converted weight's pages back to the OS, unless it is one of those kept cached.
+
+        The weights released first are kept, as long as they fit in the budget
+        (``page_cache_fraction`` of the memory available at the first release): they are the
+        first layers, read again first at the next step. Any other weight's pages are unmapped
+        from this process (``MADV_DONTNEED``; the mapping is copy-on-write and never written,
+        so the next access reads the file again) and dropped from the page cache
+        (``POSIX_FADV_DONTNEED``), so reading the next layers evicts nothing that is kept.
+        Only whole pages inside the tensor are dropped. Linux only; elsewhere nothing is done.
+        """
+        extent = self._extents.get(resident.data_ptr())
+        if extent is None or not _CAN_DROP_PAGES:
+            return
+        path, offset, length = extent
+        keep = self._kept.get(resident.data_ptr())
+        if keep is None:
+            if self._page_cache_budget is None:
+                self._page_cache_budget = int(self.page_cache_fraction * available_memory())
+            keep = self._kept_bytes + length <= self._page_cache_budget
+            self._kept[resident.data_ptr()] = keep
+            self._kept_bytes += length if keep else 0
+        if not keep:
+            drop_pages(resident.data_ptr(), length, path, offset)
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of weights kept in the page cache between uses (those released so far)."""
+        return self._kept_bytes
+
     @staticmethod
     def _verified(key: str, path: Path, header: SafetensorsHeader) -> torch.Tensor:
         """The ``data`` tensor of a converted file, once its header names ``key`` and its CRC-32 matches."""
@@ -339,3 +392,38 @@ class DiskStorage(StorageBackend):
             self.free(key)
         self._tensors.clear()
         self._owned.release()
+
+
+_CAN_DROP_PAGES = hasattr(os, "posix_fadvise") and hasattr(mmap, "MADV_DONTNEED")
+_libc = ctypes.CDLL(None, use_errno=True) if _CAN_DROP_PAGES else None
+if _libc is not None:
+    _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    _libc.madvise.restype = ctypes.c_int
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new work without swapping (Linux's MemAvailable: free memory
+    and the page cache that can be reclaimed)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def drop_pages(address: int, length: int, path: Path, offset: int) -> None:
+    """Unmap the whole pages of ``length`` bytes at ``address`` (a private, never-written file
+    mapping of ``path`` from ``offset``) and drop those bytes of the file from the page cache.
+
+    Both are hints to the kernel; a failure of either only leaves the pages where they were.
+    """
+    start = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
+    stop = (address + length) // mmap.PAGESIZE * mmap.PAGESIZE
+    if stop > start:
+        _libc.madvise(start, stop - start, mmap.MADV_DONTNEED)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass

@@ -4,7 +4,8 @@ What the engine relies on: ``put`` keeps a copy and ``get`` returns it (dtype an
 given, for float and byte tensors alike); ``empty`` gives a zero-filled tensor that the engine
 writes in place, directly or by slices through ``write``, and later reads back through ``get``
 and ``fetch``; ``free`` forgets a key; ``nbytes`` counts what the tier holds (the memory
-statistics and the policy's budgets are built on it); keys contain slashes.
+statistics and the policy's budgets are built on it); ``release`` is a hint that never changes
+a tensor's values; keys contain slashes.
 """
 
 from __future__ import annotations
@@ -149,6 +150,21 @@ class StorageBackendContract:
         assert _same(fetched, x), f"seed {seed}"
         part = storage.fetch(resident[1:3], device)
         assert _same(part, x[1:3]), f"fetch of a slice differs (seed {seed})"
+
+    def test_release_keeps_the_values(self, storage: StorageBackend) -> None:
+        """``release`` is a hint: a released tensor, put or written in place, reads the same when
+        fetched again. (256 KiB each: whole pages for a tier that gives pages back.)"""
+        gen, seed = fresh_generator()
+        x = _random((64, 1024), torch.float32, gen)
+        device = torch.device(self.compute_device)
+        resident = storage.put("weights/t/layers.0.w", x)
+        storage.release(storage.fetch(resident, device))
+        storage.release(resident)
+        assert _same(storage.fetch(resident, device), x), f"a released tensor changed (seed {seed})"
+        written = storage.empty("cache/t/0", (64, 1024), torch.float32)
+        storage.write(written, x.to(written.device))
+        storage.release(written)
+        assert _same(storage.fetch(written, device), x), f"a released tensor written in place changed (seed {seed})"
 
     # -- free / nbytes / close ---------------------------------------------------------------
 
