@@ -304,14 +304,7 @@ class DiskStorage(StorageBackend):
             return
         path, offset, length = extent
         if hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_WILLNEED"):  # Linux
-            try:
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass  # only a hint: the touch below reads the pages anyway
+            _advise(path, offset, length, os.POSIX_FADV_WILLNEED)  # the touch below reads the pages anyway
         flat = resident.reshape(-1).view(torch.uint8).numpy()
         np.bitwise_or.reduce(flat[::_PAGE])
 
@@ -419,10 +412,15 @@ def drop_pages(address: int, length: int, path: Path, offset: int) -> None:
     stop = (address + length) // mmap.PAGESIZE * mmap.PAGESIZE
     if stop > start:
         _libc.madvise(start, stop - start, mmap.MADV_DONTNEED)
+    _advise(path, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def _advise(path: Path, offset: int, length: int, advice: int) -> None:
+    """``posix_fadvise`` on a byte range of a file: only a hint, so a failure is ignored."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, offset, length, advice)
         finally:
             os.close(fd)
     except OSError:
