@@ -338,10 +338,17 @@ def single_threaded_ops() -> Iterator[None]:
     Placing a model runs a few tensors at once on a thread pool; with the default setting each
     of them would start a team of one thread per core, N x N threads on N cores.
     """
+    with intra_op_threads(1):
+        yield
+
+
+@contextmanager
+def intra_op_threads(threads: int) -> Iterator[None]:
+    """Torch operations on ``threads`` OpenMP threads inside; the caller's setting is given back after."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:

@@ -271,6 +271,29 @@ def test_measure_hardware_quick_and_cached(tmp_path, monkeypatch):
     assert measure_hardware("cpu", quick=True) == hw  # read back, not measured again
 
 
+def test_cpu_rates_are_measured_on_every_usable_core_whatever_the_callers_threads(tmp_path, monkeypatch):
+    """The profile is cached per machine: a caller left at one thread (an engine's governor on a
+    busy machine) must not cache a one-thread matmul rate for every later run."""
+    import torch
+
+    from flexgen.planner import hardware
+    from flexgen.threads import usable_cores
+
+    seen = []
+    real = hardware._matmul_rate
+    monkeypatch.setattr(hardware, "_matmul_rate",
+                        lambda *args, **kwargs: (seen.append(torch.get_num_threads()), real(*args, **kwargs))[1])
+    monkeypatch.setenv("FLEXGEN_CACHE", str(tmp_path))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        hardware.measure_hardware("cpu", quick=True)
+        assert torch.get_num_threads() == 1  # the caller's setting is given back
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {usable_cores()}
+
+
 def test_next_layers_weights_load_while_the_current_layer_computes():
     """The engine starts loading layer j+1's weights when layer j starts, so a slow attention
     layer hides the (larger) MLP weights after it; the embedding's weights load before anything."""

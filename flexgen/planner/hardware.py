@@ -36,12 +36,13 @@ from typing import Any, Callable
 
 from flexgen.errors import ConfigError
 from flexgen.paths import cache_root
+from flexgen.threads import intra_op_threads, usable_cores
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 GB = 10**9
 
 #: Bump when measurement changes, so stale cached profiles are measured again.
-PROFILE_VERSION = 4
+PROFILE_VERSION = 5
 
 _UNITS = {
     "": 1, "b": 1,
@@ -541,10 +542,20 @@ def measure_hardware(
     cpu_sync = lambda: None  # noqa: E731
     host_a = torch.empty(copy_bytes // 4, dtype=torch.float32).fill_(1.0)
     host_b = torch.empty_like(host_a)
-    cpu_copy = _copy_rate(host_a, host_b, cpu_sync)
-    cpu_flops = _matmul_rate(torch, "cpu", torch.float32, cpu_n, cpu_sync)
-    cpu_attention = _cpu_attention_rate(torch, length=256 if quick else 1024)
-    cpu_decompress = _decompress_rate(torch, "cpu", cpu_sync, 256 if quick else 1024)
+    # The machine's rates, on every core this process may use, whatever thread count the caller
+    # (or an engine's governor, on a busy machine) left set: the profile is cached per machine.
+    with intra_op_threads(usable_cores()):
+        cpu_copy = _copy_rate(host_a, host_b, cpu_sync)
+        cpu_flops = _matmul_rate(torch, "cpu", torch.float32, cpu_n, cpu_sync)
+        cpu_attention = _cpu_attention_rate(torch, length=256 if quick else 1024)
+        cpu_decompress = _decompress_rate(torch, "cpu", cpu_sync, 256 if quick else 1024)
+        cpu_half_flops = {}
+        if device != "cuda":
+            for key, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+                try:
+                    cpu_half_flops[key] = _matmul_rate(torch, "cpu", dt, cpu_n // 2, cpu_sync, repeats=3)
+                except RuntimeError:  # no half-precision matmul on this CPU build
+                    cpu_half_flops[key] = cpu_flops / 10
     disk_read, disk_write = _disk_rates(disk_path, (16 if quick else 128) * MiB)
     cpu_memory = psutil.virtual_memory().total
     disk_memory = shutil.disk_usage(disk_path).free
@@ -575,12 +586,7 @@ def measure_hardware(
         # tier is the same memory as the cpu tier.
         h2d = d2h = cpu_copy
         gpu_bw = 2 * cpu_copy
-        flops = {"fp32": cpu_flops}
-        for key, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-            try:
-                flops[key] = _matmul_rate(torch, "cpu", dt, cpu_n // 2, cpu_sync, repeats=3)
-            except RuntimeError:  # no half-precision matmul on this CPU build
-                flops[key] = cpu_flops / 10
+        flops = {"fp32": cpu_flops, **cpu_half_flops}
         gpu_memory = cpu_memory
         h2d_pageable = d2h_pageable = None
         overhead = _task_overhead(torch, "cpu", cpu_sync)
