@@ -11,15 +11,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from flexgen.registry import parse_spec
 from flexgen.storage.disk import PAGE_CACHE_FRACTION, available_memory
 
 
 def page_cache_fraction(plugins: dict[str, Any]) -> float:
     """The disk tier's ``page_cache_fraction`` in a run's plugins: the config's option, else the default."""
     spec = (plugins.get("storage") or {}).get("disk")
-    if isinstance(spec, dict) and spec.get("name") == "disk":
-        return float(spec.get("page_cache_fraction", PAGE_CACHE_FRACTION))
-    return PAGE_CACHE_FRACTION
+    if spec is None:
+        return PAGE_CACHE_FRACTION
+    name, options = parse_spec(spec, "plugins.storage.disk")
+    return float(options.get("page_cache_fraction", PAGE_CACHE_FRACTION)) if name == "disk" else PAGE_CACHE_FRACTION
 
 
 def kept_weight_bytes(weights_on_disk: float, fraction: float, memory: float | None = None) -> tuple[float, float]:
