@@ -1,27 +1,37 @@
 """The linear product ``x @ weight.T + bias`` of the model math, with the CPU kernel chosen for it.
 
-On the CPU, PyTorch computes float32 ``F.linear`` with the BLAS it was built with (MKL).
-A decode step multiplies every weight matrix by a handful of rows (one per sequence of the
-batch), and there MKL leaves much of two cores unused: measured on this project's 2-core
-CI machine (AMD EPYC, AVX2), oneDNN's kernel for the same product is 1.0–2.3x faster at two
-threads for matrices of a million elements or more with up to 64 rows, and the output
-embedding of OPT-125M (50,272 x 768) takes 26 ms instead of 47 ms. With many rows (prefill)
-it is faster too at those sizes (512 rows of OPT-1.3B's matrices: 108–128 GFLOP/s against
-80–116 for MKL, measured interleaved), and a whole prefill of OPT-1.3B (32 prompts of 16
-tokens) takes 10.8 s instead of 14.6 s, 1.07x faster at one thread. For small matrices the
-two are even. So :func:`linear` sends float32 products with large weights to oneDNN and
-everything else to ``F.linear``.
+On the CPU, PyTorch computes float32 ``F.linear`` with the BLAS it was built with (MKL). Three
+kernels share the float32 products here, by the number of rows of ``x`` and the size of the
+weight (measured on this project's 2-core CI machine, AMD EPYC with AVX2, two threads):
 
-The two kernels sum in different orders: results differ in the last bits (about 1e-6 of
-the outputs' scale), as they already do between MKL's own kernels for different shapes.
-Greedy tokens stay equal to HF transformers' in this project's agreement tests.
+* **Decode: a few rows, a large weight.** A decode step multiplies every weight matrix by one
+  row per sequence of the batch, and general-purpose kernels use the two cores poorly there:
+  with OPT's matrices streamed from memory at 32 rows, MKL reaches 30-65 GFLOP/s and oneDNN
+  65-90, where a large square product reaches ~120. This project's own kernel
+  (:mod:`flexgen.kernels.few_rows`, compiled at first use) reaches 80-115 on the same products
+  (opt-125m's 768 x 768 matrices: 110 against oneDNN's 83 and MKL's 54; OPT-1.3B's 2048 x 8192:
+  115 against 100 and 41), and a whole opt-125m decode step is ~20 % faster with it. It takes
+  products of up to :data:`FEW_ROWS_MAX_ROWS` rows with weights of at least
+  :data:`MIN_WEIGHT_ELEMENTS` elements, where the CPU has AVX2 and FMA, a C compiler
+  is found and PyTorch runs on an OpenMP runtime it can share; elsewhere oneDNN takes them.
+* **Prefill: many rows, a large weight.** oneDNN: 512 rows of OPT-1.3B's matrices at 108-128
+  GFLOP/s against MKL's 80-116, a whole prefill of OPT-1.3B (32 prompts of 16 tokens) 1.35x
+  faster, 1.07x at one thread. It also takes the few-row products where the kernel above is
+  not available (1.0-2.3x faster than MKL on them).
+* **Small weights** (fewer than :data:`MIN_WEIGHT_ELEMENTS` elements): ``F.linear``, as fast
+  for them.
 
-oneDNN's entry point is ``torch.ops.mkldnn._linear_pointwise``, the op PyTorch's own
-compiler emits for CPU linear layers; where a build lacks it, or with
-``FLEXGEN_CPU_LINEAR=blas`` in the environment (to compare, or to rule the kernel out),
-every product goes to ``F.linear``. Families of model plugins call :func:`linear` where
-they would call ``F.linear`` to get the same choice; weights laid out for it are
-row-major (:func:`prefers_row_major`).
+The kernels sum in different orders: results differ in the last bits (about 1e-6 of the
+outputs' scale), as they already do between MKL's own kernels for different shapes. Greedy
+tokens stay equal to HF transformers' in this project's agreement tests.
+
+``FLEXGEN_CPU_LINEAR`` in the environment chooses: ``auto`` (the default, as above),
+``onednn`` (no few-row kernel: oneDNN takes the large products) or ``blas`` (every product on
+``F.linear``), to compare, or to rule a kernel out. oneDNN's entry point is
+``torch.ops.mkldnn._linear_pointwise``, the op PyTorch's own compiler emits for CPU linear
+layers; a build without it counts as ``blas``. Families of model plugins call :func:`linear`
+where they would call ``F.linear`` to get the same choice; weights laid out for it are
+row-major (:func:`prefers_row_major`). :func:`describe` is the line the run summary prints.
 
 **Weights unpacked a block of rows at a time.** A weight kept in a smaller form than the one
 its product runs in (bfloat16 computed in float32 on a CPU without native bfloat16; int4 or
@@ -44,17 +54,24 @@ import torch
 import torch.nn.functional as F
 
 from flexgen.errors import ConfigError
+from flexgen.kernels import few_rows
 from flexgen.workspace import Workspace
 
-#: Weights with fewer elements stay with BLAS, as fast for them (and kept column-major for it).
-ONEDNN_MIN_WEIGHT_ELEMENTS = 1 << 20
+#: Weights with fewer elements stay with BLAS, as fast for them (and kept column-major for it);
+#: from opt-125m's 768 x 768 up, oneDNN is 5-30 % faster than MKL with many rows, and the few-row
+#: kernel faster than both with few.
+MIN_WEIGHT_ELEMENTS = 1 << 19
+
+#: Most rows of ``x`` the few-row kernel takes: beyond, oneDNN's blocked kernel is faster
+#: (64 rows of OPT-1.3B's 2048 x 8192: 105 GFLOP/s against the few-row kernel's 95).
+FEW_ROWS_MAX_ROWS = 64
 
 #: Bytes of a :class:`RowBlocks` weight unpacked at a time: a few times a core's L2 cache, well
 #: within the L3 (smaller blocks cost more in per-block overhead than they save in traffic).
 ROW_BLOCK_BYTES = 8 << 20
 
 ENV_VAR = "FLEXGEN_CPU_LINEAR"
-KERNELS = ("auto", "blas")
+KERNELS = ("auto", "onednn", "blas")
 
 _WORKSPACE = Workspace()
 
@@ -71,13 +88,18 @@ class RowBlocks(ABC):
         product's dtype, contiguous); return ``out``."""
 
 
+def setting() -> str:
+    """``FLEXGEN_CPU_LINEAR``, checked: one of :data:`KERNELS` (``auto`` when unset)."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in KERNELS:
+        raise ConfigError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: expected one of {', '.join(KERNELS)}")
+    return value
+
+
 @cache
 def onednn_enabled() -> bool:
-    """Whether few-row CPU products may use oneDNN: the build has it and the environment allows it."""
-    setting = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if setting not in KERNELS:
-        raise ConfigError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: expected one of {', '.join(KERNELS)}")
-    if setting == "blas" or not torch.backends.mkldnn.is_available():
+    """Whether large CPU products may use oneDNN: the build has it and the environment allows it."""
+    if setting() == "blas" or not torch.backends.mkldnn.is_available():
         return False
     try:
         return hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -85,19 +107,55 @@ def onednn_enabled() -> bool:
         return False
 
 
-def uses_onednn(weight_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether :func:`linear` computes a product with such a weight with oneDNN."""
+@cache
+def few_rows_enabled() -> bool:
+    """Whether decode's products may use the few-row kernel: the environment allows it and it
+    is built and usable here (the first call builds it)."""
+    return setting() == "auto" and few_rows.available()
+
+
+def _large_float32_on_cpu(weight_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
     return (device.type == "cpu" and dtype == torch.float32 and len(weight_shape) == 2
-            and weight_shape[0] * weight_shape[1] >= ONEDNN_MIN_WEIGHT_ELEMENTS and onednn_enabled())
+            and weight_shape[0] * weight_shape[1] >= MIN_WEIGHT_ELEMENTS)
+
+
+def uses_onednn(weight_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether :func:`linear` computes a product with such a weight and more rows than the
+    few-row kernel takes (all rows, where that kernel is off) with oneDNN."""
+    return _large_float32_on_cpu(weight_shape, dtype, device) and onednn_enabled()
+
+
+def uses_few_rows(weight_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether :func:`linear` computes a product with such a weight and at most
+    :data:`FEW_ROWS_MAX_ROWS` rows with the few-row kernel."""
+    return _large_float32_on_cpu(weight_shape, dtype, device) and few_rows_enabled()
 
 
 def prefers_row_major(weight_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
     """Whether a weight kept in compute memory should stay row-major (out, in) for decode.
 
-    oneDNN reads a row-major weight faster than a transposed one; BLAS, which computes the
-    products oneDNN does not, reads a column-major one faster when there are few rows.
+    The few-row kernel reads rows of the weight; oneDNN reads a row-major weight faster than a
+    transposed one; BLAS, which computes the remaining products, reads a column-major one
+    faster when there are few rows.
     """
-    return uses_onednn(weight_shape, dtype, device)
+    return uses_few_rows(weight_shape, dtype, device) or uses_onednn(weight_shape, dtype, device)
+
+
+def describe() -> str:
+    """Which kernels compute float32 products on the CPU here, in one line for the run summary."""
+    kernels = []
+    if few_rows_enabled():
+        kernels.append("flexgen's few-row kernel (decode)")
+    if onednn_enabled():
+        kernels.append("oneDNN (large weights)")
+    kernels.append("BLAS (the rest)")
+    line = "CPU float32 products: " + ", ".join(kernels)
+    reason = few_rows.unavailable_reason() if setting() == "auto" else None
+    if reason:
+        line += f"; the few-row kernel is off: {reason}"
+    elif setting() != "auto":
+        line += f" ({ENV_VAR}={setting()})"
+    return line
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | RowBlocks, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,29 +163,57 @@ def linear(x: torch.Tensor, weight: torch.Tensor | RowBlocks, bias: torch.Tensor
     oneDNN, and a :class:`RowBlocks` weight unpacked and multiplied a block of rows at a time."""
     if isinstance(weight, RowBlocks):
         return _by_row_blocks(x, weight, bias)
-    if (weight.dtype == x.dtype and weight.device == x.device and not weight.is_sparse
-            and uses_onednn(tuple(weight.shape), x.dtype, x.device)
+    if (weight.dtype == x.dtype and weight.device == x.device and not weight.is_sparse and x.dim() >= 1
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))
             and (bias is None or bias.dtype == x.dtype)):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        shape = tuple(weight.shape)
+        if (weight.dim() == 2 and weight.stride(-1) == 1 and x.shape[-1] == shape[1]
+                and _rows(x) <= FEW_ROWS_MAX_ROWS and uses_few_rows(shape, x.dtype, x.device)):
+            y = few_rows.few_rows_linear(_as_rows(x), weight, None if bias is None else bias.contiguous())
+            return y.view(*x.shape[:-1], shape[0])
+        if uses_onednn(shape, x.dtype, x.device) and _dense(weight):
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def _dense(weight: torch.Tensor) -> bool:
+    """Row- or column-major without gaps: oneDNN copies any other weight element by element
+    first (a 2048 x 1024 column slice of a wider matrix: 1.7 s for 32 rows, against F.linear's
+    3 ms, measured with torch 2.13)."""
+    return weight.is_contiguous() or weight.t().is_contiguous()
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a 2-D (rows, features) tensor with unit stride along the features."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 def _by_row_blocks(x: torch.Tensor, weight: RowBlocks, bias: torch.Tensor | None) -> torch.Tensor:
     out_features, in_features = weight.shape
     rows = max(1, min(out_features, ROW_BLOCK_BYTES // (in_features * x.element_size())))
     buffer = _WORKSPACE.empty("linear/row-block", (rows, in_features), x.dtype, x.device)
-    x2 = x.reshape(-1, in_features)
+    x2 = _as_rows(x)
     y = torch.empty(x2.shape[0], out_features, dtype=x.dtype, device=x.device)
     # The kernel is chosen for the whole weight, so every block of it is summed the same way.
-    onednn = (uses_onednn((out_features, in_features), x.dtype, x.device)
-              and not (torch.is_grad_enabled() and x.requires_grad))
+    shape = (out_features, in_features)
+    plain = not (torch.is_grad_enabled() and x.requires_grad) and (bias is None or bias.dtype == x.dtype)
+    use_few_rows = plain and x2.shape[0] <= FEW_ROWS_MAX_ROWS and uses_few_rows(shape, x.dtype, x.device)
+    onednn = plain and not use_few_rows and uses_onednn(shape, x.dtype, x.device)
+    if use_few_rows and bias is not None:
+        bias = bias.contiguous()
     for start in range(0, out_features, rows):
         stop = min(out_features, start + rows)
         block = weight.rows_into(start, stop, buffer[: stop - start])
         part_bias = None if bias is None else bias[start:stop]
-        if onednn:
+        if use_few_rows:
+            few_rows.few_rows_linear(x2, block, part_bias, out=y[:, start:stop])
+        elif onednn:
             y[:, start:stop] = torch.ops.mkldnn._linear_pointwise(x2, block, part_bias, "none", [], "")
         else:
             y[:, start:stop] = F.linear(x2, block, part_bias)

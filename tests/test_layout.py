@@ -102,7 +102,8 @@ def test_every_module_opens_with_a_docstring_that_says_what_it_is_for(name):
 
 
 #: Modules every part may import: small, and importing nothing above them.
-LEAVES = {"errors", "paths", "policy", "workspace", "atomic", "scratch", "registry", "threads", "dtypes", "linear"}
+LEAVES = {"errors", "paths", "policy", "workspace", "atomic", "scratch", "registry", "threads", "dtypes", "linear",
+          "kernels"}
 PLUGIN_KINDS = {"storage", "attention", "compression", "scheduling"}
 
 #: What each part of flexgen/ may import besides itself and the leaves: the map drawn in

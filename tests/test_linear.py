@@ -1,9 +1,9 @@
-"""flexgen.linear: decode's few-row float32 products on the CPU go to oneDNN, with F.linear's results,
-and packed weights are multiplied a block of rows at a time.
+"""flexgen.linear: float32 CPU products go to the few-row kernel (decode), oneDNN (large weights)
+or F.linear, each with F.linear's results, and packed weights are multiplied a block of rows at a time.
 
-The default thresholds send no product of the tiny test models to oneDNN, so the engine tests
-here lower them to send every product there, and check greedy tokens against HF
-transformers for OPT and Llama checkpoints, weights in every tier.
+The default thresholds send no product of the tiny test models to the few-row kernel or oneDNN,
+so the engine tests here lower them to send every product to one of them, and check greedy
+tokens against HF transformers for OPT and Llama checkpoints, weights in every tier.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from torch.profiler import profile
 from flexgen import Policy, dtypes, load_engine
 from flexgen import linear as linear_module
 from flexgen.errors import ConfigError
-from flexgen.linear import linear, prefers_row_major, uses_onednn
+from flexgen.kernels import few_rows
+from flexgen.linear import linear, prefers_row_major, uses_few_rows, uses_onednn
 from flexgen.models.opt import spec_for_size
 from flexgen.models.opt_family import OPTFamily
 from flexgen.testing.models import TensorRows
@@ -30,6 +31,7 @@ from tests.conftest import make_checkpoint
 from tests.test_llama_math import _hf_model
 
 needs_onednn = pytest.mark.skipif(not linear_module.onednn_enabled(), reason="this torch build has no oneDNN linear")
+needs_few_rows = pytest.mark.skipif(not few_rows.available(), reason=f"no few-row kernel: {few_rows.unavailable_reason()}")
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,17 +45,24 @@ def _ops(fn) -> set[str]:
 @pytest.fixture
 def fresh_setting(monkeypatch):
     """Re-read FLEXGEN_CPU_LINEAR in the test, and again after it."""
-    linear_module.onednn_enabled.cache_clear()
+    _forget_setting()
     yield monkeypatch
     monkeypatch.delenv(linear_module.ENV_VAR, raising=False)
+    _forget_setting()
+
+
+def _forget_setting() -> None:
     linear_module.onednn_enabled.cache_clear()
+    linear_module.few_rows_enabled.cache_clear()
 
 
 @needs_onednn
 @pytest.mark.parametrize("layout", ["row-major", "column-major", "sliced"])
 @pytest.mark.parametrize("x_shape", [(32, 1024), (8, 1, 1024), (2, 3, 1024), (1, 1024), (4, 128, 1024)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_products_of_large_weights_go_to_onednn_and_equal_f_linear(layout, x_shape, with_bias):
+def test_products_of_large_weights_go_to_onednn_and_equal_f_linear(fresh_setting, layout, x_shape, with_bias):
+    """With the few-row kernel off, oneDNN takes every product of a large weight."""
+    fresh_setting.setenv(linear_module.ENV_VAR, "onednn")
     torch.manual_seed(0)
     weight = torch.randn(2048, 1024 if layout != "sliced" else 1536) * 0.03
     if layout == "column-major":
@@ -70,9 +79,74 @@ def test_products_of_large_weights_go_to_onednn_and_equal_f_linear(layout, x_sha
         nonlocal out
         out = linear(x, weight, bias)
 
-    assert "mkldnn::_linear_pointwise" in _ops(compute)
+    # a weight with gaps between its rows goes to F.linear: oneDNN would copy it element by element
+    assert ("mkldnn::_linear_pointwise" in _ops(compute)) == (layout != "sliced")
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_few_rows
+@pytest.mark.parametrize("layout", ["row-major", "column-major", "sliced"])
+@pytest.mark.parametrize("x_shape", [(32, 1024), (8, 1, 1024), (2, 3, 1024), (1, 1024), (64, 1024), (65, 1024),
+                                     (4, 128, 1024)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_by_default_decode_products_go_to_the_few_row_kernel_and_prefill_ones_to_onednn(layout, x_shape, with_bias):
+    """Up to FEW_ROWS_MAX_ROWS rows of a row-major weight: the few-row kernel (no PyTorch product
+    runs); more rows, or a column-major weight: oneDNN. Every result is F.linear's."""
+    torch.manual_seed(0)
+    weight = torch.randn(2048, 1024 if layout != "sliced" else 1536) * 0.03
+    if layout == "column-major":
+        weight = weight.t().contiguous().t()
+    elif layout == "sliced":
+        weight = weight[:, 256:1280]
+    bias = torch.randn(2048) if with_bias else None
+    x = torch.randn(*x_shape)
+    assert uses_few_rows(tuple(weight.shape), x.dtype, CPU) and prefers_row_major(tuple(weight.shape), x.dtype, CPU)
+    expected = F.linear(x, weight, bias)
+    out = None
+
+    def compute():
+        nonlocal out
+        out = linear(x, weight, bias)
+
+    ops = _ops(compute)
+    few = x.numel() // 1024 <= linear_module.FEW_ROWS_MAX_ROWS and layout != "column-major"
+    assert ("mkldnn::_linear_pointwise" in ops) == (not few and layout != "sliced")
+    assert (few_rows.PROFILER_NAME in ops) == few
+    assert bool({"aten::addmm", "aten::mm"} & ops) == (not few and layout == "sliced")
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_few_rows
+@needs_onednn
+def test_opt_125m_sized_weights_go_to_the_few_row_kernel_in_decode_and_to_onednn_in_prefill(fresh_setting):
+    """768 x 768 is above the threshold; below it (512 x 512) F.linear takes both."""
+    weight, x_few, x_many = torch.randn(768, 768), torch.randn(32, 768), torch.randn(200, 768)
+    assert prefers_row_major(tuple(weight.shape), torch.float32, CPU)
+    many, few = _ops(lambda: linear(x_many, weight)), _ops(lambda: linear(x_few, weight))
+    assert "mkldnn::_linear_pointwise" in many and not {"aten::addmm", "aten::mm"} & many
+    assert not {"aten::addmm", "aten::mm", "mkldnn::_linear_pointwise"} & few and few_rows.PROFILER_NAME in few
+    torch.testing.assert_close(linear(x_few, weight), F.linear(x_few, weight), rtol=1e-5, atol=1e-4)
+    small = torch.randn(512, 512)
+    assert not prefers_row_major(tuple(small.shape), torch.float32, CPU)
+    assert {"aten::addmm", "aten::mm"} & _ops(lambda: linear(torch.randn(32, 512), small))
+    fresh_setting.setenv(linear_module.ENV_VAR, "onednn")
+    _forget_setting()
+    assert not uses_few_rows(tuple(weight.shape), torch.float32, CPU)
+    assert "mkldnn::_linear_pointwise" in _ops(lambda: linear(x_few, weight))
+
+
+def test_the_summary_line_names_the_kernels_and_why_one_is_off(fresh_setting):
+    line = linear_module.describe()
+    assert line.startswith("CPU float32 products: ")
+    if few_rows.available():
+        assert "few-row kernel (decode)" in line
+    else:
+        assert f"the few-row kernel is off: {few_rows.unavailable_reason()}" in line
+    fresh_setting.setenv(linear_module.ENV_VAR, "blas")
+    _forget_setting()
+    assert linear_module.describe() == f"CPU float32 products: BLAS (the rest) ({linear_module.ENV_VAR}=blas)"
 
 
 @needs_onednn
@@ -99,12 +173,13 @@ def test_the_rest_goes_to_f_linear_unchanged():
 def test_blas_setting_turns_onednn_off_and_a_bad_one_is_named(fresh_setting):
     fresh_setting.setenv(linear_module.ENV_VAR, "blas")
     assert not uses_onednn((4096, 4096), torch.float32, CPU)
+    assert not uses_few_rows((4096, 4096), torch.float32, CPU)
     assert not prefers_row_major((4096, 4096), torch.float32, CPU)
     x, weight = torch.randn(2, 1024), torch.randn(2048, 1024)
     assert torch.equal(linear(x, weight), F.linear(x, weight))
     linear_module.onednn_enabled.cache_clear()
     fresh_setting.setenv(linear_module.ENV_VAR, "fast")
-    with pytest.raises(ConfigError, match="FLEXGEN_CPU_LINEAR='fast': expected one of auto, blas"):
+    with pytest.raises(ConfigError, match="FLEXGEN_CPU_LINEAR='fast': expected one of auto, onednn, blas"):
         linear(x, weight)
 
 
@@ -115,7 +190,7 @@ def test_a_bad_setting_stops_the_cli_in_one_line_before_any_work(tmp_path):
     done = subprocess.run([sys.executable, "-m", "flexgen", "predict", "--config", str(REPO / "configs/quickstart.yaml"),
                            f"output.path={out}"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip().splitlines()[-1].endswith("FLEXGEN_CPU_LINEAR='fast': expected one of auto, blas")
+    assert done.stderr.strip().splitlines()[-1].endswith("FLEXGEN_CPU_LINEAR='fast': expected one of auto, onednn, blas")
     assert "Traceback" not in done.stderr
     assert not out.exists()
 
@@ -124,7 +199,7 @@ def test_a_bad_setting_stops_the_cli_in_one_line_before_any_work(tmp_path):
 def test_compute_resident_weights_are_laid_out_for_their_kernel(tiny_checkpoint, monkeypatch):
     """Matrices oneDNN computes stay row-major; those BLAS computes with few rows are column-major."""
     path, _ = tiny_checkpoint
-    monkeypatch.setattr(linear_module, "ONEDNN_MIN_WEIGHT_ELEMENTS", 64 * 128)  # fc1, fc2 (64 x 128) only
+    monkeypatch.setattr(linear_module, "MIN_WEIGHT_ELEMENTS", 64 * 128)  # fc1, fc2 (64 x 128) only
     with load_engine(path, policy=Policy(gpu_batch_size=2), device="cpu", dtype="float32") as engine:
         layer = {p.spec.local: p.parts["data"] for index in (1, 2) for p in engine.placement.layers[index]}
     assert layer["fc1.weight"].is_contiguous() and layer["fc2.weight"].is_contiguous()
@@ -135,16 +210,25 @@ def test_compute_resident_weights_are_laid_out_for_their_kernel(tiny_checkpoint,
 PLACEMENTS = {"compute": (100, 0), "cpu": (0, 100), "disk": (0, 0)}
 
 
-@pytest.fixture
-def every_product_on_onednn(monkeypatch):
-    if not linear_module.onednn_enabled():
-        pytest.skip("this torch build has no oneDNN linear")
-    monkeypatch.setattr(linear_module, "ONEDNN_MIN_WEIGHT_ELEMENTS", 0)
+@pytest.fixture(params=["onednn", "few-rows"])
+def every_product_on(request, fresh_setting):
+    """Every product of the tiny checkpoints on oneDNN, or on the few-row kernel (prefill too:
+    the prompts below are fewer rows than it takes); the op the profile then shows."""
+    if request.param == "onednn":
+        if not linear_module.onednn_enabled():
+            pytest.skip("this torch build has no oneDNN linear")
+        fresh_setting.setenv(linear_module.ENV_VAR, "onednn")
+        fresh_setting.setattr(linear_module, "MIN_WEIGHT_ELEMENTS", 0)
+        return "mkldnn::_linear_pointwise"
+    if not few_rows.available():
+        pytest.skip(f"no few-row kernel: {few_rows.unavailable_reason()}")
+    fresh_setting.setattr(linear_module, "MIN_WEIGHT_ELEMENTS", 0)
+    return few_rows.PROFILER_NAME
 
 
 @pytest.mark.parametrize("weights", list(PLACEMENTS))
 @pytest.mark.parametrize("family", ["opt", "llama"])
-def test_greedy_tokens_equal_hf_with_every_product_on_onednn(every_product_on_onednn, tmp_path, family, weights):
+def test_greedy_tokens_equal_hf_with_every_product_on_one_kernel(every_product_on, tmp_path, family, weights):
     prompts = [[2, 15, 16, 17, 18, 19], [2, 40, 41], [2, 7, 8, 9, 10, 11, 12, 13, 14], [2, 53]]
     if family == "opt":
         model = make_checkpoint(tmp_path / "ckpt", "pre_ln")
@@ -166,13 +250,14 @@ def test_greedy_tokens_equal_hf_with_every_product_on_onednn(every_product_on_on
 
         ops = _ops(generate)
     assert out == expected
-    assert "mkldnn::_linear_pointwise" in ops and "aten::addmm" not in ops and "aten::mm" not in ops
+    assert "aten::addmm" not in ops and "aten::mm" not in ops
+    assert every_product_on in ops
 
 
 # --------------------------------------------------------------------------- row blocks
 
 
-@pytest.mark.parametrize("kernel", ["auto", "blas"])
+@pytest.mark.parametrize("kernel", ["auto", "onednn", "blas"])
 @pytest.mark.parametrize("x_shape", [(4, 1024), (2, 3, 1024), (80, 1024)])
 def test_row_blocks_equal_the_whole_weight(fresh_setting, kernel, x_shape):
     """A weight handed over as row blocks gives F.linear's result, however many blocks it is cut into."""

@@ -44,6 +44,7 @@ from flexgen.engine.sizes import numel
 from flexgen.engine.stats import EngineStats
 from flexgen.engine.transfers import Transfers
 from flexgen.errors import FlexGenError, PluginError, PromptError
+from flexgen.linear import describe as describe_cpu_products
 from flexgen.models.checkpoint import WeightSource
 from flexgen.models.families import family_for_spec
 from flexgen.policy import TIERS, Policy, split_by_percent
@@ -100,6 +101,8 @@ class Engine:
             raise PluginError(f"unknown plugins key {unknown[0]!r}; keys: {', '.join(DEFAULT_PLUGINS)}")
         self.stats = EngineStats(dtype=str(dtype).removeprefix("torch."),
                                  compute_dtype=str(self.compute_dtype).removeprefix("torch."))
+        if device.type == "cpu" and self.compute_dtype == torch.float32:
+            self.stats.cpu_products = describe_cpu_products()
 
         storage_specs = {**DEFAULT_PLUGINS["storage"], **dict(self.plugins["storage"])}
         self.storage = {

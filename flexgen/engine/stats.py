@@ -40,6 +40,9 @@ class EngineStats:
     #: CPU without native instructions for it; see flexgen/dtypes.py)
     dtype: str | None = None
     compute_dtype: str | None = None
+    #: which kernels compute float32 products on the CPU (:func:`flexgen.linear.describe`); None
+    #: where the products run elsewhere or in another dtype
+    cpu_products: str | None = None
     #: held while a counter is added to from a thread other than the loop's
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -71,6 +74,7 @@ class EngineStats:
             "threads": dict(self.threads) if self.threads else None,
             "dtype": self.dtype,
             "compute_dtype": self.compute_dtype,
+            "cpu_products": self.cpu_products,
         }
 
     def reset(self) -> None:

@@ -71,7 +71,7 @@ def summary_from_metrics(plan: RunPlan, metrics: dict[str, Any], metrics_path: P
     """What the CLI prints (and ``run_predict`` returns), from rank 0's metrics."""
     engine_keys = ("prefill_time_s", "decode_time_s", "prompt_tokens", "generated_tokens", "prefill_throughput",
                    "decode_throughput", "total_throughput", "bytes_moved", "peak_memory", "compression", "threads",
-                   "dtype", "compute_dtype")
+                   "dtype", "compute_dtype", "cpu_products")
     return {
         **summary_base(plan),
         **metrics["prompts"],
@@ -116,6 +116,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if generated and stats.get("dtype") and stats.get("compute_dtype") not in (None, stats["dtype"]):
         lines.append(f"  dtype: {stats['dtype']}, computed in {stats['compute_dtype']} (no native {stats['dtype']} "
                      "matrix instructions on this CPU)")
+    if generated and stats.get("cpu_products"):
+        lines.append(f"  {stats['cpu_products']}")
     threads = stats.get("threads") if generated else None
     if threads:
         from flexgen.threads import ThreadChoice

@@ -1,0 +1,121 @@
+"""Compile a C kernel shipped with the package into a shared library, once per machine, and load it.
+
+Why at first use rather than at install time: the package installs as pure Python (wheels,
+editable installs and plain checkouts behave alike), the kernel is compiled for the CPU it
+runs on, and a machine without a compiler loses only the kernel, never the install.
+
+**One OpenMP runtime in the process.** The kernels split their work with OpenMP. A second
+OpenMP runtime beside PyTorch's would keep its own threads spinning while PyTorch's do the
+same after each operation, two teams fighting for the same cores. So the library is linked
+against the runtime PyTorch already loaded (found in ``/proc/self/maps``); the dynamic loader
+then gives the kernel that very library, and both share one team of threads. The object is
+compiled with ``-fopenmp`` and linked with ``--no-undefined``: a compiler whose OpenMP calls
+that runtime does not provide fails here, with a reason, not at the first product.
+
+The cache key is the source, the compiler's identity and command, and the runtime's path: a
+changed kernel, compiler or PyTorch install builds again. The library is written under a
+temporary name and renamed into place, so processes building at once never load half a file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from flexgen.paths import cache_root
+
+#: Seconds a compiler may take before the kernel is given up for this process.
+COMPILE_TIMEOUT_S = 120
+
+#: Names of the OpenMP runtimes PyTorch builds load (GNU, Intel, LLVM).
+OPENMP_RUNTIMES = ("libgomp", "libiomp5", "libomp")
+
+
+class KernelUnavailable(Exception):
+    """The kernel cannot be built or loaded here; the message says why in a few words."""
+
+
+def kernels_dir() -> Path:
+    """Where built kernels are cached: ``$FLEXGEN_CACHE/kernels``."""
+    return cache_root() / "kernels"
+
+
+def compiler() -> list[str]:
+    """The C compiler command: ``$CC`` (which may carry arguments), else ``cc`` or ``gcc`` on the PATH."""
+    if os.environ.get("CC", "").strip():
+        return shlex.split(os.environ["CC"])
+    for name in ("cc", "gcc"):
+        found = shutil.which(name)
+        if found:
+            return [found]
+    raise KernelUnavailable("no C compiler found (cc, gcc or $CC)")
+
+
+def openmp_runtime() -> Path:
+    """The OpenMP runtime library loaded into this process (PyTorch's), from ``/proc/self/maps``."""
+    import torch  # noqa: F401  (loads the runtime if nothing has yet)
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError as exc:
+        raise KernelUnavailable(f"cannot read /proc/self/maps ({exc.strerror})") from None
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and Path(fields[5]).name.startswith(OPENMP_RUNTIMES) and ".so" in fields[5]:
+            return Path(fields[5].strip())
+    raise KernelUnavailable("PyTorch loaded no OpenMP runtime")
+
+
+def build(source: Path, flags: list[str]) -> ctypes.CDLL:
+    """``source`` compiled with ``flags`` (and ``-O3 -fPIC -fopenmp``), linked against this
+    process's OpenMP runtime, from the cache when built before; raises :class:`KernelUnavailable`."""
+    cc = compiler()
+    runtime = openmp_runtime()
+    compile_cmd = [*cc, "-O3", "-fPIC", "-fopenmp", *flags]
+    identity = _compiler_identity(cc)
+    key = hashlib.sha256(
+        b"\0".join([source.read_bytes(), identity.encode(), " ".join(compile_cmd).encode(), str(runtime).encode()])
+    ).hexdigest()[:16]
+    target = kernels_dir() / f"{source.stem}-{key}.so"
+    if not target.exists():
+        _compile(cc, compile_cmd, source, runtime, target)
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError as exc:
+        raise KernelUnavailable(f"the built kernel does not load ({exc})") from None
+
+
+def _compiler_identity(cc: list[str]) -> str:
+    try:
+        done = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelUnavailable(f"the C compiler {cc[0]} does not run ({exc})") from None
+    if done.returncode != 0:
+        raise KernelUnavailable(f"the C compiler {cc[0]} does not run (--version exited {done.returncode})")
+    return done.stdout.strip()
+
+
+def _compile(cc: list[str], compile_cmd: list[str], source: Path, runtime: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as scratch:
+        obj = Path(scratch) / f"{source.stem}.o"
+        lib = Path(scratch) / target.name
+        steps = (
+            [*compile_cmd, "-c", str(source), "-o", str(obj)],
+            [*cc, "-shared", str(obj), str(runtime), "-Wl,--no-undefined", "-o", str(lib)],
+        )
+        for step in steps:
+            try:
+                done = subprocess.run(step, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise KernelUnavailable(f"compiling {source.name} failed ({exc})") from None
+            if done.returncode != 0:
+                first = (done.stderr.strip().splitlines() or ["no message"])[0]
+                raise KernelUnavailable(f"compiling {source.name} failed: {first}")
+        os.replace(lib, target)

@@ -1,0 +1,118 @@
+/*
+ * y = x @ w^T + bias in float32 for a few rows of x: the products of a decode step on the CPU.
+ *
+ * A decode step multiplies every weight matrix (N x K, row-major) by one row per sequence of
+ * the batch (M <= 64). Each weight element is read from memory once per step and used M
+ * times, so the product is bound by arithmetic, and general-purpose GEMM kernels, tuned for
+ * many rows, reach about half of what two AVX2 cores can do on it (flexgen/linear.py has the
+ * figures). This kernel computes it as dot products along K, which reads the weight in the
+ * layout it is stored in (no packing pass over it):
+ *
+ *   - a tile of 4 rows of x by 3 rows of w keeps 12 accumulators of 8 floats in registers,
+ *     fed by 7 vector loads per 12 fused multiply-adds (16 AVX2 registers in all);
+ *   - the threads split the rows of w (the output columns), so each weight element is read
+ *     from memory exactly once per call; within a thread, the 3 rows of w under work stay
+ *     in the L1 cache while every 4-row tile of x passes over them, and the first tile
+ *     prefetches the next 3 rows;
+ *   - K is taken in chunks of KC floats so that x's chunk (M x KC) stays in the L2 cache;
+ *     each chunk's sums are added to y, the first one to the bias.
+ *
+ * The sums run in a different order from BLAS's: results differ from F.linear in the last
+ * bits, as those of two BLAS kernels do. Compiled at first use by flexgen/kernels/build.py
+ * with -mavx2 -mfma, and called only where the CPU has both.
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+
+#define MR 4      /* rows of x per tile */
+#define NR 3      /* rows of w per tile */
+#define KC 4096   /* floats of K per chunk: 64 rows of x take 1 MiB */
+
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* y[i][j] += sum over k < kc of x[i][k] * w[j][k], for i < mr, j < nr; prefetch, if not
+ * null, points at the next rows of w (same stride), fetched into the cache meanwhile. */
+#define DEFINE_TILE(mr, nr)                                                                      \
+    static void tile_##mr##x##nr(const float *x, int64_t ldx, const float *w, int64_t ldw,     \
+                                 float *y, int64_t ldy, int64_t kc, const float *prefetch) {    \
+        __m256 acc[mr][nr];                                                                      \
+        for (int i = 0; i < mr; i++)                                                             \
+            for (int j = 0; j < nr; j++) acc[i][j] = _mm256_setzero_ps();                        \
+        int64_t k = 0;                                                                           \
+        for (; k + 8 <= kc; k += 8) {                                                            \
+            __m256 b[nr];                                                                        \
+            for (int j = 0; j < nr; j++) b[j] = _mm256_loadu_ps(w + j * ldw + k);                \
+            if (prefetch && (k & 15) == 0)                                                       \
+                for (int j = 0; j < nr; j++)                                                     \
+                    _mm_prefetch((const char *)(prefetch + j * ldw + k), _MM_HINT_T0);           \
+            for (int i = 0; i < mr; i++) {                                                       \
+                __m256 a = _mm256_loadu_ps(x + i * ldx + k);                                     \
+                for (int j = 0; j < nr; j++) acc[i][j] = _mm256_fmadd_ps(a, b[j], acc[i][j]);    \
+            }                                                                                    \
+        }                                                                                        \
+        for (int i = 0; i < mr; i++)                                                             \
+            for (int j = 0; j < nr; j++) {                                                       \
+                float s = sum8(acc[i][j]);                                                       \
+                for (int64_t t = k; t < kc; t++) s += x[i * ldx + t] * w[j * ldw + t];           \
+                y[i * ldy + j] += s;                                                             \
+            }                                                                                    \
+    }
+
+DEFINE_TILE(4, 3) DEFINE_TILE(4, 2) DEFINE_TILE(4, 1)
+DEFINE_TILE(3, 3) DEFINE_TILE(3, 2) DEFINE_TILE(3, 1)
+DEFINE_TILE(2, 3) DEFINE_TILE(2, 2) DEFINE_TILE(2, 1)
+DEFINE_TILE(1, 3) DEFINE_TILE(1, 2) DEFINE_TILE(1, 1)
+
+typedef void (*tile_fn)(const float *, int64_t, const float *, int64_t, float *, int64_t, int64_t,
+                        const float *);
+
+static const tile_fn TILES[MR + 1][NR + 1] = {
+    {0, 0, 0, 0},
+    {0, tile_1x1, tile_1x2, tile_1x3},
+    {0, tile_2x1, tile_2x2, tile_2x3},
+    {0, tile_3x1, tile_3x2, tile_3x3},
+    {0, tile_4x1, tile_4x2, tile_4x3},
+};
+
+/* Rows [n0, n1) of w against all M rows of x: one thread's share. */
+static void columns(const float *x, int64_t m_rows, int64_t k_dim, int64_t ldx, const float *w,
+                    int64_t ldw, const float *bias, float *y, int64_t ldy, int64_t n0, int64_t n1) {
+    for (int64_t i = 0; i < m_rows; i++)
+        for (int64_t n = n0; n < n1; n++) y[i * ldy + n] = bias ? bias[n] : 0.0f;
+    for (int64_t k0 = 0; k0 < k_dim; k0 += KC) {
+        int64_t kc = k_dim - k0 < KC ? k_dim - k0 : KC;
+        for (int64_t n = n0; n < n1; n += NR) {
+            int nr = n1 - n < NR ? (int)(n1 - n) : NR;
+            const float *next = n + NR + NR <= n1 ? w + (n + NR) * ldw + k0 : 0;
+            for (int64_t i = 0; i < m_rows; i += MR) {
+                int mr = m_rows - i < MR ? (int)(m_rows - i) : MR;
+                TILES[mr][nr](x + i * ldx + k0, ldx, w + n * ldw + k0, ldw, y + i * ldy + n, ldy, kc,
+                              i == 0 ? next : 0);
+            }
+        }
+    }
+}
+
+/* y (m_rows x n_rows, row stride ldy) = x (m_rows x k_dim, row stride ldx)
+ * @ w^T (w: n_rows x k_dim, row stride ldw) + bias (n_rows floats, or null), on `threads` threads
+ * of the process's OpenMP runtime, each taking a contiguous share of w's rows. */
+void flexgen_few_rows_linear(const float *x, int64_t m_rows, int64_t k_dim, int64_t ldx,
+                             const float *w, int64_t n_rows, int64_t ldw, const float *bias,
+                             float *y, int64_t ldy, int threads) {
+    int64_t units = (n_rows + NR - 1) / NR;
+    if (threads > units) threads = (int)units;
+    if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t n0 = units * t / nt * NR, n1 = units * (t + 1) / nt * NR;
+        if (n1 > n_rows) n1 = n_rows;
+        if (n0 < n1) columns(x, m_rows, k_dim, ldx, w, ldw, bias, y, ldy, n0, n1);
+    }
+}
