@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from flexgen.kernels import build as build_module
 from flexgen.kernels import few_rows
-from flexgen.kernels.build import KernelUnavailable, build
+from flexgen.kernels.build import AVX2Kernel, KernelUnavailable, build
 
 needs_kernel = pytest.mark.skipif(not few_rows.available(), reason=f"no few-row kernel: {few_rows.unavailable_reason()}")
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +91,7 @@ def cache(monkeypatch, tmp_path):
 
 @needs_kernel
 def test_a_build_is_cached_by_content_and_a_changed_source_builds_again(cache, tmp_path, monkeypatch):
-    build(SOURCE, few_rows.FLAGS)
+    build(SOURCE, AVX2Kernel.FLAGS)
     built = sorted(cache.glob("*.so"))
     assert len(built) == 1 and built[0].name.startswith("few_rows-")
     assert not list(cache.glob(".build-*"))  # the scratch folder is gone
@@ -105,11 +105,11 @@ def test_a_build_is_cached_by_content_and_a_changed_source_builds_again(cache, t
         return real_run(cmd, *args, **kwargs)
 
     monkeypatch.setattr(build_module.subprocess, "run", spy)
-    build(SOURCE, few_rows.FLAGS)
+    build(SOURCE, AVX2Kernel.FLAGS)
     assert compiled == []  # from the cache
     changed = tmp_path / "few_rows.c"
     changed.write_text(SOURCE.read_text() + "\n/* changed */\n")
-    build(changed, few_rows.FLAGS)
+    build(changed, AVX2Kernel.FLAGS)
     assert compiled and len(list(cache.glob("*.so"))) == 2
 
 
@@ -137,7 +137,7 @@ def test_a_build_that_cannot_happen_says_why_in_a_few_words(cache, tmp_path, mon
         monkeypatch.setenv("PATH", str(tmp_path))
         expected = "no C compiler found"
     with pytest.raises(KernelUnavailable, match=expected.replace("(", r"\(").replace(")", r"\)")):
-        build(SOURCE, few_rows.FLAGS)
+        build(SOURCE, AVX2Kernel.FLAGS)
     assert not list(cache.glob("*.so")) and not list(cache.glob(".build-*"))
 
 

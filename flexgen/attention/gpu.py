@@ -4,7 +4,10 @@ The cache is brought to the compute device (a view when it lives there already),
 the backend for a GPU-resident cache, and the only one needed when computing on the CPU.
 
 Without padding (``valid`` None) no mask is passed, so ``scaled_dot_product_attention`` may
-choose its fused (flash / memory-efficient) kernels. A compressed cache arrives still packed
+choose its fused (flash / memory-efficient) kernels. Computing on the CPU, decode over a
+float32 cache runs on :mod:`flexgen.kernels.decode_attention` where it is built, which reads
+the engine's position-major cache in memory order (1.6x faster than
+``scaled_dot_product_attention`` at opt-350m's shape on the 2-core CI machine). A compressed cache arrives still packed
 (:class:`~flexgen.attention.base.PackedKV`) and is dequantised block by block inside the
 attention (:mod:`flexgen.attention.blocked`), into a workspace reused across calls, instead
 of into a full-precision copy of the whole prefix every step.
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 
 from flexgen.attention.base import AttentionBackend, PackedKV
 from flexgen.attention.blocked import blocked_decode
+from flexgen.kernels import decode_attention as cpu_decode
 from flexgen.workspace import Workspace
 
 #: Workspace per block of dequantised keys/values: on a GPU only memory bounds it, and larger
@@ -48,6 +52,8 @@ class GPUAttention(AttentionBackend):
                 q, k, v, valid, compute_dtype=torch.float32,
                 block_bytes=_BLOCK_BYTES.get(q.device.type, _BLOCK_BYTES["cuda"]), workspace=self.workspace,
             )
+        if q.device.type == "cpu" and cpu_decode.takes(q, k, v, valid):
+            return cpu_decode.decode_attention(q, k, v, valid)
         mask = None if valid is None else valid[:, None, None, :]
         b, h, _, d = q.shape
         kv_heads = k.shape[1]

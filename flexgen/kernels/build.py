@@ -22,16 +22,23 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
+from functools import cached_property
 from pathlib import Path
 
 from flexgen.paths import cache_root
 
 #: Seconds a compiler may take before the kernel is given up for this process.
 COMPILE_TIMEOUT_S = 120
+
+#: Set to 0 (or off) in the environment, no native kernel is built or used: PyTorch computes
+#: everything, to compare or to rule the kernels out.
+ENV_VAR = "FLEXGEN_NATIVE_KERNELS"
 
 #: Names of the OpenMP runtimes PyTorch builds load (GNU, Intel, LLVM).
 OPENMP_RUNTIMES = ("libgomp", "libiomp5", "libomp")
@@ -108,7 +115,7 @@ def _compile(cc: list[str], compile_cmd: list[str], source: Path, runtime: Path,
         lib = Path(scratch) / target.name
         steps = (
             [*compile_cmd, "-c", str(source), "-o", str(obj)],
-            [*cc, "-shared", str(obj), str(runtime), "-Wl,--no-undefined", "-o", str(lib)],
+            [*cc, "-shared", str(obj), str(runtime), "-lm", "-Wl,--no-undefined", "-o", str(lib)],
         )
         for step in steps:
             try:
@@ -119,3 +126,52 @@ def _compile(cc: list[str], compile_cmd: list[str], source: Path, runtime: Path,
                 first = (done.stderr.strip().splitlines() or ["no message"])[0]
                 raise KernelUnavailable(f"compiling {source.name} failed: {first}")
         os.replace(lib, target)
+
+
+class AVX2Kernel:
+    """A C file of this package with AVX2 and FMA code, built on first use: its library, or why not.
+
+    ``signatures`` maps each exported function to its ``ctypes`` argument types. The kernel is
+    usable on x86-64 Linux where PyTorch runs AVX2 (or AVX-512) code, which implies FMA.
+    """
+
+    FLAGS = ["-mavx2", "-mfma"]
+
+    def __init__(self, source: Path, signatures: dict[str, list]) -> None:
+        self.source = source
+        self.signatures = signatures
+
+    @cached_property
+    def _loaded(self) -> ctypes.CDLL | str:
+        import torch
+
+        if os.environ.get(ENV_VAR, "").strip().lower() in ("0", "off", "false", "no"):
+            return f"turned off by {ENV_VAR}={os.environ[ENV_VAR]}"
+        if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
+            return f"built for x86-64 Linux only (this is {sys.platform} on {platform.machine()})"
+        capability = torch.backends.cpu.get_cpu_capability()
+        if capability not in ("AVX2", "AVX512"):
+            return f"the CPU (or ATEN_CPU_CAPABILITY) offers {capability}, not AVX2 with FMA"
+        try:
+            lib = build(self.source, self.FLAGS)
+        except KernelUnavailable as exc:
+            return str(exc)
+        for name, argtypes in self.signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes = argtypes
+            fn.restype = None
+        return lib
+
+    def available(self) -> bool:
+        """Whether the kernel is built and usable in this process (builds it the first time)."""
+        return not isinstance(self._loaded, str)
+
+    def unavailable_reason(self) -> str | None:
+        """Why the kernel is not usable here, or None when it is."""
+        return self._loaded if isinstance(self._loaded, str) else None
+
+    def function(self, name: str):
+        """The exported C function ``name``; raises RuntimeError where the kernel is not available."""
+        if isinstance(self._loaded, str):
+            raise RuntimeError(f"{self.source.name} is not available: {self._loaded}")
+        return getattr(self._loaded, name)

@@ -1,0 +1,125 @@
+"""flexgen.kernels.decode_attention: equals scaled_dot_product_attention for every layout, mask, head
+grouping and size it takes, declines what it does not take, and is what the compute-device backend
+uses for decode on the CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import profile
+
+from flexgen.attention.gpu import GPUAttention
+from flexgen.kernels import decode_attention as kernel
+
+needs_kernel = pytest.mark.skipif(not kernel.available(), reason=f"no kernel: {kernel.KERNEL.unavailable_reason()}")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _reference(q, k, v, valid):
+    h, kv_heads = q.shape[1], k.shape[1]
+    if kv_heads != h:
+        k, v = k.repeat_interleave(h // kv_heads, dim=1), v.repeat_interleave(h // kv_heads, dim=1)
+    mask = None if valid is None else valid[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+
+def _inputs(batch, heads, kv_heads, positions, head_dim, layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, 1, head_dim, generator=g) * head_dim ** -0.5
+    if layout == "position-major":  # the engine's (T, B, H, D) cache, a prefix of a longer one
+        cache = torch.randn(2, positions + 3, batch, kv_heads, head_dim, generator=g)
+        k, v = (c[:positions].permute(1, 2, 0, 3) for c in cache)
+    else:
+        k, v = torch.randn(2, batch, kv_heads, positions, head_dim, generator=g)
+    return q, k, v
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["position-major", "sequence-major"])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (6, 1)])
+@pytest.mark.parametrize("positions", [1, 7, 100])
+@pytest.mark.parametrize("head_dim", [64, 80, 20])
+@pytest.mark.parametrize("masked", [False, True])
+def test_equals_sdpa(threads, layout, heads, kv_heads, positions, head_dim, masked):
+    batch = 3
+    q, k, v = _inputs(batch, heads, kv_heads, positions, head_dim, layout)
+    valid = None
+    if masked:
+        valid = torch.rand(batch, positions, generator=torch.Generator().manual_seed(1)) > 0.3
+        valid[:, -1] = True  # the new token always sees itself
+    expected = _reference(q, k, v, valid)
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        assert kernel.takes(q, k, v, valid)
+        torch.testing.assert_close(kernel.decode_attention(q, k, v, valid), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_a_row_with_nothing_to_attend_is_what_sdpa_gives():
+    q, k, v = _inputs(2, 2, 2, 5, 16, "position-major")
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    valid[1] = False
+    torch.testing.assert_close(kernel.decode_attention(q, k, v, valid), _reference(q, k, v, valid),
+                               rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", ["half", "two-queries", "ungrouped-heads", "float-mask", "mask-shape", "strided-d"])
+def test_what_it_does_not_take_is_declined(case):
+    q, k, v = _inputs(2, 4, 4, 5, 16, "position-major")
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    if case == "half":
+        q, k, v = q.half(), k.half(), v.half()
+    elif case == "two-queries":
+        q = torch.randn(2, 4, 2, 16)
+    elif case == "ungrouped-heads":
+        q = torch.randn(2, 6, 1, 16)
+        k, v = k[:, :4], v[:, :4]
+    elif case == "float-mask":
+        valid = valid.float()
+    elif case == "mask-shape":
+        valid = valid[:, :4]
+    else:
+        k = torch.randn(2, 4, 5, 32)[..., ::2]
+    assert not kernel.takes(q, k, v, valid)
+    with pytest.raises(ValueError, match="decode_attention"):
+        kernel.decode_attention(q, k, v, valid)
+
+
+@needs_kernel
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_compute_device_backend_decodes_with_it_on_the_cpu(masked):
+    q, k, v = _inputs(4, 8, 2, 33, 64, "position-major")
+    valid = (torch.arange(33) >= torch.tensor([[0], [5], [9], [0]])) if masked else None
+    backend = GPUAttention()
+    with profile() as prof:
+        out = backend.decode(q, k, v, valid)
+    names = {event.name for event in prof.events()}
+    assert kernel.PROFILER_NAME in names and not any("scaled_dot_product" in n for n in names)
+    torch.testing.assert_close(out, _reference(q, k, v, valid), rtol=1e-5, atol=1e-5)
+
+
+def test_flexgen_native_kernels_0_turns_every_kernel_off_and_says_so(tmp_path):
+    code = ("from flexgen import linear\n"
+            "from flexgen.kernels import decode_attention\n"
+            "print(decode_attention.available(), linear.few_rows_enabled())\n"
+            "print(linear.describe())\n")
+    env = {**os.environ, "FLEXGEN_NATIVE_KERNELS": "0", "FLEXGEN_CACHE": str(tmp_path), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    flags, line = done.stdout.strip().splitlines()
+    assert flags == "False False"
+    assert line.endswith("the few-row kernel is off: turned off by FLEXGEN_NATIVE_KERNELS=0")
+    assert not (tmp_path / "kernels").exists()  # nothing was built
