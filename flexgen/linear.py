@@ -6,11 +6,12 @@ weight (measured on this project's 2-core CI machine, AMD EPYC with AVX2, two th
 
 * **Decode: a few rows, a large weight.** A decode step multiplies every weight matrix by one
   row per sequence of the batch, and general-purpose kernels use the two cores poorly there:
-  with OPT's matrices streamed from memory at 32 rows, MKL reaches 30-65 GFLOP/s and oneDNN
-  65-90, where a large square product reaches ~120. This project's own kernel
-  (:mod:`flexgen.kernels.few_rows`, compiled at first use) reaches 80-115 on the same products
-  (opt-125m's 768 x 768 matrices: 110 against oneDNN's 83 and MKL's 54; OPT-1.3B's 2048 x 8192:
-  115 against 100 and 41), and a whole opt-125m decode step is ~20 % faster with it. It takes
+  with the matrices of OPT-125M to OPT-1.3B streamed from memory at 32 rows, MKL reaches
+  30-70 GFLOP/s and oneDNN 65-100, where a large product with many rows reaches 120-140. This
+  project's own kernel (:mod:`flexgen.kernels.few_rows`, compiled at first use) reaches
+  80-115 on the same products, measured interleaved (opt-125m's 768 x 3072: 95 against
+  oneDNN's 67; OPT-1.3B's 2048 x 8192: 115 against 100 and MKL's 41), and the decode steps of
+  a whole opt-125m generation took 3.8-4.0 s instead of 4.1-4.8 s with oneDNN. It takes
   products of up to :data:`FEW_ROWS_MAX_ROWS` rows with weights of at least
   :data:`MIN_WEIGHT_ELEMENTS` elements, where the CPU has AVX2 and FMA, a C compiler
   is found and PyTorch runs on an OpenMP runtime it can share; elsewhere oneDNN takes them.

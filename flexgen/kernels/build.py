@@ -135,7 +135,7 @@ class AVX2Kernel:
     usable on x86-64 Linux where PyTorch runs AVX2 (or AVX-512) code, which implies FMA.
     """
 
-    FLAGS = ["-mavx2", "-mfma"]
+    FLAGS = ["-mavx2", "-mfma", "-funroll-loops"]
 
     def __init__(self, source: Path, signatures: dict[str, list]) -> None:
         self.source = source
