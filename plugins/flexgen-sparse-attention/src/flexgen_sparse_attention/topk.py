@@ -10,8 +10,8 @@ meant for the long decode phase, and a sparse prompt pass would change what goes
 cache.
 
 Exactness: when ``k`` covers every valid position of every sequence (``ratio: 1.0``, or a
-short prefix) this backend calls exactly what the built-in ``gpu`` backend calls, so greedy
-outputs equal dense attention bit for bit in float32.
+short prefix) this backend calls the built-in ``gpu`` backend's decode, so greedy outputs
+equal dense attention bit for bit in float32.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from flexgen.attention.base import AttentionBackend
+from flexgen.attention.gpu import GPUAttention
 
 _DEVICES = ("compute", "cpu")
 
@@ -46,6 +46,7 @@ class TopKAttention(AttentionBackend):
             raise TypeError(f"device must be one of {list(_DEVICES)}, got {device!r}")
         self.ratio = float(ratio)
         self.where = device
+        self._dense = GPUAttention()  # what "k covers everything" computes, kernel for kernel
 
     def __repr__(self) -> str:
         return f"TopKAttention(ratio={self.ratio}, device={self.where!r})"
@@ -71,9 +72,9 @@ class TopKAttention(AttentionBackend):
         keep = self.keep_counts(valid)
         t_valid = valid.sum(dim=-1)
         if bool((keep >= t_valid).all()):
-            # k covers everything: the dense formula, exactly as the built-in gpu backend.
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], scale=1.0)
-            return out.to(out_dtype)
+            # k covers everything: the built-in gpu backend's dense attention, the very same call
+            # (on the CPU that is flexgen's decode-attention kernel where it is built).
+            return self._dense.decode(q, k, v, valid).to(out_dtype)
         return self._sparse(q, k, v, valid, keep).to(out_dtype)
 
     @staticmethod
