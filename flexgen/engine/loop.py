@@ -44,6 +44,7 @@ from flexgen.engine.sizes import numel
 from flexgen.engine.stats import EngineStats
 from flexgen.engine.transfers import Transfers
 from flexgen.errors import FlexGenError, PluginError, PromptError
+from flexgen.kernels import decode_attention as cpu_decode_attention
 from flexgen.linear import describe as describe_cpu_products
 from flexgen.models.checkpoint import WeightSource
 from flexgen.models.families import family_for_spec
@@ -102,7 +103,8 @@ class Engine:
         self.stats = EngineStats(dtype=str(dtype).removeprefix("torch."),
                                  compute_dtype=str(self.compute_dtype).removeprefix("torch."))
         if device.type == "cpu" and self.compute_dtype == torch.float32:
-            self.stats.cpu_products = describe_cpu_products()
+            self.stats.cpu_products = describe_cpu_products()  # builds the few-row kernel on first use
+            cpu_decode_attention.available()  # built now, not inside the first decode step's time
 
         storage_specs = {**DEFAULT_PLUGINS["storage"], **dict(self.plugins["storage"])}
         self.storage = {
