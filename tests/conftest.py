@@ -37,6 +37,14 @@ CHECKPOINT_VARIANTS = {
 }
 
 
+@pytest.fixture
+def threads():
+    """Lets a test set torch's intra-op threads (``torch.set_num_threads``), given back after it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def make_checkpoint(path: Path, variant: str, seed: int = 0):
     """Write a random OPT checkpoint of one variant with HF's ``save_pretrained``; return the HF model."""
     spec = CHECKPOINT_VARIANTS[variant]

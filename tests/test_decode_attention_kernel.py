@@ -40,13 +40,6 @@ def _inputs(batch, heads, kv_heads, positions, head_dim, layout, seed=0):
     return q, k, v
 
 
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 @needs_kernel
 @pytest.mark.parametrize("layout", ["position-major", "sequence-major"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (6, 1)])

@@ -21,13 +21,6 @@ needs_kernel = pytest.mark.skipif(not few_rows.available(), reason=f"no few-row 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 @needs_kernel
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 33, 64])
 @pytest.mark.parametrize("k", [1, 7, 8, 9, 100, 4096 + 24])

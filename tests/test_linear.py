@@ -56,6 +56,18 @@ def _forget_setting() -> None:
     linear_module.few_rows_enabled.cache_clear()
 
 
+def _large_product(layout: str, with_bias: bool, x_shape: tuple[int, ...]):
+    """A 2048 x 1024 weight laid out row-major, column-major or as a column slice of a wider one;
+    a bias or None; and ``x``."""
+    torch.manual_seed(0)
+    weight = torch.randn(2048, 1024 if layout != "sliced" else 1536) * 0.03
+    if layout == "column-major":
+        weight = weight.t().contiguous().t()
+    elif layout == "sliced":
+        weight = weight[:, 256:1280]
+    return weight, torch.randn(2048) if with_bias else None, torch.randn(*x_shape)
+
+
 @needs_onednn
 @pytest.mark.parametrize("layout", ["row-major", "column-major", "sliced"])
 @pytest.mark.parametrize("x_shape", [(32, 1024), (8, 1, 1024), (2, 3, 1024), (1, 1024), (4, 128, 1024)])
@@ -63,14 +75,7 @@ def _forget_setting() -> None:
 def test_products_of_large_weights_go_to_onednn_and_equal_f_linear(fresh_setting, layout, x_shape, with_bias):
     """With the few-row kernel off, oneDNN takes every product of a large weight."""
     fresh_setting.setenv(linear_module.ENV_VAR, "onednn")
-    torch.manual_seed(0)
-    weight = torch.randn(2048, 1024 if layout != "sliced" else 1536) * 0.03
-    if layout == "column-major":
-        weight = weight.t().contiguous().t()
-    elif layout == "sliced":
-        weight = weight[:, 256:1280]
-    bias = torch.randn(2048) if with_bias else None
-    x = torch.randn(*x_shape)
+    weight, bias, x = _large_product(layout, with_bias, x_shape)
     assert uses_onednn(tuple(weight.shape), x.dtype, CPU)
     expected = F.linear(x, weight, bias)
     out = None
@@ -93,14 +98,7 @@ def test_products_of_large_weights_go_to_onednn_and_equal_f_linear(fresh_setting
 def test_by_default_decode_products_go_to_the_few_row_kernel_and_prefill_ones_to_onednn(layout, x_shape, with_bias):
     """Up to FEW_ROWS_MAX_ROWS rows of a row-major weight: the few-row kernel (no PyTorch product
     runs); more rows, or a column-major weight: oneDNN. Every result is F.linear's."""
-    torch.manual_seed(0)
-    weight = torch.randn(2048, 1024 if layout != "sliced" else 1536) * 0.03
-    if layout == "column-major":
-        weight = weight.t().contiguous().t()
-    elif layout == "sliced":
-        weight = weight[:, 256:1280]
-    bias = torch.randn(2048) if with_bias else None
-    x = torch.randn(*x_shape)
+    weight, bias, x = _large_product(layout, with_bias, x_shape)
     assert uses_few_rows(tuple(weight.shape), x.dtype, CPU) and prefers_row_major(tuple(weight.shape), x.dtype, CPU)
     expected = F.linear(x, weight, bias)
     out = None

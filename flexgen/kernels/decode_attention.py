@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from flexgen.kernels.build import AVX2Kernel
+from flexgen.kernels.build import AVX2Kernel, profiler_name
 
 SOURCE = Path(__file__).with_name("decode_attention.c")
 
-#: The name a call carries in a torch profiler's trace (only while one records).
-PROFILER_NAME = "flexgen::decode_attention"
+#: The name a call carries in a torch profiler's table.
+PROFILER_NAME = profiler_name("flexgen_decode_attention")
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 KERNEL = AVX2Kernel(SOURCE, {"flexgen_decode_attention": [
@@ -69,17 +69,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     if valid is not None and valid.stride(-1) != 1:
         valid = valid.contiguous()
     scores = torch.empty(b * h * max(positions, 1), dtype=torch.float32)
-    args = (q.data_ptr(), b, h, d, q.stride(0), q.stride(1),
-            k.data_ptr(), k.stride(2), k.stride(0), k.stride(1),
-            v.data_ptr(), v.stride(2), v.stride(0), v.stride(1),
-            positions, kv_heads,
-            valid.data_ptr() if valid is not None else None, valid.stride(0) if valid is not None else 0,
-            out.data_ptr(), out.stride(0), out.stride(1),
-            scores.data_ptr(), torch.get_num_threads())
-    kernel = KERNEL.function("flexgen_decode_attention")
-    if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):
-        with torch.profiler.record_function(PROFILER_NAME):  # a C call is invisible to the profiler otherwise
-            kernel(*args)
-    else:
-        kernel(*args)
+    KERNEL.call("flexgen_decode_attention",
+                q.data_ptr(), b, h, d, q.stride(0), q.stride(1),
+                k.data_ptr(), k.stride(2), k.stride(0), k.stride(1),
+                v.data_ptr(), v.stride(2), v.stride(0), v.stride(1),
+                positions, kv_heads,
+                valid.data_ptr() if valid is not None else None, valid.stride(0) if valid is not None else 0,
+                out.data_ptr(), out.stride(0), out.stride(1),
+                scores.data_ptr(), torch.get_num_threads())
     return out

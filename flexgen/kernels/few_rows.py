@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from flexgen.kernels.build import AVX2Kernel
+from flexgen.kernels.build import AVX2Kernel, profiler_name
 
 SOURCE = Path(__file__).with_name("few_rows.c")
 
-#: The name a call carries in a torch profiler's trace (only while one records: 9 µs a call otherwise).
-PROFILER_NAME = "flexgen::few_rows_linear"
+#: The name a call carries in a torch profiler's table.
+PROFILER_NAME = profiler_name("flexgen_few_rows_linear")
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 KERNEL = AVX2Kernel(SOURCE, {"flexgen_few_rows_linear": [_ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _i64,
@@ -41,7 +41,6 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """``x @ weight.T + bias`` into ``out`` (M, N) for float32 CPU tensors ``x`` (M, K) and ``weight`` (N, K),
     both with unit stride along K, a contiguous ``bias`` (N,) or None, and ``out`` with unit stride
     along N (a fresh tensor when None); on ``torch.get_num_threads()`` threads."""
-    kernel = KERNEL.function("flexgen_few_rows_linear")
     m_rows, k_dim = x.shape
     n_rows = weight.shape[0]
     if out is None:
@@ -56,11 +55,7 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                              or tuple(bias.shape) != (n_rows,) or not bias.is_contiguous()):
         raise ValueError(f"few_rows_linear: bias must be a contiguous float32 CPU tensor of {n_rows} elements")
     if m_rows and n_rows:
-        args = (x.data_ptr(), m_rows, k_dim, x.stride(0), weight.data_ptr(), n_rows, weight.stride(0),
-                bias.data_ptr() if bias is not None else None, out.data_ptr(), out.stride(0), torch.get_num_threads())
-        if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):
-            with torch.profiler.record_function(PROFILER_NAME):  # a C call is invisible to the profiler otherwise
-                kernel(*args)
-        else:
-            kernel(*args)
+        KERNEL.call("flexgen_few_rows_linear", x.data_ptr(), m_rows, k_dim, x.stride(0), weight.data_ptr(), n_rows,
+                    weight.stride(0), bias.data_ptr() if bias is not None else None, out.data_ptr(), out.stride(0),
+                    torch.get_num_threads())
     return out
