@@ -161,7 +161,8 @@ def describe() -> str:
 
 def linear(x: torch.Tensor, weight: torch.Tensor | RowBlocks, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, with float32 products of large weights on the CPU computed by
-    oneDNN, and a :class:`RowBlocks` weight unpacked and multiplied a block of rows at a time."""
+    the few-row kernel (up to :data:`FEW_ROWS_MAX_ROWS` rows) or oneDNN, and a :class:`RowBlocks`
+    weight unpacked and multiplied a block of rows at a time."""
     if isinstance(weight, RowBlocks):
         return _by_row_blocks(x, weight, bias)
     if (weight.dtype == x.dtype and weight.device == x.device and not weight.is_sparse and x.dim() >= 1

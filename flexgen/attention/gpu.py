@@ -7,7 +7,8 @@ Without padding (``valid`` None) no mask is passed, so ``scaled_dot_product_atte
 choose its fused (flash / memory-efficient) kernels. Computing on the CPU, decode over a
 float32 cache runs on :mod:`flexgen.kernels.decode_attention` where it is built, which reads
 the engine's position-major cache in memory order (1.6x faster than
-``scaled_dot_product_attention`` at opt-350m's shape on the 2-core CI machine). A compressed cache arrives still packed
+``scaled_dot_product_attention`` at opt-350m's shape on the 2-core CI machine). A compressed
+cache arrives still packed
 (:class:`~flexgen.attention.base.PackedKV`) and is dequantised block by block inside the
 attention (:mod:`flexgen.attention.blocked`), into a workspace reused across calls, instead
 of into a full-precision copy of the whole prefix every step.
