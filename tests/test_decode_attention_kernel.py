@@ -116,3 +116,15 @@ def test_flexgen_native_kernels_0_turns_every_kernel_off_and_says_so(tmp_path):
     assert flags == "False False"
     assert line.endswith("the few-row kernel is off: turned off by FLEXGEN_NATIVE_KERNELS=0")
     assert not (tmp_path / "kernels").exists()  # nothing was built
+
+
+def test_a_bad_flexgen_native_kernels_stops_the_cli_in_one_line_before_any_work(tmp_path):
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "FLEXGEN_NATIVE_KERNELS": "maybe", "FLEXGEN_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "flexgen", "predict", "--config", str(REPO / "configs/quickstart.yaml"),
+                           f"output.path={out}"], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith("FLEXGEN_NATIVE_KERNELS='maybe': expected 1 or 0 (on or off)")
+    assert "Traceback" not in done.stderr
+    assert not out.exists()

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from flexgen.errors import ConfigError
 from flexgen.paths import cache_root
 
 #: Seconds a compiler may take before the kernel is given up for this process.
@@ -41,9 +42,18 @@ COMPILE_TIMEOUT_S = 120
 #: Set to 0 (or off) in the environment, no native kernel is built or used: PyTorch computes
 #: everything, to compare or to rule the kernels out.
 ENV_VAR = "FLEXGEN_NATIVE_KERNELS"
+_OFF, _ON = ("0", "off", "false", "no"), ("", "1", "on", "true", "yes")
 
 #: Names of the OpenMP runtimes PyTorch builds load (GNU, Intel, LLVM).
 OPENMP_RUNTIMES = ("libgomp", "libiomp5", "libomp")
+
+
+def native_kernels_allowed() -> bool:
+    """``FLEXGEN_NATIVE_KERNELS``, checked: False for 0/off/false/no, True when unset or 1/on/true/yes."""
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if value not in _OFF + _ON:
+        raise ConfigError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: expected 1 or 0 (on or off)")
+    return value not in _OFF
 
 
 class KernelUnavailable(Exception):
@@ -143,7 +153,7 @@ class AVX2Kernel:
 
     @cached_property
     def _loaded(self) -> ctypes.CDLL | str:
-        if os.environ.get(ENV_VAR, "").strip().lower() in ("0", "off", "false", "no"):
+        if not native_kernels_allowed():
             return f"turned off by {ENV_VAR}={os.environ[ENV_VAR]}"
         if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
             return f"built for x86-64 Linux only (this is {sys.platform} on {platform.machine()})"
