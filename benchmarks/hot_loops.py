@@ -6,8 +6,10 @@ Prints, for this machine and in one run (candidates measured in interleaved roun
 1. CPU decode attention at W3's per-batch shape (B=32, H=40, t=512, D=128) over a float16 and a
    bfloat16 cache laid out as the engine keeps it, (T, B, H, D), and passed as (B, H, t, D)
    views: seconds per call and gigabytes of cache read per second, for the old path (whole
-   prefix converted to float32 copies) and the new one (blocked, reused workspace), beside a
-   copy of the same bytes into a preallocated buffer;
+   prefix converted to float32 copies), the blocked one (reused workspace; what ``CPUAttention``
+   runs where the native kernel is not built) and ``CPUAttention`` itself (the native decode
+   kernel, ``flexgen/kernels/decode_attention.c``, where built), beside a copy of the same
+   bytes into a preallocated buffer;
 2. the same over an int4 and an int8 cache: the old path (the whole prefix decompressed, then
    attended) and the new one (``PackedKV``, dequantised block by block inside the attention);
    "GB/s" counts the compressed bytes read;
@@ -36,8 +38,11 @@ import torch
 import torch.nn.functional as F
 
 from flexgen.attention.base import PackedKV
+from flexgen.attention.blocked import blocked_decode
 from flexgen.attention.cpu import CPUAttention
 from flexgen.compression.groupwise import GroupwiseQuantizer, Int4Compressor, Int8Compressor
+from flexgen.kernels import decode_attention
+from flexgen.workspace import Workspace
 
 # ----------------------------------------------------------------------------- old code paths
 
@@ -129,22 +134,30 @@ def bench_attention(args, gen: torch.Generator) -> None:
     valid = torch.ones(b, t, dtype=torch.bool)
     valid[1, : t // 4] = False  # one left-padded sequence, as in a real batch
     new = CPUAttention()
+    workspace = Workspace()
+    kernel = "native kernel" if decode_attention.available() else "kernel not built: blocked"
+
+    def blocked(k, v) -> torch.Tensor:
+        return blocked_decode(q, k, v, valid, compute_dtype=torch.float32, block_bytes=new.block_bytes,
+                              workspace=workspace)
+
     for dtype in (torch.float16, torch.bfloat16):
         kc, vc = kv_cache(t, b, h, d, dtype, gen), kv_cache(t, b, h, d, dtype, gen)
         k, v = kc.permute(1, 2, 0, 3), vc.permute(1, 2, 0, 3)
         kd, vd = torch.empty_like(kc), torch.empty_like(vc)
         expected = old_cpu_decode(q, k, v, valid)
-        got = new.decode(q, k, v, valid)
-        error = (got - expected).abs().max().item()
+        errors = [(fn() - expected).abs().max().item() for fn in (lambda: blocked(k, v), lambda: new.decode(q, k, v, valid))]
         nbytes = 2 * kc.numel() * kc.element_size()
         seconds = measure({
             "copy into preallocated buffer": lambda: (kd.copy_(kc), vd.copy_(vc)),
             "old: float32 copies of the prefix": lambda: old_cpu_decode(q, k, v, valid),
-            "new: blocked, reused workspace": lambda: new.decode(q, k, v, valid),
+            "blocked, reused workspace": lambda: blocked(k, v),
+            f"CPUAttention ({kernel})": lambda: new.decode(q, k, v, valid),
         }, args.repeat)
         report(
             f"CPU decode attention, {str(dtype).removeprefix('torch.')} cache (T,B,H,D) = ({t},{b},{h},{d}), "
-            f"{nbytes / 1e6:.0f} MB of K+V per call; new - old max |diff| = {error:.2e}",
+            f"{nbytes / 1e6:.0f} MB of K+V per call; max |diff| from old: blocked {errors[0]:.2e}, "
+            f"CPUAttention {errors[1]:.2e}",
             seconds, dict.fromkeys(seconds, nbytes), "copy into preallocated buffer", "GB/s read",
         )
 

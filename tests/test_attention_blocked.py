@@ -63,20 +63,30 @@ def bytes_allocated(fn) -> int:
 # ------------------------------------------------------------------ equal to the old computation
 
 
+def blocked(block_kib: int, workspace: Workspace | None = None):
+    """``blocked_decode`` in float32 with blocks of ``block_kib`` KiB: what ``CPUAttention`` runs
+    where the native decode kernel does not take its tensors (a packed cache, ``dtype:
+    bfloat16``, no kernel on this machine)."""
+    workspace = workspace or Workspace()
+    return lambda q, k, v, valid: blocked_decode(q, k, v, valid, compute_dtype=torch.float32,
+                                                 block_bytes=block_kib << 10, workspace=workspace)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("block_kib", [1, 64, 8192])
-def test_blocked_decode_equals_float32_computation(dtype, block_kib) -> None:
+@pytest.mark.parametrize("block_kib", [1, 64, 8192, None], ids=["blocked-1KiB", "blocked-64KiB", "blocked-8MiB",
+                                                               "CPUAttention"])
+def test_decode_equals_float32_computation(dtype, block_kib) -> None:
     b, h, t, d = 3, 5, 77, 64
     q, k, v, valid = inputs(b, h, t, d, dtype)
     kv, vv = cache_views(k, v)
-    attention = CPUAttention(block_kib=block_kib)
-    got = attention.decode(q, kv, vv, valid)
+    decode = CPUAttention().decode if block_kib is None else blocked(block_kib)
+    got = decode(q, kv, vv, valid)
     expected = float32_decode(q, k, v, valid)
     assert got.dtype == q.dtype and got.shape == q.shape
     assert (got - expected).abs().max().item() <= FLOAT32_ROUNDING
     # Unmasked: the same as an all-true mask.
     everything = torch.ones_like(valid)
-    unmasked = attention.decode(q, kv, vv, None)
+    unmasked = decode(q, kv, vv, None)
     assert (unmasked - float32_decode(q, k, v, everything)).abs().max().item() <= FLOAT32_ROUNDING
 
 
@@ -129,15 +139,16 @@ def test_packed_decode_equals_dequantise_then_attend() -> None:
 # ------------------------------------------------------------------ no copies of the prefix
 
 
-def test_decode_allocates_no_copy_of_the_prefix() -> None:
+@pytest.mark.parametrize("path", ["blocked", "CPUAttention"])
+def test_decode_allocates_no_copy_of_the_prefix(path) -> None:
     b, h, t, d = 2, 4, 300, 64
     q, k, v, valid = inputs(b, h, t, d, torch.float16)
     kv, vv = cache_views(k, v)
     prefix_float32 = b * h * t * d * 4
     old = bytes_allocated(lambda: float32_decode(q, kv, vv, valid))
     assert old >= 2 * prefix_float32, f"the counter missed the old path's float32 copies ({old} bytes)"
-    attention = CPUAttention(block_kib=16)
-    new = bytes_allocated(lambda: attention.decode(q, kv, vv, valid))
+    decode = blocked(16) if path == "blocked" else CPUAttention(block_kib=16).decode
+    new = bytes_allocated(lambda: decode(q, kv, vv, valid))
     # What remains: the score rows' softmax (t floats per head) and the output.
     assert new < prefix_float32 / 8, f"decode allocated {new} bytes; the float32 prefix is {prefix_float32}"
 
@@ -157,13 +168,14 @@ def test_packed_decode_allocates_no_decompressed_prefix(compressor) -> None:
 
 def test_workspace_is_reused_across_calls() -> None:
     q, k, v, valid = inputs(2, 2, 60, 32, torch.float16)
-    attention = CPUAttention(block_kib=4)
-    attention.decode(q, k, v, valid)
-    held = attention.workspace.nbytes()
+    workspace = Workspace()
+    decode = blocked(4, workspace)
+    decode(q, k, v, valid)
+    held = workspace.nbytes()
     assert held > 0
-    first = attention.decode(q, k, v, valid)
-    second = attention.decode(q, k, v, valid)
-    assert attention.workspace.nbytes() == held
+    first = decode(q, k, v, valid)
+    second = decode(q, k, v, valid)
+    assert workspace.nbytes() == held
     assert torch.equal(first, second)
     assert first.data_ptr() != second.data_ptr(), "the output must not live in the workspace"
 

@@ -1,6 +1,7 @@
 """flexgen.kernels.decode_attention: equals scaled_dot_product_attention for every layout, mask, head
-grouping and size it takes, declines what it does not take, and is what the compute-device backend
-uses for decode on the CPU."""
+grouping, size and cache dtype it takes, declines what it does not take, and is what both built-in
+backends use for decode on the CPU (the compute-device one for a float32 cache, CPU delegation for
+a float32, float16 or bfloat16 one)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
+from flexgen.attention.cpu import CPUAttention
 from flexgen.attention.gpu import GPUAttention
+from flexgen.compression.groupwise import Int8Compressor
 from flexgen.kernels import decode_attention as kernel
+from flexgen.testing.attention import packed_cache
 
 needs_kernel = pytest.mark.skipif(not kernel.available(), reason=f"no kernel: {kernel.KERNEL.unavailable_reason()}")
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +65,31 @@ def test_equals_sdpa(threads, layout, heads, kv_heads, positions, head_dim, mask
 
 
 @needs_kernel
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("query_dtype", ["float32", "cache"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 64), (8, 2, 20)])
+def test_a_half_precision_cache_is_read_in_float32(threads, cache_dtype, query_dtype, heads, kv_heads, head_dim):
+    """The cache's values widened exactly, every sum in float32: SDPA over the same values in float32,
+    rounded to the query's dtype."""
+    q, k, v = _inputs(3, heads, kv_heads, 37, head_dim, "position-major")
+    k, v = k.to(cache_dtype), v.to(cache_dtype)
+    if query_dtype == "cache":
+        q = q.to(cache_dtype)
+    valid = torch.rand(3, 37, generator=torch.Generator().manual_seed(2)) > 0.3
+    valid[:, -1] = True
+    expected = _reference(q.float(), k.float(), v.float(), valid).to(q.dtype)
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        assert kernel.takes(q, k, v, valid)
+        got = kernel.decode_attention(q, k, v, valid)
+        assert got.dtype == q.dtype
+        if q.dtype == torch.float32:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        else:  # one rounding of a float32 result to the query's dtype: at most one unit in the last place apart
+            torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-3)
+
+
+@needs_kernel
 def test_a_row_with_nothing_to_attend_is_what_sdpa_gives():
     q, k, v = _inputs(2, 2, 2, 5, 16, "position-major")
     valid = torch.ones(2, 5, dtype=torch.bool)
@@ -69,12 +98,15 @@ def test_a_row_with_nothing_to_attend_is_what_sdpa_gives():
                                rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
-@pytest.mark.parametrize("case", ["half", "two-queries", "ungrouped-heads", "float-mask", "mask-shape", "strided-d"])
+@pytest.mark.parametrize("case", ["keys-and-values-apart", "float64", "two-queries", "ungrouped-heads", "float-mask",
+                                  "mask-shape", "strided-d"])
 def test_what_it_does_not_take_is_declined(case):
     q, k, v = _inputs(2, 4, 4, 5, 16, "position-major")
     valid = torch.ones(2, 5, dtype=torch.bool)
-    if case == "half":
-        q, k, v = q.half(), k.half(), v.half()
+    if case == "keys-and-values-apart":
+        k = k.half()
+    elif case == "float64":
+        q, k, v = q.double(), k.double(), v.double()
     elif case == "two-queries":
         q = torch.randn(2, 4, 2, 16)
     elif case == "ungrouped-heads":
@@ -102,6 +134,39 @@ def test_the_compute_device_backend_decodes_with_it_on_the_cpu(masked):
     names = {event.name for event in prof.events()}
     assert kernel.PROFILER_NAME in names and not any("scaled_dot_product" in n for n in names)
     torch.testing.assert_close(out, _reference(q, k, v, valid), rtol=1e-5, atol=1e-5)
+
+
+def _decodes_with_kernel(backend, q, k, v, valid) -> tuple[torch.Tensor, bool]:
+    with profile() as prof:
+        out = backend.decode(q, k, v, valid)
+    return out, kernel.PROFILER_NAME in {event.name for event in prof.events()}
+
+
+@needs_kernel
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cpu_delegation_decodes_with_it(cache_dtype):
+    """CPU delegation's backend (float32 products, its default) reads a plain cache of any of the
+    three dtypes with the kernel; the query arrives in the cache's dtype, as from a GPU."""
+    q, k, v = _inputs(4, 8, 2, 33, 64, "position-major")
+    q, k, v = q.to(cache_dtype), k.to(cache_dtype), v.to(cache_dtype)
+    valid = torch.arange(33) >= torch.tensor([[0], [5], [9], [0]])
+    out, used = _decodes_with_kernel(CPUAttention(), q, k, v, valid)
+    assert used
+    expected = _reference(q.float(), k.float(), v.float(), valid).to(cache_dtype)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=1e-2 if cache_dtype != torch.float32 else 1e-5,
+                               atol=1e-3 if cache_dtype != torch.float32 else 1e-5)
+
+
+@needs_kernel
+def test_what_the_kernel_does_not_cover_stays_on_the_blocked_path():
+    """Products in bfloat16 (the backend's ``dtype`` option), a compressed cache, and a
+    half-precision query on the compute-device backend (its SDPA keeps the query's precision)."""
+    q, k, v = _inputs(2, 4, 4, 40, 64, "position-major")
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    assert not _decodes_with_kernel(CPUAttention(dtype="bfloat16"), q, k.bfloat16(), v.bfloat16(), valid)[1]
+    packed = packed_cache(k, Int8Compressor()), packed_cache(v, Int8Compressor())
+    assert not _decodes_with_kernel(CPUAttention(), q, *packed, valid)[1]
+    assert not _decodes_with_kernel(GPUAttention(), q.half(), k.half(), v.half(), valid)[1]
 
 
 def test_flexgen_native_kernels_0_turns_every_kernel_off_and_says_so(tmp_path):

@@ -5,16 +5,24 @@ kilobytes; moving the cache to the GPU would cost the whole cache every step. Ma
 are in float32 (or in bfloat16 when ``dtype`` says so), since half-precision matmuls on many
 CPUs are slow or unsupported.
 
-Decode reads the cache where it lies, block by block (:mod:`flexgen.attention.blocked`): a
-float16 or bfloat16 cache is converted one block at a time into a workspace that this backend
-keeps across calls (per thread, grown on demand, about ``block_kib`` KiB), and a compressed
-cache (:class:`~flexgen.attention.base.PackedKV`) is dequantised into the same workspace, so
-neither a float32 copy nor a decompressed copy of the whole prefix is ever made. Operations
-use torch's intra-op threads, i.e. every core unless ``torch.set_num_threads`` says otherwise.
+Decode reads the cache where it lies. With float32 products (the default) over a plain
+float32, float16 or bfloat16 cache, it runs on :mod:`flexgen.kernels.decode_attention` where
+that is built (x86-64 Linux with AVX2, FMA and F16C, and a C compiler): the kernel widens
+half-precision values to float32 in registers as it reads them, walking the engine's
+position-major cache in memory order, so the cache is read once and nothing is copied. At W3's
+shape (below) it reads a float16 cache at 14 GB/s on the 2-core development machine, 2.0x the
+blocked path and faster than a plain copy of the same bytes (``python3
+benchmarks/hot_loops.py --only attention``). Elsewhere (products in bfloat16, a compressed
+cache, no kernel), decode goes block by block (:mod:`flexgen.attention.blocked`): a float16 or
+bfloat16 cache is converted one block at a time into a workspace that this backend keeps
+across calls (per thread, grown on demand, about ``block_kib`` KiB), and a compressed cache
+(:class:`~flexgen.attention.base.PackedKV`) is dequantised into the same workspace, so
+neither a float32 copy nor a decompressed copy of the whole prefix is ever made. Both use
+torch's intra-op threads, i.e. every core unless ``torch.set_num_threads`` says otherwise.
 
-Cache layout, measured (``python3 benchmarks/hot_loops.py --only layouts``: W3's shape B=32,
-H=40, t=512, D=128, float16, on the 2-core development machine, a loaded one, so best of 5
-interleaved rounds): with blocks cut along the axis outermost in memory
+Cache layout, measured with the blocked path (``python3 benchmarks/hot_loops.py --only
+layouts``: W3's shape B=32, H=40, t=512, D=128, float16, on the 2-core development machine, a
+loaded one, so best of 5 interleaved rounds): with blocks cut along the axis outermost in memory
 (:func:`~flexgen.attention.blocked.plan_blocks`), decode reads the engine's (T, B, H, D)
 cache as fast as a (B, H, T, D) one or faster (87-91 ms against 104-139 ms per call on one
 thread, 62 ms against 68-78 ms on two, over three runs), while cutting against the layout
@@ -34,6 +42,7 @@ import torch
 
 from flexgen.attention.base import AttentionBackend, PackedKV
 from flexgen.attention.blocked import blocked_decode
+from flexgen.kernels import decode_attention as cpu_decode
 from flexgen.workspace import Workspace
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -44,7 +53,8 @@ class CPUAttention(AttentionBackend):
 
     Options:
         dtype: ``float32`` (default) or ``bfloat16``: the dtype of the matrix products.
-        block_kib: workspace per block of converted or dequantised keys/values, in KiB
+        block_kib: workspace per block of converted or dequantised keys/values, in KiB, where
+            the blocked path runs
             (default 8192). A block should stay within the CPU's caches (the last level's
             share of this process), yet hold at least eight positions of every sequence.
     """
@@ -69,6 +79,8 @@ class CPUAttention(AttentionBackend):
     def decode(
         self, q: torch.Tensor, k: torch.Tensor | PackedKV, v: torch.Tensor | PackedKV, valid: torch.Tensor | None
     ) -> torch.Tensor:
+        if self.compute_dtype == torch.float32 and cpu_decode.takes(q, k, v, valid):
+            return cpu_decode.decode_attention(q, k, v, valid)
         return blocked_decode(
             q, k, v, valid, compute_dtype=self.compute_dtype, block_bytes=self.block_bytes, workspace=self.workspace
         )

@@ -53,7 +53,7 @@ class GPUAttention(AttentionBackend):
                 q, k, v, valid, compute_dtype=torch.float32,
                 block_bytes=_BLOCK_BYTES.get(q.device.type, _BLOCK_BYTES["cuda"]), workspace=self.workspace,
             )
-        if q.device.type == "cpu" and cpu_decode.takes(q, k, v, valid):
+        if q.device.type == "cpu" and q.dtype == torch.float32 and cpu_decode.takes(q, k, v, valid):
             return cpu_decode.decode_attention(q, k, v, valid)
         mask = None if valid is None else valid[:, None, None, :]
         b, h, _, d = q.shape

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from flexgen.dtypes import cpu_flags
 from flexgen.errors import ConfigError
 from flexgen.paths import cache_root
 
@@ -143,13 +144,17 @@ class AVX2Kernel:
 
     ``signatures`` maps each exported function to its ``ctypes`` argument types. The kernel is
     usable on x86-64 Linux where PyTorch runs AVX2 (or AVX-512) code, which implies FMA.
+    ``features`` names further instruction sets the code uses, as ``/proc/cpuinfo`` spells them
+    (e.g. ``f16c``, float16 conversion): each is compiled for (``-m<feature>``) and required of
+    the CPU.
     """
 
     FLAGS = ["-mavx2", "-mfma", "-funroll-loops"]
 
-    def __init__(self, source: Path, signatures: dict[str, list]) -> None:
+    def __init__(self, source: Path, signatures: dict[str, list], features: tuple[str, ...] = ()) -> None:
         self.source = source
         self.signatures = signatures
+        self.features = features
 
     @cached_property
     def _loaded(self) -> ctypes.CDLL | str:
@@ -160,8 +165,11 @@ class AVX2Kernel:
         capability = torch.backends.cpu.get_cpu_capability()
         if capability not in ("AVX2", "AVX512"):
             return f"the CPU (or ATEN_CPU_CAPABILITY) offers {capability}, not AVX2 with FMA"
+        missing = [feature for feature in self.features if feature not in cpu_flags()]
+        if missing:
+            return f"the CPU lacks {', '.join(missing)} (not in /proc/cpuinfo's flags)"
         try:
-            lib = build(self.source, self.FLAGS)
+            lib = build(self.source, self.FLAGS + [f"-m{feature}" for feature in self.features])
         except KernelUnavailable as exc:
             return str(exc)
         for name, argtypes in self.signatures.items():
