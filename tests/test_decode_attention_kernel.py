@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
+from flexgen import Policy, load_engine
 from flexgen.attention.cpu import CPUAttention
 from flexgen.attention.gpu import GPUAttention
 from flexgen.compression.groupwise import Int8Compressor
@@ -169,17 +170,32 @@ def test_what_the_kernel_does_not_cover_stays_on_the_blocked_path():
     assert not _decodes_with_kernel(GPUAttention(), q.half(), k.half(), v.half(), valid)[1]
 
 
+@needs_kernel
+def test_the_run_summary_says_where_decode_attention_runs_on_the_cpu(tiny_checkpoint):
+    """Both built-in backends say so where they would use the kernel (float32 products), and
+    nothing otherwise; a backend that does not describe itself says nothing."""
+    line = "CPU decode attention: flexgen's kernel"
+    assert GPUAttention().describe(torch.float32) == line and GPUAttention().describe(torch.bfloat16) is None
+    assert CPUAttention().describe(torch.float16) == line
+    assert CPUAttention(dtype="bfloat16").describe(torch.float32) is None
+    with load_engine(tiny_checkpoint[0], policy=Policy(gpu_batch_size=2), device="cpu", dtype="float32") as engine:
+        assert engine.stats.cpu_attention == line
+        assert engine.stats.to_dict()["cpu_attention"] == line
+
+
 def test_flexgen_native_kernels_0_turns_every_kernel_off_and_says_so(tmp_path):
     code = ("from flexgen import linear\n"
             "from flexgen.kernels import decode_attention\n"
             "print(decode_attention.available(), linear.few_rows_enabled())\n"
-            "print(linear.describe())\n")
+            "print(linear.describe())\n"
+            "print(decode_attention.describe())\n")
     env = {**os.environ, "FLEXGEN_NATIVE_KERNELS": "0", "FLEXGEN_CACHE": str(tmp_path), "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    flags, line = done.stdout.strip().splitlines()
+    flags, line, attention_line = done.stdout.strip().splitlines()
     assert flags == "False False"
     assert line.endswith("the few-row kernel is off: turned off by FLEXGEN_NATIVE_KERNELS=0")
+    assert attention_line == "CPU decode attention: PyTorch (flexgen's kernel is off: turned off by FLEXGEN_NATIVE_KERNELS=0)"
     assert not (tmp_path / "kernels").exists()  # nothing was built
 
 

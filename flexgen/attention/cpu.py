@@ -76,6 +76,10 @@ class CPUAttention(AttentionBackend):
     def device(self, compute_device: torch.device) -> torch.device:
         return torch.device("cpu")
 
+    def describe(self, compute_dtype: torch.dtype) -> str | None:
+        """Whether decode runs on the native kernel here (it builds the kernel the first time)."""
+        return cpu_decode.describe() if self.compute_dtype == torch.float32 else None
+
     def decode(
         self, q: torch.Tensor, k: torch.Tensor | PackedKV, v: torch.Tensor | PackedKV, valid: torch.Tensor | None
     ) -> torch.Tensor:

@@ -44,7 +44,6 @@ from flexgen.engine.sizes import numel
 from flexgen.engine.stats import EngineStats
 from flexgen.engine.transfers import Transfers
 from flexgen.errors import FlexGenError, PluginError, PromptError
-from flexgen.kernels import decode_attention as cpu_decode_attention
 from flexgen.linear import describe as describe_cpu_products
 from flexgen.models.checkpoint import WeightSource
 from flexgen.models.families import family_for_spec
@@ -104,7 +103,6 @@ class Engine:
                                  compute_dtype=str(self.compute_dtype).removeprefix("torch."))
         if device.type == "cpu" and self.compute_dtype == torch.float32:
             self.stats.cpu_products = describe_cpu_products()  # builds the few-row kernel on first use
-            cpu_decode_attention.available()  # built now, not inside the first decode step's time
 
         storage_specs = {**DEFAULT_PLUGINS["storage"], **dict(self.plugins["storage"])}
         self.storage = {
@@ -123,6 +121,9 @@ class Engine:
         )
         self.scheduler = registry.create("scheduler", self.plugins["scheduler"], where="plugins.scheduler")
         self.attention_device = self.attention.device(device)
+        if self.attention_device.type == "cpu":  # computing there, or delegated
+            # the built-in backends build their CPU kernel now, not inside the first decode step
+            self.stats.cpu_attention = self.attention.describe(self.compute_dtype)
         self._cuda = device.type == "cuda"
         self._run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._stop_string_criteria: dict[Any, Any] = {}  # see Sampling.build

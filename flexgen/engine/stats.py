@@ -43,6 +43,10 @@ class EngineStats:
     #: which kernels compute float32 products on the CPU (:func:`flexgen.linear.describe`); None
     #: where the products run elsewhere or in another dtype
     cpu_products: str | None = None
+    #: whether decode attention on the CPU runs on flexgen's kernel
+    #: (:func:`flexgen.kernels.decode_attention.describe`); None where a built-in backend would
+    #: not use it (attention elsewhere, products in another dtype, a plugin backend)
+    cpu_attention: str | None = None
     #: held while a counter is added to from a thread other than the loop's
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -75,6 +79,7 @@ class EngineStats:
             "dtype": self.dtype,
             "compute_dtype": self.compute_dtype,
             "cpu_products": self.cpu_products,
+            "cpu_attention": self.cpu_attention,
         }
 
     def reset(self) -> None:

@@ -42,6 +42,14 @@ def available() -> bool:
     return KERNEL.available()
 
 
+def describe() -> str:
+    """Whether decode attention on the CPU runs on this kernel here, in one line for the run summary."""
+    reason = KERNEL.unavailable_reason()
+    if reason:
+        return f"CPU decode attention: PyTorch (flexgen's kernel is off: {reason})"
+    return "CPU decode attention: flexgen's kernel"
+
+
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> bool:
     """Whether :func:`decode_attention` computes attention of ``q`` (B, H, 1, D) over ``k``, ``v``
     (B, H_kv, t, D) with ``valid`` (B, t) or None: CPU tensors in any strides with unit stride
