@@ -42,7 +42,10 @@ them, and goes on to the next rows, instead of writing the whole weight out in f
 reading it back: a decode step's few-row products are bound by memory traffic, which this
 cuts from 2 + 4 + 4 to 2 bytes per bfloat16 element (measured on this project's CI machine,
 a 2048 x 8192 bfloat16 weight times 4 rows: 12.4 ms unpacked whole into a reused buffer,
-6.5 ms by blocks).
+6.5 ms by blocks). A float16 or bfloat16 weight that is only converted, not compressed
+(:meth:`RowBlocks.held`), is not unpacked at all where the few-row kernel takes the product:
+the kernel widens its values in registers as it reads them (same numbers as the float32
+weight's, bit for bit).
 """
 
 from __future__ import annotations
@@ -87,6 +90,12 @@ class RowBlocks(ABC):
     def rows_into(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Rows ``start:stop`` of the weight, unpacked into ``out`` ((stop - start, in), the
         product's dtype, contiguous); return ``out``."""
+
+    def held(self) -> torch.Tensor | None:
+        """The weight as it is held, (out, in), when that is the weight itself in another dtype
+        (not compressed), so that a kernel reading that dtype can take it without unpacking;
+        None (the default) otherwise."""
+        return None
 
 
 def setting() -> str:
@@ -198,8 +207,6 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 
 def _by_row_blocks(x: torch.Tensor, weight: RowBlocks, bias: torch.Tensor | None) -> torch.Tensor:
     out_features, in_features = weight.shape
-    rows = max(1, min(out_features, ROW_BLOCK_BYTES // (in_features * x.element_size())))
-    buffer = _WORKSPACE.empty("linear/row-block", (rows, in_features), x.dtype, x.device)
     x2 = _as_rows(x)
     y = torch.empty(x2.shape[0], out_features, dtype=x.dtype, device=x.device)
     # The kernel is chosen for the whole weight, so every block of it is summed the same way.
@@ -209,6 +216,12 @@ def _by_row_blocks(x: torch.Tensor, weight: RowBlocks, bias: torch.Tensor | None
     onednn = plain and not use_few_rows and uses_onednn(shape, x.dtype, x.device)
     if use_few_rows and bias is not None:
         bias = bias.contiguous()
+    held = weight.held() if use_few_rows else None
+    if held is not None and tuple(held.shape) == shape and few_rows.reads(held):
+        # a half-precision weight read as it is held: widened in registers, nothing unpacked
+        return few_rows.few_rows_linear(x2, held, bias, out=y).view(*x.shape[:-1], out_features)
+    rows = max(1, min(out_features, ROW_BLOCK_BYTES // (in_features * x.element_size())))
+    buffer = _WORKSPACE.empty("linear/row-block", (rows, in_features), x.dtype, x.device)
     for start in range(0, out_features, rows):
         stop = min(out_features, start + rows)
         block = weight.rows_into(start, stop, buffer[: stop - start])

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from flexgen.kernels import build as build_module
 from flexgen.kernels import few_rows
-from flexgen.kernels.build import AVX2Kernel, KernelUnavailable, build
+from flexgen.kernels.build import KernelUnavailable, build
 
 needs_kernel = pytest.mark.skipif(not few_rows.available(), reason=f"no few-row kernel: {few_rows.unavailable_reason()}")
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +34,25 @@ def test_equals_f_linear_for_every_tile_and_tail(threads, m, k, n):
         for b in (bias, None):
             torch.testing.assert_close(few_rows.few_rows_linear(x, weight, b), F.linear(x, weight, b),
                                        rtol=1e-5, atol=1e-4 * max(1.0, k ** 0.5 / 10))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 3, 4, 33])
+@pytest.mark.parametrize("k", [7, 8, 40, 4096 + 24])
+@pytest.mark.parametrize("n", [1, 5, 100])
+def test_a_half_precision_weight_gives_the_float32_weights_result_bit_for_bit(threads, dtype, m, k, n):
+    """Widened exactly as it is loaded, and summed in the same order: the same numbers as the
+    float32 copy of the weight, at half the bytes read (and F.linear's, within rounding)."""
+    torch.manual_seed(m * 10_000 + k * 10 + n)
+    x, weight, bias = torch.randn(m, k), torch.randn(n, k).to(dtype), torch.randn(n)
+    assert few_rows.reads(weight)
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        for b in (bias, None):
+            got = few_rows.few_rows_linear(x, weight, b)
+            assert torch.equal(got, few_rows.few_rows_linear(x, weight.float(), b))
+            torch.testing.assert_close(got, F.linear(x, weight.float(), b), rtol=1e-5, atol=1e-4 * max(1.0, k ** 0.5 / 10))
 
 
 @needs_kernel
@@ -56,11 +75,15 @@ def test_empty_operands_give_empty_results():
 
 
 @needs_kernel
-@pytest.mark.parametrize("bad", ["dtype", "layout", "shape", "bias", "out"])
+@pytest.mark.parametrize("bad", ["dtype", "half-x", "weight-dtype", "layout", "shape", "bias", "out"])
 def test_what_the_c_code_cannot_take_is_refused_before_the_call(bad):
     x, weight, bias, out = torch.randn(4, 16), torch.randn(8, 16), torch.randn(8), None
     if bad == "dtype":
         x = x.double()
+    elif bad == "half-x":
+        x = x.half()
+    elif bad == "weight-dtype":
+        weight = weight.double()
     elif bad == "layout":
         weight = torch.randn(16, 8).t()  # column-major: unit stride along the wrong dimension
     elif bad == "shape":
@@ -84,7 +107,7 @@ def cache(monkeypatch, tmp_path):
 
 @needs_kernel
 def test_a_build_is_cached_by_content_and_a_changed_source_builds_again(cache, tmp_path, monkeypatch):
-    build(SOURCE, AVX2Kernel.FLAGS)
+    build(SOURCE, few_rows.KERNEL.flags)
     built = sorted(cache.glob("*.so"))
     assert len(built) == 1 and built[0].name.startswith("few_rows-")
     assert not list(cache.glob(".build-*"))  # the scratch folder is gone
@@ -98,11 +121,11 @@ def test_a_build_is_cached_by_content_and_a_changed_source_builds_again(cache, t
         return real_run(cmd, *args, **kwargs)
 
     monkeypatch.setattr(build_module.subprocess, "run", spy)
-    build(SOURCE, AVX2Kernel.FLAGS)
+    build(SOURCE, few_rows.KERNEL.flags)
     assert compiled == []  # from the cache
     changed = tmp_path / "few_rows.c"
     changed.write_text(SOURCE.read_text() + "\n/* changed */\n")
-    build(changed, AVX2Kernel.FLAGS)
+    build(changed, few_rows.KERNEL.flags)
     assert compiled and len(list(cache.glob("*.so"))) == 2
 
 
@@ -130,7 +153,7 @@ def test_a_build_that_cannot_happen_says_why_in_a_few_words(cache, tmp_path, mon
         monkeypatch.setenv("PATH", str(tmp_path))
         expected = "no C compiler found"
     with pytest.raises(KernelUnavailable, match=expected.replace("(", r"\(").replace(")", r"\)")):
-        build(SOURCE, AVX2Kernel.FLAGS)
+        build(SOURCE, few_rows.KERNEL.flags)
     assert not list(cache.glob("*.so")) and not list(cache.glob(".build-*"))
 
 

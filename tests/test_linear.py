@@ -20,6 +20,7 @@ from torch.profiler import profile
 
 from flexgen import Policy, dtypes, load_engine
 from flexgen import linear as linear_module
+from flexgen.engine.placement import Unpack
 from flexgen.errors import ConfigError
 from flexgen.kernels import few_rows
 from flexgen.linear import linear, prefers_row_major, uses_few_rows, uses_onednn
@@ -270,6 +271,35 @@ def test_row_blocks_equal_the_whole_weight(fresh_setting, kernel, x_shape):
             torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
 
 
+class HeldHalf(TensorRows):
+    """A half-precision weight handed over as the engine hands over one only converted: held as
+    it is, and never to be unpacked where the few-row kernel reads it."""
+
+    def rows_into(self, start, stop, out):
+        raise AssertionError("a held half-precision weight was unpacked")
+
+    def held(self):
+        return self.tensor
+
+
+@needs_few_rows
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("x_shape", [(4, 1024), (2, 3, 1024)])
+def test_a_held_half_precision_weight_is_read_without_unpacking(fresh_setting, dtype, x_shape):
+    """The same numbers, bit for bit, as unpacking it by blocks into float32; with many rows (no
+    few-row kernel) it is unpacked by blocks as before."""
+    torch.manual_seed(0)
+    weight, bias, x = (torch.randn(2050, 1024) * 0.03).to(dtype), torch.randn(2050), torch.randn(*x_shape)
+    for b in (bias, None):
+        assert torch.equal(linear(x, HeldHalf(weight), b), linear(x, TensorRows(weight), b))
+    with pytest.raises(AssertionError, match="unpacked"):
+        linear(torch.randn(80, 1024), HeldHalf(weight))
+    fresh_setting.setenv(linear_module.ENV_VAR, "onednn")  # few-row kernel off: blocks again
+    _forget_setting()
+    with pytest.raises(AssertionError, match="unpacked"):
+        linear(x, HeldHalf(weight))
+
+
 def _blocks_seen(monkeypatch) -> list[tuple[int, int]]:
     seen = []
     by_blocks = linear_module._by_row_blocks
@@ -313,3 +343,31 @@ def test_packed_matrices_are_multiplied_by_row_blocks(monkeypatch, tmp_path, plu
     monkeypatch.setattr(OPTFamily, "accepts_row_blocks", False)
     assert run() == by_blocks
     assert set(seen) == {shapes["head"]}  # the output embedding only
+
+
+@needs_few_rows
+@pytest.mark.parametrize("weights", ["cpu", "disk"])
+def test_the_engine_hands_bfloat16_weights_to_the_few_row_kernel_as_held(monkeypatch, tmp_path, weights):
+    """A bfloat16 model computed in float32: decode's products read the cpu tier's tensors and
+    the disk tier's mapped files in bfloat16, with the tokens of the float32-unpacking path."""
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c"}))
+    policy = Policy(gpu_batch_size=2, weights_gpu=0, weights_cpu=100 if weights == "cpu" else 0, pin_weights=False)
+    prompts = [[2, 100, 200, 250], [2, 7]]
+    seen: list[torch.dtype] = []
+    kernel = few_rows.few_rows_linear
+
+    def spy(x, weight, bias, out=None):
+        seen.append(weight.dtype)
+        return kernel(x, weight, bias, out=out)
+
+    def run() -> list[list[int]]:
+        with load_engine("opt-125m", policy=policy, device="cpu", dtype="bfloat16",
+                         offload_dir=tmp_path / "offload") as engine:
+            return engine.generate(prompts, max_new_tokens=3)
+
+    monkeypatch.setattr(few_rows, "few_rows_linear", spy)
+    held = run()
+    assert torch.bfloat16 in seen
+    monkeypatch.setattr(Unpack, "held", lambda self: None)  # unpack every block instead
+    seen.clear()
+    assert run() == held and torch.bfloat16 not in seen

@@ -64,6 +64,10 @@ class Unpack(RowBlocks):
         parts = {name: part[start:stop] for name, part in self.parts.items()}
         return self.compressor.decompress_into(parts, out, self.dtype)
 
+    def held(self) -> torch.Tensor | None:
+        """The weight in the model's dtype, when it is only converted, not compressed."""
+        return None if self.placed.compressed else self.parts["data"]
+
 
 class WeightPlacement:
     """Where each weight of the model lives, and how a layer of them reaches compute."""

@@ -156,6 +156,11 @@ class AVX2Kernel:
         self.signatures = signatures
         self.features = features
 
+    @property
+    def flags(self) -> list[str]:
+        """The compiler flags of this kernel: :data:`FLAGS` and one ``-m<feature>`` per feature."""
+        return self.FLAGS + [f"-m{feature}" for feature in self.features]
+
     @cached_property
     def _loaded(self) -> ctypes.CDLL | str:
         if not native_kernels_allowed():
@@ -169,7 +174,7 @@ class AVX2Kernel:
         if missing:
             return f"the CPU lacks {', '.join(missing)} (not in /proc/cpuinfo's flags)"
         try:
-            lib = build(self.source, self.FLAGS + [f"-m{feature}" for feature in self.features])
+            lib = build(self.source, self.flags)
         except KernelUnavailable as exc:
             return str(exc)
         for name, argtypes in self.signatures.items():

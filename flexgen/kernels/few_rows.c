@@ -17,17 +17,23 @@
  *   - K is taken in chunks of KC floats so that x's chunk (M x KC) stays in the L2 cache;
  *     each chunk's sums are added to y, the first one to the bias.
  *
+ * The weight may also be float16 or bfloat16 (a model kept in half precision on a CPU that
+ * computes it in float32): each 8 values are widened to float32 in registers as they are
+ * loaded, exactly, so the products and their order of summation are those of the float32
+ * weight, while half the bytes are read and no float32 copy of the weight is ever written.
+ *
  * The sums run in a different order from BLAS's: results differ from F.linear in the last
  * bits, as those of two BLAS kernels do. Compiled at first use by flexgen/kernels/build.py
- * with -mavx2 -mfma, and called only where the CPU has both.
+ * with -mavx2 -mfma -mf16c, and called only where the CPU has all three.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 
 #define MR 4      /* rows of x per tile */
 #define NR 3      /* rows of w per tile */
-#define KC 4096   /* floats of K per chunk: 64 rows of x take 1 MiB */
+#define KC 4096   /* values of K per chunk: 64 rows of x take 1 MiB */
 
 static inline float sum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -36,19 +42,34 @@ static inline float sum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* Eight weight values as floats, and one, for each element type of the weight. */
+static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline float load1_f32(const float *p) { return *p; }
+static inline __m256 load8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline float load1_f16(const uint16_t *p) { return _cvtsh_ss(*p); }
+static inline __m256 load8_bf16(const uint16_t *p) {
+    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+static inline float load1_bf16(const uint16_t *p) {
+    union { uint32_t u; float f; } bits = {(uint32_t)*p << 16};
+    return bits.f;
+}
+
 /* y[i][j] += sum over k < kc of x[i][k] * w[j][k], for i < mr, j < nr; prefetch, if not
- * null, points at the next rows of w (same stride), fetched into the cache meanwhile. */
-#define DEFINE_TILE(mr, nr)                                                                      \
-    static void tile_##mr##x##nr(const float *x, int64_t ldx, const float *w, int64_t ldw,     \
-                                 float *y, int64_t ldy, int64_t kc, const float *prefetch) {    \
+ * null, points at the next rows of w (same stride), fetched into the cache meanwhile, one
+ * 64-byte line per row at a time. */
+#define DEFINE_TILE(T, type, mr, nr)                                                             \
+    static void tile_##T##_##mr##x##nr(const float *x, int64_t ldx, const type *w, int64_t ldw, \
+                                       float *y, int64_t ldy, int64_t kc, const type *prefetch) { \
         __m256 acc[mr][nr];                                                                      \
         for (int i = 0; i < mr; i++)                                                             \
             for (int j = 0; j < nr; j++) acc[i][j] = _mm256_setzero_ps();                        \
         int64_t k = 0;                                                                           \
         for (; k + 8 <= kc; k += 8) {                                                            \
             __m256 b[nr];                                                                        \
-            for (int j = 0; j < nr; j++) b[j] = _mm256_loadu_ps(w + j * ldw + k);                \
-            if (prefetch && (k & 15) == 0)                                                       \
+            for (int j = 0; j < nr; j++) b[j] = load8_##T(w + j * ldw + k);                      \
+            if (prefetch && ((k * (int64_t)sizeof(type)) & 63) == 0)                             \
                 for (int j = 0; j < nr; j++)                                                     \
                     _mm_prefetch((const char *)(prefetch + j * ldw + k), _MM_HINT_T0);           \
             for (int i = 0; i < mr; i++) {                                                       \
@@ -59,51 +80,58 @@ static inline float sum8(__m256 v) {
         for (int i = 0; i < mr; i++)                                                             \
             for (int j = 0; j < nr; j++) {                                                       \
                 float s = sum8(acc[i][j]);                                                       \
-                for (int64_t t = k; t < kc; t++) s += x[i * ldx + t] * w[j * ldw + t];           \
+                for (int64_t t = k; t < kc; t++) s = fmaf(x[i * ldx + t], load1_##T(w + j * ldw + t), s); \
                 y[i * ldy + j] += s;                                                             \
             }                                                                                    \
     }
 
-DEFINE_TILE(4, 3) DEFINE_TILE(4, 2) DEFINE_TILE(4, 1)
-DEFINE_TILE(3, 3) DEFINE_TILE(3, 2) DEFINE_TILE(3, 1)
-DEFINE_TILE(2, 3) DEFINE_TILE(2, 2) DEFINE_TILE(2, 1)
-DEFINE_TILE(1, 3) DEFINE_TILE(1, 2) DEFINE_TILE(1, 1)
-
-typedef void (*tile_fn)(const float *, int64_t, const float *, int64_t, float *, int64_t, int64_t,
-                        const float *);
-
-static const tile_fn TILES[MR + 1][NR + 1] = {
-    {0, 0, 0, 0},
-    {0, tile_1x1, tile_1x2, tile_1x3},
-    {0, tile_2x1, tile_2x2, tile_2x3},
-    {0, tile_3x1, tile_3x2, tile_3x3},
-    {0, tile_4x1, tile_4x2, tile_4x3},
-};
-
-/* Rows [n0, n1) of w against all M rows of x: one thread's share. */
-static void columns(const float *x, int64_t m_rows, int64_t k_dim, int64_t ldx, const float *w,
-                    int64_t ldw, const float *bias, float *y, int64_t ldy, int64_t n0, int64_t n1) {
-    for (int64_t i = 0; i < m_rows; i++)
-        for (int64_t n = n0; n < n1; n++) y[i * ldy + n] = bias ? bias[n] : 0.0f;
-    for (int64_t k0 = 0; k0 < k_dim; k0 += KC) {
-        int64_t kc = k_dim - k0 < KC ? k_dim - k0 : KC;
-        for (int64_t n = n0; n < n1; n += NR) {
-            int nr = n1 - n < NR ? (int)(n1 - n) : NR;
-            const float *next = n + NR + NR <= n1 ? w + (n + NR) * ldw + k0 : 0;
-            for (int64_t i = 0; i < m_rows; i += MR) {
-                int mr = m_rows - i < MR ? (int)(m_rows - i) : MR;
-                TILES[mr][nr](x + i * ldx + k0, ldx, w + n * ldw + k0, ldw, y + i * ldy + n, ldy, kc,
-                              i == 0 ? next : 0);
-            }
-        }
+/* Every tile shape for one weight type, the table of them, and one thread's share of the
+ * product: rows [n0, n1) of w against all M rows of x. */
+#define DEFINE_KERNEL(T, type)                                                                   \
+    DEFINE_TILE(T, type, 4, 3) DEFINE_TILE(T, type, 4, 2) DEFINE_TILE(T, type, 4, 1)             \
+    DEFINE_TILE(T, type, 3, 3) DEFINE_TILE(T, type, 3, 2) DEFINE_TILE(T, type, 3, 1)             \
+    DEFINE_TILE(T, type, 2, 3) DEFINE_TILE(T, type, 2, 2) DEFINE_TILE(T, type, 2, 1)             \
+    DEFINE_TILE(T, type, 1, 3) DEFINE_TILE(T, type, 1, 2) DEFINE_TILE(T, type, 1, 1)             \
+                                                                                                 \
+    typedef void (*tile_fn_##T)(const float *, int64_t, const type *, int64_t, float *, int64_t, \
+                                int64_t, const type *);                                          \
+    static const tile_fn_##T TILES_##T[MR + 1][NR + 1] = {                                       \
+        {0, 0, 0, 0},                                                                            \
+        {0, tile_##T##_1x1, tile_##T##_1x2, tile_##T##_1x3},                                     \
+        {0, tile_##T##_2x1, tile_##T##_2x2, tile_##T##_2x3},                                     \
+        {0, tile_##T##_3x1, tile_##T##_3x2, tile_##T##_3x3},                                     \
+        {0, tile_##T##_4x1, tile_##T##_4x2, tile_##T##_4x3},                                     \
+    };                                                                                           \
+                                                                                                 \
+    static void columns_##T(const float *x, int64_t m_rows, int64_t k_dim, int64_t ldx,          \
+                            const type *w, int64_t ldw, const float *bias, float *y, int64_t ldy, \
+                            int64_t n0, int64_t n1) {                                            \
+        for (int64_t i = 0; i < m_rows; i++)                                                     \
+            for (int64_t n = n0; n < n1; n++) y[i * ldy + n] = bias ? bias[n] : 0.0f;            \
+        for (int64_t k0 = 0; k0 < k_dim; k0 += KC) {                                             \
+            int64_t kc = k_dim - k0 < KC ? k_dim - k0 : KC;                                      \
+            for (int64_t n = n0; n < n1; n += NR) {                                              \
+                int nr = n1 - n < NR ? (int)(n1 - n) : NR;                                       \
+                const type *next = n + NR + NR <= n1 ? w + (n + NR) * ldw + k0 : 0;              \
+                for (int64_t i = 0; i < m_rows; i += MR) {                                       \
+                    int mr = m_rows - i < MR ? (int)(m_rows - i) : MR;                           \
+                    TILES_##T[mr][nr](x + i * ldx + k0, ldx, w + n * ldw + k0, ldw, y + i * ldy + n, \
+                                      ldy, kc, i == 0 ? next : 0);                               \
+                }                                                                                \
+            }                                                                                    \
+        }                                                                                        \
     }
-}
+
+DEFINE_KERNEL(f32, float)
+DEFINE_KERNEL(f16, uint16_t)
+DEFINE_KERNEL(bf16, uint16_t)
 
 /* y (m_rows x n_rows, row stride ldy) = x (m_rows x k_dim, row stride ldx)
- * @ w^T (w: n_rows x k_dim, row stride ldw) + bias (n_rows floats, or null), on `threads` threads
- * of the process's OpenMP runtime, each taking a contiguous share of w's rows. */
+ * @ w^T (w: n_rows x k_dim, row stride ldw, of the type w_type names: 0 float32, 1 float16,
+ * 2 bfloat16) + bias (n_rows floats, or null), on `threads` threads of the process's OpenMP
+ * runtime, each taking a contiguous share of w's rows. */
 void flexgen_few_rows_linear(const float *x, int64_t m_rows, int64_t k_dim, int64_t ldx,
-                             const float *w, int64_t n_rows, int64_t ldw, const float *bias,
+                             const void *w, int w_type, int64_t n_rows, int64_t ldw, const float *bias,
                              float *y, int64_t ldy, int threads) {
     int64_t units = (n_rows + NR - 1) / NR;
     if (threads > units) threads = (int)units;
@@ -113,6 +141,13 @@ void flexgen_few_rows_linear(const float *x, int64_t m_rows, int64_t k_dim, int6
         int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
         int64_t n0 = units * t / nt * NR, n1 = units * (t + 1) / nt * NR;
         if (n1 > n_rows) n1 = n_rows;
-        if (n0 < n1) columns(x, m_rows, k_dim, ldx, w, ldw, bias, y, ldy, n0, n1);
+        if (n0 < n1) {
+            if (w_type == 1)
+                columns_f16(x, m_rows, k_dim, ldx, (const uint16_t *)w, ldw, bias, y, ldy, n0, n1);
+            else if (w_type == 2)
+                columns_bf16(x, m_rows, k_dim, ldx, (const uint16_t *)w, ldw, bias, y, ldy, n0, n1);
+            else
+                columns_f32(x, m_rows, k_dim, ldx, (const float *)w, ldw, bias, y, ldy, n0, n1);
+        }
     }
 }
