@@ -13,8 +13,9 @@ weight (measured on this project's 2-core CI machine, AMD EPYC with AVX2, two th
   oneDNN's 67; OPT-1.3B's 2048 x 8192: 115 against 100 and MKL's 41), and the decode steps of
   a whole opt-125m generation took 3.8-4.0 s instead of 4.1-4.8 s with oneDNN. It takes
   products of up to :data:`FEW_ROWS_MAX_ROWS` rows with weights of at least
-  :data:`MIN_WEIGHT_ELEMENTS` elements, where the CPU has AVX2 and FMA, a C compiler
-  is found and PyTorch runs on an OpenMP runtime it can share; elsewhere oneDNN takes them.
+  :data:`MIN_WEIGHT_ELEMENTS` elements, where the CPU has AVX2, FMA and F16C, a C compiler
+  is found and PyTorch runs on an OpenMP runtime it can share, and PyTorch runs AVX2 code
+  (not AVX-512: :func:`few_rows_off_reason`); elsewhere oneDNN takes them.
 * **Prefill: many rows, a large weight.** oneDNN: 512 rows of OPT-1.3B's matrices at 108-128
   GFLOP/s against MKL's 80-116, a whole prefill of OPT-1.3B (32 prompts of 16 tokens) 1.35x
   faster, 1.07x at one thread. It also takes the few-row products where the kernel above is
@@ -119,9 +120,27 @@ def onednn_enabled() -> bool:
 
 @cache
 def few_rows_enabled() -> bool:
-    """Whether decode's products may use the few-row kernel: the environment allows it and it
-    is built and usable here (the first call builds it)."""
-    return setting() == "auto" and few_rows.available()
+    """Whether decode's products may use the few-row kernel: the environment allows it, it is
+    built and usable here (the first call builds it), and PyTorch runs AVX2 code on this CPU
+    (:func:`few_rows_off_reason`)."""
+    return setting() == "auto" and few_rows_off_reason() is None
+
+
+def few_rows_off_reason() -> str | None:
+    """Why decode's products do not use the few-row kernel here by default, or None when they do.
+
+    Besides a kernel that cannot be built: a CPU on which PyTorch runs AVX-512 code. There
+    oneDNN's kernels compute 16 floats per instruction against this AVX2 kernel's 8; no AVX-512
+    machine was at hand to measure which is faster, so the vendor library keeps those products
+    (``ATEN_CPU_CAPABILITY=avx2`` makes PyTorch, and so this choice, use AVX2 code).
+    """
+    reason = few_rows.unavailable_reason()
+    if reason:
+        return reason
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX2":
+        return f"PyTorch runs {capability} code on this CPU, where oneDNN's kernels are wider (ATEN_CPU_CAPABILITY=avx2 to use it)"
+    return None
 
 
 def _large_float32_on_cpu(weight_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> bool:
@@ -160,7 +179,7 @@ def describe() -> str:
         kernels.append("oneDNN (large weights)")
     kernels.append("BLAS (the rest)")
     line = "CPU float32 products: " + ", ".join(kernels)
-    reason = few_rows.unavailable_reason() if setting() == "auto" else None
+    reason = few_rows_off_reason() if setting() == "auto" else None
     if reason:
         line += f"; the few-row kernel is off: {reason}"
     elif setting() != "auto":

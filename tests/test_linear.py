@@ -32,7 +32,8 @@ from tests.conftest import make_checkpoint
 from tests.test_llama_math import _hf_model
 
 needs_onednn = pytest.mark.skipif(not linear_module.onednn_enabled(), reason="this torch build has no oneDNN linear")
-needs_few_rows = pytest.mark.skipif(not few_rows.available(), reason=f"no few-row kernel: {few_rows.unavailable_reason()}")
+needs_few_rows = pytest.mark.skipif(not linear_module.few_rows_enabled(),
+                                    reason=f"no few-row kernel here: {linear_module.few_rows_off_reason()}")
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,13 +137,24 @@ def test_opt_125m_sized_weights_go_to_the_few_row_kernel_in_decode_and_to_onednn
     assert "mkldnn::_linear_pointwise" in _ops(lambda: linear(x_few, weight))
 
 
+@pytest.mark.skipif(not few_rows.available(), reason=f"no few-row kernel: {few_rows.unavailable_reason()}")
+def test_on_a_cpu_where_pytorch_runs_avx512_code_onednn_keeps_decode_products(fresh_setting):
+    fresh_setting.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    _forget_setting()
+    assert not uses_few_rows((2048, 1024), torch.float32, CPU) and uses_onednn((2048, 1024), torch.float32, CPU)
+    assert linear_module.describe().endswith("the few-row kernel is off: PyTorch runs AVX512 code on this CPU, "
+                                             "where oneDNN's kernels are wider (ATEN_CPU_CAPABILITY=avx2 to use it)")
+    x, weight = torch.randn(4, 1024), torch.randn(2048, 1024)
+    assert few_rows.PROFILER_NAME not in _ops(lambda: linear(x, weight))
+
+
 def test_the_summary_line_names_the_kernels_and_why_one_is_off(fresh_setting):
     line = linear_module.describe()
     assert line.startswith("CPU float32 products: ")
-    if few_rows.available():
+    if linear_module.few_rows_enabled():
         assert "few-row kernel (decode)" in line
     else:
-        assert f"the few-row kernel is off: {few_rows.unavailable_reason()}" in line
+        assert f"the few-row kernel is off: {linear_module.few_rows_off_reason()}" in line
     fresh_setting.setenv(linear_module.ENV_VAR, "blas")
     _forget_setting()
     assert linear_module.describe() == f"CPU float32 products: BLAS (the rest) ({linear_module.ENV_VAR}=blas)"
@@ -219,8 +231,8 @@ def every_product_on(request, fresh_setting):
         fresh_setting.setenv(linear_module.ENV_VAR, "onednn")
         fresh_setting.setattr(linear_module, "MIN_WEIGHT_ELEMENTS", 0)
         return "mkldnn::_linear_pointwise"
-    if not few_rows.available():
-        pytest.skip(f"no few-row kernel: {few_rows.unavailable_reason()}")
+    if not linear_module.few_rows_enabled():
+        pytest.skip(f"no few-row kernel here: {linear_module.few_rows_off_reason()}")
     fresh_setting.setattr(linear_module, "MIN_WEIGHT_ELEMENTS", 0)
     return few_rows.PROFILER_NAME
 
