@@ -18,7 +18,11 @@ Prints, for this machine and in one run (candidates measured in interleaved roun
    allocating its output, and the new path into a reused buffer, beside a plain float16 copy
    of the output's size;
 4. the cache layout: decode attention over a (T, B, H, D) cache against a (B, H, T, D) one,
-   and the cost of appending one token per step to each.
+   and the cost of appending one token per step to each;
+5. a decode product with a bfloat16 weight computed in float32 (OPT-1.3B's 8192 x 2048 and
+   2048 x 8192, opt-125m's 3072 x 768; 4 and 32 rows): the weight unpacked by blocks of rows
+   into float32 (the old path) against the few-row kernel reading it as it is held; "GB/s"
+   counts the bfloat16 weight's bytes. Weights cycle through 300 MB, more than the caches.
 
     python3 benchmarks/hot_loops.py                  # the full figures (a few minutes on 2 cores)
     python3 benchmarks/hot_loops.py --quick          # small shapes, seconds
@@ -42,6 +46,7 @@ from flexgen.attention.blocked import blocked_decode
 from flexgen.attention.cpu import CPUAttention
 from flexgen.compression.groupwise import GroupwiseQuantizer, Int4Compressor, Int8Compressor
 from flexgen.kernels import decode_attention
+from flexgen.linear import RowBlocks, few_rows_enabled, few_rows_off_reason, linear
 from flexgen.workspace import Workspace
 
 # ----------------------------------------------------------------------------- old code paths
@@ -248,6 +253,43 @@ def bench_layouts(args, gen: torch.Generator) -> None:
            "append to (T,B,H,D): one contiguous row", "GB/s written")
 
 
+class _Unpacked(RowBlocks):
+    """A bfloat16 weight handed to ``linear`` as the engine hands a converted one, unpacked by
+    blocks of rows (``held`` None: the path before the kernel read half precision)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight, self.shape = weight, tuple(weight.shape)
+
+    def rows_into(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(self.weight[start:stop])
+
+
+class _Held(_Unpacked):
+    def held(self) -> torch.Tensor:
+        return self.weight
+
+
+def bench_held(args, gen: torch.Generator) -> None:
+    if not few_rows_enabled():
+        print(f"\nHalf-precision weights read as held: skipped, the few-row kernel is off ({few_rows_off_reason()})")
+        return
+    for rows in (4, 32):
+        for out_features, in_features in ((8192, 2048), (2048, 8192), (3072, 768)):
+            count = max(4, int(300e6 // (out_features * in_features * 2)))
+            weights = [torch.randn(out_features, in_features, generator=gen).bfloat16() for _ in range(count)]
+            x = torch.randn(rows, in_features, generator=gen)
+            unpacked, held = [_Unpacked(w) for w in weights], [_Held(w) for w in weights]
+            assert torch.equal(linear(x, unpacked[0]), linear(x, held[0])), "held differs from unpacked"
+            seconds = measure({
+                "old: unpacked by blocks of rows": lambda: [linear(x, w) for w in unpacked],
+                "new: read as held (few-row kernel)": lambda: [linear(x, w) for w in held],
+            }, args.repeat)
+            seconds = {name: s / count for name, s in seconds.items()}
+            nbytes = out_features * in_features * 2
+            report(f"bfloat16 weight {out_features} x {in_features} computed in float32, {rows} rows; new == old bitwise",
+                   seconds, dict.fromkeys(seconds, nbytes), "old: unpacked by blocks of rows", "GB/s read")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -259,7 +301,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds; the best of them is printed")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="small shapes (B=8, H=8, t=256, 1024 x 1024 weights)")
-    parser.add_argument("--only", choices=["attention", "packed", "weights", "layouts"], default=None)
+    parser.add_argument("--only", choices=["attention", "packed", "weights", "layouts", "held"], default=None)
     args = parser.parse_args()
     if args.quick:
         args.batch, args.heads, args.tokens, args.weight_rows, args.weight_cols = 8, 8, 256, 1024, 1024
@@ -269,6 +311,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     sections = {
         "attention": bench_attention, "packed": bench_packed_attention, "weights": bench_weights, "layouts": bench_layouts,
+        "held": bench_held,
     }
     for name, run in sections.items():
         if args.only in (None, name):
