@@ -125,8 +125,14 @@ def test_a_build_is_cached_by_content_and_a_changed_source_builds_again(cache, t
     assert compiled == []  # from the cache
     changed = tmp_path / "few_rows.c"
     changed.write_text(SOURCE.read_text() + "\n/* changed */\n")
+    header = tmp_path / "vectors.h"
+    header.write_text((SOURCE.parent / "vectors.h").read_text())
     build(changed, few_rows.KERNEL.flags)
     assert compiled and len(list(cache.glob("*.so"))) == 2
+    compiled.clear()
+    header.write_text(header.read_text() + "\n/* changed too */\n")  # the header it includes
+    build(changed, few_rows.KERNEL.flags)
+    assert compiled and len(list(cache.glob("*.so"))) == 3
 
 
 def _fake_compiler(tmp_path: Path, script: str) -> str:

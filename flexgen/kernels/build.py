@@ -12,8 +12,8 @@ then gives the kernel that very library, and both share one team of threads. The
 compiled with ``-fopenmp`` and linked with ``--no-undefined``: a compiler whose OpenMP calls
 that runtime does not provide fails here, with a reason, not at the first product.
 
-The cache key is the source, the compiler's identity and command, and the runtime's path: a
-changed kernel, compiler or PyTorch install builds again. The library is written under a
+The cache key is the source and the headers beside it, the compiler's identity and command,
+and the runtime's path: a changed kernel, compiler or PyTorch install builds again. The library is written under a
 temporary name and renamed into place, so processes building at once never load half a file.
 """
 
@@ -97,8 +97,10 @@ def build(source: Path, flags: list[str]) -> ctypes.CDLL:
     runtime = openmp_runtime()
     compile_cmd = [*cc, "-O3", "-fPIC", "-fopenmp", *flags]
     identity = _compiler_identity(cc)
+    headers = [header.read_bytes() for header in sorted(source.parent.glob("*.h"))]  # what it may include
     key = hashlib.sha256(
-        b"\0".join([source.read_bytes(), identity.encode(), " ".join(compile_cmd).encode(), str(runtime).encode()])
+        b"\0".join([source.read_bytes(), *headers, identity.encode(), " ".join(compile_cmd).encode(),
+                     str(runtime).encode()])
     ).hexdigest()[:16]
     target = kernels_dir() / f"{source.stem}-{key}.so"
     if not target.exists():

@@ -26,24 +26,11 @@
  * (measured with PyTorch 2.13). Compiled at first use by flexgen/kernels/build.py with -mavx2
  * -mfma -mf16c, called only where the CPU has all three.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 
-/* Eight cached values as floats, and one, for each element type of the cache. */
-static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
-static inline float load1_f32(const float *p) { return *p; }
-static inline __m256 load8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
-static inline float load1_f16(const uint16_t *p) { return _cvtsh_ss(*p); }
-static inline __m256 load8_bf16(const uint16_t *p) {
-    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-static inline float load1_bf16(const uint16_t *p) {
-    union { uint32_t u; float f; } bits = {(uint32_t)*p << 16};
-    return bits.f;
-}
+#include "vectors.h"
 
 /* dot_T(a, b, d): a (floats) . b (the cache's type); axpy_T(out, p, v, d): out[i] += p * v[i]. */
 #define DEFINE_VECTOR_OPS(T, type)                                                                 \
@@ -55,11 +42,7 @@ static inline float load1_bf16(const uint16_t *p) {
             acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8_##T(b + i + 8), acc1);        \
         }                                                                                          \
         for (; i + 8 <= d; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8_##T(b + i), acc0); \
-        __m256 acc = _mm256_add_ps(acc0, acc1);                                                    \
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));        \
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                                    \
-        s = _mm_add_ss(s, _mm_movehdup_ps(s));                                                     \
-        float r = _mm_cvtss_f32(s);                                                                \
+        float r = sum8(_mm256_add_ps(acc0, acc1));                                                 \
         for (; i < d; i++) r += a[i] * load1_##T(b + i);                                           \
         return r;                                                                                  \
     }                                                                                              \

@@ -26,35 +26,15 @@
  * bits, as those of two BLAS kernels do. Compiled at first use by flexgen/kernels/build.py
  * with -mavx2 -mfma -mf16c, and called only where the CPU has all three.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 
+#include "vectors.h"
+
 #define MR 4      /* rows of x per tile */
 #define NR 3      /* rows of w per tile */
 #define KC 4096   /* values of K per chunk: 64 rows of x take 1 MiB */
-
-static inline float sum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-/* Eight weight values as floats, and one, for each element type of the weight. */
-static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
-static inline float load1_f32(const float *p) { return *p; }
-static inline __m256 load8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
-static inline float load1_f16(const uint16_t *p) { return _cvtsh_ss(*p); }
-static inline __m256 load8_bf16(const uint16_t *p) {
-    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-}
-static inline float load1_bf16(const uint16_t *p) {
-    union { uint32_t u; float f; } bits = {(uint32_t)*p << 16};
-    return bits.f;
-}
 
 /* y[i][j] += sum over k < kc of x[i][k] * w[j][k], for i < mr, j < nr; prefetch, if not
  * null, points at the next rows of w (same stride), fetched into the cache meanwhile, one
