@@ -174,13 +174,14 @@ def test_what_the_kernel_does_not_cover_stays_on_the_blocked_path():
 def test_the_run_summary_says_where_decode_attention_runs_on_the_cpu(tiny_checkpoint):
     """Both built-in backends say so where they would use the kernel (float32 products), and
     nothing otherwise; a backend that does not describe itself says nothing."""
-    line = "CPU decode attention: flexgen's kernel"
-    assert GPUAttention().describe(torch.float32) == line and GPUAttention().describe(torch.bfloat16) is None
-    assert CPUAttention().describe(torch.float16) == line
-    assert CPUAttention(dtype="bfloat16").describe(torch.float32) is None
+    line, cpu = "CPU decode attention: flexgen's kernel", torch.device("cpu")
+    assert GPUAttention().describe(cpu, torch.float32) == line and GPUAttention().describe(cpu, torch.bfloat16) is None
+    assert GPUAttention().describe(torch.device("cuda", 0), torch.float32) is None
+    assert CPUAttention().describe(cpu, torch.float16) == line  # delegated from a float16 GPU run
+    assert CPUAttention(dtype="bfloat16").describe(cpu, torch.float32) is None
     with load_engine(tiny_checkpoint[0], policy=Policy(gpu_batch_size=2), device="cpu", dtype="float32") as engine:
-        assert engine.stats.cpu_attention == line
-        assert engine.stats.to_dict()["cpu_attention"] == line
+        assert engine.stats.attention_kernel == line
+        assert engine.stats.to_dict()["attention_kernel"] == line
 
 
 def test_flexgen_native_kernels_0_turns_every_kernel_off_and_says_so(tmp_path):

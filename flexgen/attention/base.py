@@ -124,10 +124,11 @@ class AttentionBackend(ABC):
     def device(self, compute_device: torch.device) -> torch.device:
         """Where decode attention runs; the engine brings queries and cache here."""
 
-    def describe(self, compute_dtype: torch.dtype) -> str | None:
-        """One line for the run summary on how decode attention is computed, with the model's
-        products in ``compute_dtype``, or None (the default) for nothing to say. The engine asks
-        once, when it is made, and that is when a backend may build what it needs."""
+    def describe(self, device: torch.device, compute_dtype: torch.dtype) -> str | None:
+        """One line for the run summary on how decode attention is computed on ``device`` (what
+        :meth:`device` returned), with the model's products in ``compute_dtype``; or None (the
+        default) for nothing to say. The engine asks once, when it is made, and that is when a
+        backend may build what it needs."""
         return None
 
     @abstractmethod

@@ -53,10 +53,10 @@ class CPUAttention(AttentionBackend):
 
     Options:
         dtype: ``float32`` (default) or ``bfloat16``: the dtype of the matrix products.
-        block_kib: workspace per block of converted or dequantised keys/values, in KiB, where
-            the blocked path runs
-            (default 8192). A block should stay within the CPU's caches (the last level's
-            share of this process), yet hold at least eight positions of every sequence.
+        block_kib: where the blocked path runs, the workspace per block of converted or
+            dequantised keys/values, in KiB (default 8192). A block should stay within the
+            CPU's caches (the last level's share of this process), yet hold at least eight
+            positions of every sequence.
     """
 
     accepts_unmasked = True
@@ -76,8 +76,9 @@ class CPUAttention(AttentionBackend):
     def device(self, compute_device: torch.device) -> torch.device:
         return torch.device("cpu")
 
-    def describe(self, compute_dtype: torch.dtype) -> str | None:
-        """Whether decode runs on the native kernel here (it builds the kernel the first time)."""
+    def describe(self, device: torch.device, compute_dtype: torch.dtype) -> str | None:
+        """With float32 products, whether decode runs on the native kernel here (it builds the
+        kernel the first time)."""
         return cpu_decode.describe() if self.compute_dtype == torch.float32 else None
 
     def decode(

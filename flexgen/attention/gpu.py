@@ -43,10 +43,10 @@ class GPUAttention(AttentionBackend):
     def device(self, compute_device: torch.device) -> torch.device:
         return compute_device
 
-    def describe(self, compute_dtype: torch.dtype) -> str | None:
+    def describe(self, device: torch.device, compute_dtype: torch.dtype) -> str | None:
         """Computing on the CPU in float32, whether decode runs on the native kernel there (it
-        builds the kernel the first time); on a GPU, nothing to say."""
-        return cpu_decode.describe() if compute_dtype == torch.float32 else None
+        builds the kernel the first time); elsewhere, nothing to say."""
+        return cpu_decode.describe() if device.type == "cpu" and compute_dtype == torch.float32 else None
 
     def decode(
         self, q: torch.Tensor, k: torch.Tensor | PackedKV, v: torch.Tensor | PackedKV, valid: torch.Tensor | None

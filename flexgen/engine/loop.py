@@ -121,9 +121,9 @@ class Engine:
         )
         self.scheduler = registry.create("scheduler", self.plugins["scheduler"], where="plugins.scheduler")
         self.attention_device = self.attention.device(device)
-        if self.attention_device.type == "cpu":  # computing there, or delegated
-            # the built-in backends build their CPU kernel now, not inside the first decode step
-            self.stats.cpu_attention = self.attention.describe(self.compute_dtype)
+        # asked now, so that the built-in backends build their CPU kernel here, not inside the
+        # first decode step
+        self.stats.attention_kernel = self.attention.describe(self.attention_device, self.compute_dtype)
         self._cuda = device.type == "cuda"
         self._run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._stop_string_criteria: dict[Any, Any] = {}  # see Sampling.build

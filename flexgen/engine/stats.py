@@ -43,10 +43,9 @@ class EngineStats:
     #: which kernels compute float32 products on the CPU (:func:`flexgen.linear.describe`); None
     #: where the products run elsewhere or in another dtype
     cpu_products: str | None = None
-    #: whether decode attention on the CPU runs on flexgen's kernel
-    #: (:func:`flexgen.kernels.decode_attention.describe`); None where a built-in backend would
-    #: not use it (attention elsewhere, products in another dtype, a plugin backend)
-    cpu_attention: str | None = None
+    #: how decode attention is computed, in the backend's words (``AttentionBackend.describe``):
+    #: for the built-in ones on the CPU, whether flexgen's kernel runs it; None for nothing to say
+    attention_kernel: str | None = None
     #: held while a counter is added to from a thread other than the loop's
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -79,7 +78,7 @@ class EngineStats:
             "dtype": self.dtype,
             "compute_dtype": self.compute_dtype,
             "cpu_products": self.cpu_products,
-            "cpu_attention": self.cpu_attention,
+            "attention_kernel": self.attention_kernel,
         }
 
     def reset(self) -> None:

@@ -13,8 +13,9 @@ compiled with ``-fopenmp`` and linked with ``--no-undefined``: a compiler whose 
 that runtime does not provide fails here, with a reason, not at the first product.
 
 The cache key is the source and the headers beside it, the compiler's identity and command,
-and the runtime's path: a changed kernel, compiler or PyTorch install builds again. The library is written under a
-temporary name and renamed into place, so processes building at once never load half a file.
+and the runtime's path: a changed kernel, compiler or PyTorch install builds again. The
+library is written under a temporary name and renamed into place, so processes building at
+once never load half a file.
 """
 
 from __future__ import annotations

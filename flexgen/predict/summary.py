@@ -71,7 +71,7 @@ def summary_from_metrics(plan: RunPlan, metrics: dict[str, Any], metrics_path: P
     """What the CLI prints (and ``run_predict`` returns), from rank 0's metrics."""
     engine_keys = ("prefill_time_s", "decode_time_s", "prompt_tokens", "generated_tokens", "prefill_throughput",
                    "decode_throughput", "total_throughput", "bytes_moved", "peak_memory", "compression", "threads",
-                   "dtype", "compute_dtype", "cpu_products", "cpu_attention")
+                   "dtype", "compute_dtype", "cpu_products", "attention_kernel")
     return {
         **summary_base(plan),
         **metrics["prompts"],
@@ -118,8 +118,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                      "matrix instructions on this CPU)")
     if generated and stats.get("cpu_products"):
         lines.append(f"  {stats['cpu_products']}")
-    if generated and stats.get("cpu_attention"):
-        lines.append(f"  {stats['cpu_attention']}")
+    if generated and stats.get("attention_kernel"):
+        lines.append(f"  {stats['attention_kernel']}")
     threads = stats.get("threads") if generated else None
     if threads:
         from flexgen.threads import ThreadChoice
