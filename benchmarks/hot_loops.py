@@ -46,7 +46,8 @@ from flexgen.attention.blocked import blocked_decode
 from flexgen.attention.cpu import CPUAttention
 from flexgen.compression.groupwise import GroupwiseQuantizer, Int4Compressor, Int8Compressor
 from flexgen.kernels import decode_attention
-from flexgen.linear import RowBlocks, few_rows_enabled, few_rows_off_reason, linear
+from flexgen.linear import few_rows_enabled, few_rows_off_reason, linear
+from flexgen.testing.models import TensorRows
 from flexgen.workspace import Workspace
 
 # ----------------------------------------------------------------------------- old code paths
@@ -253,20 +254,12 @@ def bench_layouts(args, gen: torch.Generator) -> None:
            "append to (T,B,H,D): one contiguous row", "GB/s written")
 
 
-class _Unpacked(RowBlocks):
-    """A bfloat16 weight handed to ``linear`` as the engine hands a converted one, unpacked by
-    blocks of rows (``held`` None: the path before the kernel read half precision)."""
+class _Held(TensorRows):
+    """A bfloat16 weight handed to ``linear`` as the engine hands a converted one: held as it
+    is. ``TensorRows`` itself (``held`` None) is the path before, unpacked by blocks of rows."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.weight, self.shape = weight, tuple(weight.shape)
-
-    def rows_into(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        return out.copy_(self.weight[start:stop])
-
-
-class _Held(_Unpacked):
     def held(self) -> torch.Tensor:
-        return self.weight
+        return self.tensor
 
 
 def bench_held(args, gen: torch.Generator) -> None:
@@ -278,7 +271,7 @@ def bench_held(args, gen: torch.Generator) -> None:
             count = max(4, int(300e6 // (out_features * in_features * 2)))
             weights = [torch.randn(out_features, in_features, generator=gen).bfloat16() for _ in range(count)]
             x = torch.randn(rows, in_features, generator=gen)
-            unpacked, held = [_Unpacked(w) for w in weights], [_Held(w) for w in weights]
+            unpacked, held = [TensorRows(w) for w in weights], [_Held(w) for w in weights]
             assert torch.equal(linear(x, unpacked[0]), linear(x, held[0])), "held differs from unpacked"
             seconds = measure({
                 "old: unpacked by blocks of rows": lambda: [linear(x, w) for w in unpacked],
