@@ -210,3 +210,4 @@ def test_a_bad_flexgen_native_kernels_stops_the_cli_in_one_line_before_any_work(
     assert done.stderr.strip().splitlines()[-1].endswith("FLEXGEN_NATIVE_KERNELS='maybe': expected 1 or 0 (on or off)")
     assert "Traceback" not in done.stderr
     assert not out.exists()
+    assert not (tmp_path / "cache").exists()  # checked before the quickstart's model was made or loaded

@@ -40,13 +40,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"flexgen: error: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    if argv[0] in ("predict", "bench"):
-        from flexgen import registry
-
-        registry.warn_broken()  # one line per broken third-party plugin; the run goes on
     target, _ = COMMANDS[argv[0]]
     module_name, function_name = target.split(":")
     try:
+        if argv[0] in ("predict", "bench"):
+            check_environment()
+            from flexgen import registry
+
+            registry.warn_broken()  # one line per broken third-party plugin; the run goes on
         command = getattr(importlib.import_module(module_name), function_name)
         return int(command(argv[1:]) or 0)
     except FlexGenError as exc:
@@ -60,6 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         if _first_process():
             print(f"flexgen {argv[0]}: interrupted; finished outputs are kept, rerun to resume", file=sys.stderr)
         return 130
+
+
+def check_environment() -> None:
+    """The ``FLEXGEN_*`` switches the engine reads where it builds its kernels, checked before
+    anything else is imported or loaded: a mistyped one then costs a second, not a model load."""
+    from flexgen.kernels.build import native_kernels_allowed
+    from flexgen.linear import setting
+
+    native_kernels_allowed()
+    setting()
 
 
 def _first_process() -> bool:
