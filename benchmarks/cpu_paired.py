@@ -1,4 +1,4 @@
-"""The engine against HF transformers' generate on the CPU, all in memory, runs alternated in one process.
+"""The engine against HF transformers' generate on the CPU, weights in memory or on disk, runs alternated in one process.
 
 ``flexgen bench --baseline hf --repeat N`` measures N engine runs, then N HF runs; on a machine
 shared with other jobs the load drifts between the two halves and the ratio with it. Here both
@@ -7,6 +7,14 @@ engine then HF back to back with the same intra-op threads, so both see the same
 figure is the ratio of the medians over the rounds (and each round's own ratio).
 
     python benchmarks/cpu_paired.py --model opt-125m --dtype float32 --batch 32 --rounds 3
+
+With ``--weights-on-disk DIR`` both sides keep every weight on disk under DIR: the engine
+reads each layer from its offload folder while it computes the one before, HF runs with
+Accelerate's disk offload (``dispatch_model``, a ``device_map`` of "disk" for every module,
+as ``flexgen bench --baseline hf`` places it), both on the CPU; the page cache is warm after
+the warm-up, as in ``configs/bench/cpu-disk-opt-1.3b.yaml``:
+
+    python benchmarks/cpu_paired.py --model opt-1.3b --prompt-len 16 --new-tokens 16 --rounds 3 --weights-on-disk DIR
 
 Outputs are checked equal for greedy decoding (printed as ``identical``). With ``--dtype
 bfloat16`` on a CPU without native bfloat16 the engine computes in float32 (README, "Data
@@ -25,7 +33,7 @@ import time
 import torch
 
 from flexgen import Policy, load_engine
-from flexgen.bench.measure import hf_model
+from flexgen.bench.measure import hf_model, hf_placed_model
 from flexgen.models.opt import spec_for_size
 
 
@@ -38,14 +46,23 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="default: what the engine decides (auto)")
+    parser.add_argument("--weights-on-disk", metavar="DIR", default=None,
+                        help="every weight on disk under DIR on both sides (HF: Accelerate's disk offload)")
     args = parser.parse_args()
 
     spec = spec_for_size(args.model)
     rng = random.Random(0)
     ids = [[rng.randrange(4, spec.vocab_size) for _ in range(args.prompt_len)] for _ in range(args.batch)]
-    engine = load_engine(args.model, policy=Policy(gpu_batch_size=args.batch, pin_weights=False), device="cpu",
-                         dtype=args.dtype, threads=args.threads)
-    hf = hf_model(args.model, spec, args.dtype, seed=0)
+    if args.weights_on_disk:
+        policy = Policy(gpu_batch_size=args.batch, weights_gpu=0, weights_cpu=0, pin_weights=False)
+        engine = load_engine(args.model, policy=policy, device="cpu", offload_dir=args.weights_on_disk,
+                             dtype=args.dtype, threads=args.threads)
+        hf, placement = hf_placed_model(args.model, spec, args.dtype, 0, policy, "cpu", args.weights_on_disk)
+        print(f"weights on disk under {args.weights_on_disk}; hf: {placement}", flush=True)
+    else:
+        engine = load_engine(args.model, policy=Policy(gpu_batch_size=args.batch, pin_weights=False), device="cpu",
+                             dtype=args.dtype, threads=args.threads)
+        hf = hf_model(args.model, spec, args.dtype, seed=0)
     x = torch.tensor(ids)
 
     def run_engine(n: int) -> tuple[float, list[list[int]]]:
@@ -80,6 +97,7 @@ def main() -> None:
     print(json.dumps({
         "model": args.model, "dtype": args.dtype, "engine_compute_dtype": str(engine.compute_dtype).removeprefix("torch."),
         "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "threads": threads,
+        "weights": "disk" if args.weights_on_disk else "memory",
         "median_tokens_per_s": {k: round(v, 1) for k, v in medians.items()},
         "ratio_of_medians": round(medians["flexgen"] / medians["hf"], 2),
         "identical_outputs": f"{identical}/{args.batch}",

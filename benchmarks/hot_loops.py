@@ -22,11 +22,15 @@ Prints, for this machine and in one run (candidates measured in interleaved roun
 5. a decode product with a bfloat16 weight computed in float32 (OPT-1.3B's 8192 x 2048 and
    2048 x 8192, opt-125m's 3072 x 768; 4 and 32 rows): the weight unpacked by blocks of rows
    into float32 (the old path) against the few-row kernel reading it as it is held; "GB/s"
-   counts the bfloat16 weight's bytes. Weights cycle through 300 MB, more than the caches.
+   counts the bfloat16 weight's bytes. Weights cycle through 300 MB, more than the caches;
+6. a float32 decode product (``--batch`` rows, 32 by default) over OPT's matrices (opt-125m's
+   and OPT-1.3B's, and opt-125m's output embedding), weights cycling through 300 MB: MKL
+   (``F.linear``), oneDNN and the few-row kernel (``flexgen/kernels/few_rows.c``), in GFLOP/s.
 
     python3 benchmarks/hot_loops.py                  # the full figures (a few minutes on 2 cores)
     python3 benchmarks/hot_loops.py --quick          # small shapes, seconds
     python3 benchmarks/hot_loops.py --only attention --threads 1 --repeat 9
+    python3 benchmarks/hot_loops.py --only products  # float32 decode products (section 6)
 
 The old paths live here only, as reference functions, so the gain stays visible after the
 library moved on.
@@ -46,7 +50,8 @@ from flexgen.attention.blocked import blocked_decode
 from flexgen.attention.cpu import CPUAttention
 from flexgen.compression.groupwise import GroupwiseQuantizer, Int4Compressor, Int8Compressor
 from flexgen.kernels import decode_attention
-from flexgen.linear import few_rows_enabled, few_rows_off_reason, linear
+from flexgen.kernels import few_rows
+from flexgen.linear import few_rows_enabled, few_rows_off_reason, linear, onednn_enabled
 from flexgen.testing.models import TensorRows
 from flexgen.workspace import Workspace
 
@@ -283,6 +288,29 @@ def bench_held(args, gen: torch.Generator) -> None:
                    seconds, dict.fromkeys(seconds, nbytes), "old: unpacked by blocks of rows", "GB/s read")
 
 
+#: (out, in) of the float32 decode products: opt-125m's four matrices and output embedding, OPT-1.3B's three.
+PRODUCT_SHAPES = ((768, 768), (3072, 768), (768, 3072), (50272, 768), (2048, 2048), (8192, 2048), (2048, 8192))
+
+
+def bench_products(args, gen: torch.Generator) -> None:
+    rows = args.batch
+    shapes = PRODUCT_SHAPES[:1] if args.quick else PRODUCT_SHAPES
+    for out_features, in_features in shapes:
+        count = max(2, int(300e6 // (out_features * in_features * 4)))
+        weights = [torch.randn(out_features, in_features, generator=gen) for _ in range(count)]
+        x = torch.randn(rows, in_features, generator=gen)
+        candidates = {"MKL (F.linear)": lambda: [F.linear(x, w) for w in weights]}
+        if onednn_enabled():
+            candidates["oneDNN"] = lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+                                            for w in weights]
+        if few_rows.available():
+            candidates["few-row kernel"] = lambda: [few_rows.few_rows_linear(x, w, None) for w in weights]
+        seconds = {name: s / count for name, s in measure(candidates, args.repeat).items()}
+        flops = 2 * rows * in_features * out_features
+        report(f"float32 decode product, weight {out_features} x {in_features}, {rows} rows, streamed from memory",
+               seconds, dict.fromkeys(seconds, flops), "MKL (F.linear)", "GFLOP/s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32)
@@ -294,7 +322,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds; the best of them is printed")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="small shapes (B=8, H=8, t=256, 1024 x 1024 weights)")
-    parser.add_argument("--only", choices=["attention", "packed", "weights", "layouts", "held"], default=None)
+    parser.add_argument("--only", choices=["attention", "packed", "weights", "layouts", "held", "products"], default=None)
     args = parser.parse_args()
     if args.quick:
         args.batch, args.heads, args.tokens, args.weight_rows, args.weight_cols = 8, 8, 256, 1024, 1024
@@ -304,7 +332,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     sections = {
         "attention": bench_attention, "packed": bench_packed_attention, "weights": bench_weights, "layouts": bench_layouts,
-        "held": bench_held,
+        "held": bench_held, "products": bench_products,
     }
     for name, run in sections.items():
         if args.only in (None, name):

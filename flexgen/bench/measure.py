@@ -608,44 +608,50 @@ def hf_device_map(spec, policy, device: str) -> dict[str, Any]:
     return {name: target[tier] for (name, _), tier in zip(modules, tiers)}
 
 
-def run_hf_baseline(
-    model, spec, dtype, seed, policy, device, offload_dir, ids, kwargs, batch_size, warmup, repeat=1,
-) -> dict[str, Any]:
-    """HF ``generate`` on the same weights and prompts, ``batch_size`` sequences per call.
+def hf_placed_model(model, spec, dtype: str, seed: int, policy, device: str, offload_dir: str | None):
+    """HF's model on the same weights, placed as the baseline places it: ``(module, placement)``.
 
-    Placement: on a CUDA engine, weights all on the GPU when the policy has them all there,
-    else Accelerate's ``dispatch_model`` with :func:`hf_device_map` (its CPU / disk offload
-    hooks stream each module to the GPU when it runs). On a CPU engine every tier but disk is
-    the same memory, so the model is used as built unless the policy puts weights on disk.
+    On a CUDA engine, weights all on the GPU when the policy has them all there, else
+    Accelerate's ``dispatch_model`` with :func:`hf_device_map` (its CPU / disk offload hooks
+    stream each module to the GPU when it runs). On a CPU engine every tier but disk is the
+    same memory, so the model is used as built unless the policy puts weights on disk; those
+    modules are written under ``offload_dir``/hf-accelerate (a fresh temporary folder when
+    None) and read back by Accelerate when they run. ``placement`` says which, in one line.
     """
-    import torch
-
     device_map = hf_device_map(spec, policy, device)
     offloaded = any(v in ("cpu", "disk") for v in device_map.values()) if device.startswith("cuda") else \
         any(v == "disk" for v in device_map.values())
     module = hf_model(model, spec, dtype, seed, device=None if offloaded else device)
-    placement = f"all weights on {device}"
-    if offloaded:
-        try:
-            import accelerate
-        except ImportError as exc:
-            raise ConfigError(
-                "--baseline hf: the policy keeps weights off the compute device, so the baseline needs "
-                "Accelerate's offloading (pip install accelerate)"
-            ) from exc
-        folder = Path(offload_dir or tempfile.mkdtemp(prefix="flexgen-hf-offload-")) / "hf-accelerate"
-        # Modules holding buffers only (a Llama's rotary frequencies) have no weights to place:
-        # they live on the compute device, which Accelerate requires every tensor to have.
-        for name, _ in module.named_buffers():
-            if not any(name.startswith(m + ".") for m in device_map):
-                device_map[name.rsplit(".", 1)[0]] = device if device != "cuda" else "cuda:0"
-        if not device.startswith("cuda"):
-            device_map = {k: ("cpu" if v != "disk" else "disk") for k, v in device_map.items()}
-        counts = {t: sum(1 for v in device_map.values() if v == t) for t in set(device_map.values())}
-        module = accelerate.dispatch_model(module, device_map=device_map, main_device=device, offload_dir=str(folder))
-        placement = "Accelerate offload, modules per tier " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-    else:
-        module = module.to(device)
+    if not offloaded:
+        return module.to(device), f"all weights on {device}"
+    try:
+        import accelerate
+    except ImportError as exc:
+        raise ConfigError(
+            "--baseline hf: the policy keeps weights off the compute device, so the baseline needs "
+            "Accelerate's offloading (pip install accelerate)"
+        ) from exc
+    folder = Path(offload_dir or tempfile.mkdtemp(prefix="flexgen-hf-offload-")) / "hf-accelerate"
+    # Modules holding buffers only (a Llama's rotary frequencies) have no weights to place:
+    # they live on the compute device, which Accelerate requires every tensor to have.
+    for name, _ in module.named_buffers():
+        if not any(name.startswith(m + ".") for m in device_map):
+            device_map[name.rsplit(".", 1)[0]] = device if device != "cuda" else "cuda:0"
+    if not device.startswith("cuda"):
+        device_map = {k: ("cpu" if v != "disk" else "disk") for k, v in device_map.items()}
+    counts = {t: sum(1 for v in device_map.values() if v == t) for t in set(device_map.values())}
+    module = accelerate.dispatch_model(module, device_map=device_map, main_device=device, offload_dir=str(folder))
+    return module, "Accelerate offload, modules per tier " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+
+
+def run_hf_baseline(
+    model, spec, dtype, seed, policy, device, offload_dir, ids, kwargs, batch_size, warmup, repeat=1,
+) -> dict[str, Any]:
+    """HF ``generate`` on the same weights and prompts, ``batch_size`` sequences per call, the
+    model placed by :func:`hf_placed_model`."""
+    import torch
+
+    module, placement = hf_placed_model(model, spec, dtype, seed, policy, device, offload_dir)
 
     def sync() -> None:
         if device.startswith("cuda"):
