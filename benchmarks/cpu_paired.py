@@ -4,7 +4,9 @@
 shared with other jobs the load drifts between the two halves and the ratio with it. Here both
 models are loaded once, on the same synthetic weights and prompts, and each round runs the
 engine then HF back to back with the same intra-op threads, so both see the same load; the
-figure is the ratio of the medians over the rounds (and each round's own ratio).
+figure is the ratio of the medians over the rounds (and each round's own ratio). Each side's prefill is timed
+once too (a generate of one new token), and the JSON line splits the median run into prefill and
+decode steps.
 
     python benchmarks/cpu_paired.py --model opt-125m --dtype float32 --batch 32 --rounds 3
 
@@ -81,6 +83,13 @@ def main() -> None:
     threads = engine.stats.threads["threads"] if engine.stats.threads else torch.get_num_threads()
     torch.set_num_threads(threads)
     run_hf(2)
+    # The prefill alone (a generate of one new token), once per side: what of each side's time
+    # the decode steps leave.
+    prefill = {"flexgen": run_engine(1)[0]}
+    torch.set_num_threads(threads)
+    prefill["hf"] = run_hf(1)[0]
+    print(f"prefill (a generate of 1 new token): flexgen {prefill['flexgen']:.2f} s, hf {prefill['hf']:.2f} s",
+          flush=True)
     tokens = args.batch * args.new_tokens
     rates: dict[str, list[float]] = {"flexgen": [], "hf": []}
     identical = 0
@@ -94,12 +103,16 @@ def main() -> None:
         print(f"round {round_ + 1}: flexgen {rates['flexgen'][-1]:.1f}, hf {rates['hf'][-1]:.1f} tokens/s, "
               f"ratio {rates['flexgen'][-1] / rates['hf'][-1]:.2f}", flush=True)
     medians = {k: statistics.median(v) for k, v in rates.items()}
+    steps = max(1, args.new_tokens - 1)
+    decode_step = {k: (tokens / medians[k] - prefill[k]) / steps for k in medians}
     print(json.dumps({
         "model": args.model, "dtype": args.dtype, "engine_compute_dtype": str(engine.compute_dtype).removeprefix("torch."),
         "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "threads": threads,
         "weights": "disk" if args.weights_on_disk else "memory",
         "median_tokens_per_s": {k: round(v, 1) for k, v in medians.items()},
         "ratio_of_medians": round(medians["flexgen"] / medians["hf"], 2),
+        "prefill_s": {k: round(v, 2) for k, v in prefill.items()},
+        "decode_step_s": {k: round(v, 3) for k, v in decode_step.items()},
         "identical_outputs": f"{identical}/{args.batch}",
     }))
     engine.close()
