@@ -4,9 +4,9 @@
 shared with other jobs the load drifts between the two halves and the ratio with it. Here both
 models are loaded once, on the same synthetic weights and prompts, and each round runs the
 engine then HF back to back with the same intra-op threads, so both see the same load; the
-figure is the ratio of the medians over the rounds (and each round's own ratio). Each side's prefill is timed
-once too (a generate of one new token), and the JSON line splits the median run into prefill and
-decode steps.
+figure is the ratio of the medians over the rounds (and each round's own ratio). Each side's
+prefill is timed once too (a generate of one new token), and the JSON line splits the median
+run into prefill and decode steps.
 
     python benchmarks/cpu_paired.py --model opt-125m --dtype float32 --batch 32 --rounds 3
 
