@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_environment() -> None:
     """The ``FLEXGEN_*`` switches the engine reads where it builds its kernels, checked before
-    anything else is imported or loaded: a mistyped one then costs a second, not a model load."""
+    anything else is imported or loaded: a mistyped one then costs seconds, not a model load."""
     from flexgen.kernels.build import native_kernels_allowed
     from flexgen.linear import setting
 
